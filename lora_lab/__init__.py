@@ -1,0 +1,56 @@
+"""lora_lab: a small, readable LoRA library for PyTorch that agrees with Hugging Face PEFT."""
+
+from .adapters import (
+    export_peft_adapter,
+    import_peft_adapter,
+    load_adapter,
+    lora_state_dict,
+    save_adapter,
+)
+from .inject import (
+    disable_lora,
+    inject_lora,
+    mark_only_lora_trainable,
+    merge_lora,
+    replace_linear_with_lora,
+    unload_lora,
+    unmerge_lora,
+)
+from .lora import LinearWithLoRA, LoRALayer
+from .models import build_model
+from .params import (
+    MemoryEstimate,
+    ParameterCount,
+    ReportRow,
+    count_parameters,
+    format_trainable,
+    memory_estimate,
+    parameter_report,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LoRALayer",
+    "LinearWithLoRA",
+    "inject_lora",
+    "replace_linear_with_lora",
+    "mark_only_lora_trainable",
+    "merge_lora",
+    "unmerge_lora",
+    "unload_lora",
+    "disable_lora",
+    "lora_state_dict",
+    "save_adapter",
+    "load_adapter",
+    "export_peft_adapter",
+    "import_peft_adapter",
+    "ParameterCount",
+    "ReportRow",
+    "MemoryEstimate",
+    "count_parameters",
+    "parameter_report",
+    "memory_estimate",
+    "format_trainable",
+    "build_model",
+]

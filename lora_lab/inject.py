@@ -1,0 +1,272 @@
+"""Putting LoRA into a model and taking it out again.
+
+One pass, `inject_lora`, wraps the chosen linear-like modules of any `torch.nn.Module` in place.
+Modules are chosen by name: a target matches a module whose qualified name equals it or ends
+with ``"." + target`` (so ``"W_query"``, ``"att.W_query"`` and ``"trf_blocks.0.att.W_query"`` all
+name that layer), as in PEFT's `target_modules` list.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .lora import LinearWithLoRA, check_alpha, check_rank, linear_shape, lora_modules
+
+Targets = str | Sequence[str] | Callable[[str, nn.Module], bool]
+ALL_LINEAR = "all-linear"
+# Names under which models keep their output head, when `get_output_embeddings` does not say.
+HEAD_NAMES = ("out_head", "lm_head", "head", "classifier", "score")
+
+
+@dataclass(frozen=True)
+class LoRASettings:
+    """How one module is wrapped."""
+
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+
+def name_matches(name: str, key: str) -> bool:
+    """True if `key` is the qualified `name` or a dotted suffix of it."""
+    return name == key or name.endswith("." + key)
+
+
+def output_head_name(model: nn.Module) -> str | None:
+    """The qualified name of the model's output head: what `get_output_embeddings()` returns
+    (Hugging Face models), else a top-level linear child called one of `HEAD_NAMES`."""
+    get_head = getattr(model, "get_output_embeddings", None)
+    head = get_head() if callable(get_head) else None
+    if head is not None:
+        for name, module in model.named_modules():
+            if module is head:
+                return name
+    for name, module in model.named_children():
+        if name in HEAD_NAMES and (linear_shape(module) or isinstance(module, LinearWithLoRA)):
+            return name
+    return None
+
+
+def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """Named submodules that a target may match: not the root, nothing inside a wrapper."""
+    inside: str | None = None
+    for name, module in model.named_modules():
+        if not name or (inside is not None and name.startswith(inside)):
+            continue
+        inside = name + "." if isinstance(module, LinearWithLoRA) else inside
+        yield name, module
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return linear_shape(module) is not None or isinstance(module, LinearWithLoRA)
+
+
+def _linear_names_summary(model: nn.Module, limit: int = 20) -> str:
+    """The linear-like module names of `model`, layer indices folded to N, for error messages."""
+    seen: dict[str, None] = {}
+    for name, module in _candidates(model):
+        if _is_linear(module):
+            seen.setdefault(re.sub(r"(^|\.)\d+(?=\.|$)", r"\1N", name))
+    names = list(seen)
+    if not names:
+        return "the model has no linear-like modules (nn.Linear, Conv1D, bitsandbytes linears)"
+    more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
+    return "its linear-like modules are: " + ", ".join(names[:limit]) + more
+
+
+def find_targets(model: nn.Module, targets: Targets) -> list[str]:
+    """The qualified names that `targets` selects, in model order, checked: every name must match
+    something, every match must be linear-like and not wrapped yet."""
+    candidates = list(_candidates(model))
+    if isinstance(targets, str) and targets == ALL_LINEAR:
+        head = output_head_name(model)
+        chosen = [(n, m) for n, m in candidates if _is_linear(m) and n != head]
+    elif callable(targets):
+        chosen = [(n, m) for n, m in candidates if targets(n, m)]
+    else:
+        keys = [targets] if isinstance(targets, str) else list(targets)
+        if not keys:
+            raise ValueError("targets is empty: name at least one module, or use 'all-linear'")
+        unmatched = [k for k in keys if not any(name_matches(n, k) for n, _ in candidates)]
+        if unmatched:
+            raise ValueError(
+                f"target(s) {unmatched} match no module of {type(model).__name__}; "
+                f"{_linear_names_summary(model)}. Use a qualified name or a dotted suffix of one "
+                f"(e.g. 'q_proj'), a list of them, '{ALL_LINEAR}', or a callable (name, module) -> bool."
+            )
+        chosen = [(n, m) for n, m in candidates if any(name_matches(n, k) for k in keys)]
+    if not chosen:
+        raise ValueError(f"targets {targets!r} select no module; {_linear_names_summary(model)}")
+    wrapped = [n for n, m in chosen if isinstance(m, LinearWithLoRA)]
+    if wrapped:
+        raise ValueError(
+            f"already wrapped with LoRA: {wrapped}. Wrap each module once: call unload_lora(model) "
+            "first to start again, or target only the modules that are not wrapped yet."
+        )
+    not_linear = [f"{n} ({type(m).__name__})" for n, m in chosen if linear_shape(m) is None]
+    if not_linear:
+        raise ValueError(
+            f"targets match modules that are not linear-like: {not_linear}. LoRA wraps nn.Linear, "
+            f"transformers Conv1D and bitsandbytes linears; name those inside instead "
+            f"({_linear_names_summary(model)})."
+        )
+    return [n for n, _ in chosen]
+
+
+def _pattern_value(pattern: Mapping[str, float], name: str, default: float) -> float:
+    """The value of the most specific (longest) key of `pattern` that matches `name`."""
+    keys = [k for k in pattern if name_matches(name, k)]
+    return pattern[max(keys, key=len)] if keys else default
+
+
+def wrap_modules(model: nn.Module, plan: Mapping[str, LoRASettings]) -> list[str]:
+    """Wrap the modules named exactly in `plan` with their settings. All wrappers are built before
+    any is put in place, so a bad setting leaves the model untouched."""
+    modules = dict(model.named_modules())
+    wrappers = {}
+    for name, s in plan.items():
+        try:
+            wrappers[name] = LinearWithLoRA(modules[name], s.rank, s.alpha, s.dropout, s.use_rslora)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{name}: {err}") from None
+    for name, wrapper in wrappers.items():
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name], child, wrapper)
+    return list(plan)
+
+
+def inject_lora(
+    model: nn.Module,
+    targets: Targets,
+    rank: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.0,
+    use_rslora: bool = False,
+    rank_pattern: Mapping[str, int] | None = None,
+    alpha_pattern: Mapping[str, float] | None = None,
+) -> list[str]:
+    """Wrap the linear-like modules that `targets` selects with `LinearWithLoRA`, in place.
+
+    `targets`: a list of names (qualified, or a dotted suffix such as ``"W_query"`` or
+    ``"attn.c_attn"``), ``"all-linear"`` (every linear-like module but the output head), or a
+    callable ``(name, module) -> bool``. `rank_pattern` / `alpha_pattern` give other ranks or
+    alphas to the modules their keys match (same matching; the longest matching key wins).
+    The wrapped base layers are frozen; everything else keeps its `requires_grad` (see
+    `mark_only_lora_trainable`). Returns the qualified names of the wrapped modules.
+    """
+    check_rank(rank)
+    check_alpha(alpha)
+    rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
+    for key, value in rank_pattern.items():
+        check_rank(value, f"rank_pattern[{key!r}]")
+    for key, value in alpha_pattern.items():
+        check_alpha(value, f"alpha_pattern[{key!r}]")
+    names = find_targets(model, targets)
+    for what, pattern in (("rank_pattern", rank_pattern), ("alpha_pattern", alpha_pattern)):
+        stray = [k for k in pattern if not any(name_matches(n, k) for n in names)]
+        if stray:
+            raise ValueError(f"{what} key(s) {stray} match none of the targeted modules {names}")
+    plan = {
+        n: LoRASettings(
+            int(_pattern_value(rank_pattern, n, rank)),
+            _pattern_value(alpha_pattern, n, alpha),
+            dropout,
+            use_rslora,
+        )
+        for n in names
+    }
+    return wrap_modules(model, plan)
+
+
+def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float) -> list[str]:
+    """The book's one-liner ("Build a Large Language Model (From Scratch)", appendix E): wrap
+    every `nn.Linear`, the output head included. Note the scaling here is alpha / rank (as in the
+    LoRA paper and PEFT) where the book multiplies by alpha alone."""
+    return inject_lora(model, lambda _, m: isinstance(m, nn.Linear), rank, alpha)
+
+
+def mark_only_lora_trainable(model: nn.Module, train: Iterable[str] = ()) -> None:
+    """Freeze every parameter but the LoRA ones (found by module type) and those of the modules
+    named in `train` (same name matching as targets, e.g. a new classification head)."""
+    keys = [train] if isinstance(train, str) else list(train)
+    named = dict(model.named_modules())
+    hits = {k: [m for n, m in named.items() if n and name_matches(n, k)] for k in keys}
+    unmatched = [k for k, found in hits.items() if not found]
+    if unmatched:
+        raise ValueError(f"train={unmatched} match no module of {type(model).__name__}")
+    model.requires_grad_(False)
+    for _, wrapper in lora_modules(model):
+        wrapper.lora.requires_grad_(True)
+    for found in hits.values():
+        for module in found:
+            module.requires_grad_(True)
+
+
+def _check_untied(model: nn.Module) -> None:
+    """Refuse to merge into a weight that another module shares (tied head and embedding):
+    the merge would change both."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for name, wrapper in lora_modules(model):
+        shared = owners.get(id(wrapper.base.weight), [])
+        if len(shared) > 1:
+            raise ValueError(
+                f"cannot merge into {name}: its weight is shared with {shared} (tied weights), so "
+                "merging would change those too. Untie it first (give it its own copy with "
+                "nn.Parameter(w.detach().clone())) or keep the adapter unmerged."
+            )
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Merge every LoRA update into its base weight; the forward then costs what the base does."""
+    _check_untied(model)
+    for _, wrapper in lora_modules(model):
+        wrapper.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo `merge_lora`, so the adapters can train again or be switched off."""
+    for _, wrapper in lora_modules(model):
+        wrapper.unmerge()
+
+
+def unload_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every wrapper with a plain module holding the merged weights, and return the model.
+
+    A quantized base is dequantized into a new `nn.Linear` (in `dtype`, default the layer's
+    compute dtype or fp32) before the merge, since merging into 4/8-bit weights would round the
+    update away.
+    """
+    if isinstance(model, LinearWithLoRA):
+        return model.unloaded(dtype)
+    _check_untied(model)
+    modules = dict(model.named_modules())
+    for name, wrapper in list(lora_modules(model)):
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name], child, wrapper.unloaded(dtype))
+    return model
+
+
+@contextmanager
+def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block (merged adapters are taken out for the while)."""
+    wrappers = [w for _, w in lora_modules(model)]
+    states = [(w.merged, w.enabled) for w in wrappers]
+    try:
+        for w in wrappers:
+            w.unmerge()
+            w.enabled = False
+        yield model
+    finally:
+        for w, (merged, enabled) in zip(wrappers, states, strict=True):
+            w.enabled = enabled
+            if merged:
+                w.merge()

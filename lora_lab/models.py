@@ -1,0 +1,135 @@
+"""One registry of the models lora_lab knows by name, and how to build each.
+
+Building on the meta device allocates nothing, so counting the parameters of a 3B model takes
+milliseconds. Any Hugging Face model can be named by a local directory holding its
+``config.json`` (or, online, by its hub id).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A named model: what it is, and a function that builds it (random weights) on the
+    current default device."""
+
+    name: str
+    description: str
+    build: Callable[[], nn.Module]
+
+
+def _hf(config_cls: str, model_cls: str, **config: object) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        import transformers
+
+        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
+
+    return build
+
+
+def _gpt2(n_embd: int, n_layer: int, n_head: int) -> Callable[[], nn.Module]:
+    return _hf("GPT2Config", "GPT2LMHeadModel", n_embd=n_embd, n_layer=n_layer, n_head=n_head)
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in [
+        ModelSpec("gpt2-124m", "GPT-2 small (124M)", _gpt2(768, 12, 12)),
+        ModelSpec("gpt2-355m", "GPT-2 medium (355M)", _gpt2(1024, 24, 16)),
+        ModelSpec("gpt2-774m", "GPT-2 large (774M)", _gpt2(1280, 36, 20)),
+        ModelSpec("gpt2-1558m", "GPT-2 XL (1558M)", _gpt2(1600, 48, 25)),
+        ModelSpec(
+            "openllama-3b",
+            "OpenLLaMA 3B (openlm-research/open_llama_3b)",
+            _hf(
+                "LlamaConfig",
+                "LlamaForCausalLM",
+                hidden_size=3200,
+                intermediate_size=8640,
+                num_hidden_layers=26,
+                num_attention_heads=32,
+                vocab_size=32000,
+                max_position_embeddings=2048,
+                rms_norm_eps=1e-6,
+                tie_word_embeddings=False,
+            ),
+        ),
+        ModelSpec(
+            "smollm2-135m",
+            "SmolLM2-135M (HuggingFaceTB/SmolLM2-135M-Instruct)",
+            _hf(
+                "LlamaConfig",
+                "LlamaForCausalLM",
+                hidden_size=576,
+                intermediate_size=1536,
+                num_hidden_layers=30,
+                num_attention_heads=9,
+                num_key_value_heads=3,
+                vocab_size=49152,
+                max_position_embeddings=8192,
+                tie_word_embeddings=True,
+            ),
+        ),
+        ModelSpec(
+            "minilm-l6",
+            "all-MiniLM-L6-v2 (sentence-transformers), BERT encoder",
+            _hf(
+                "BertConfig",
+                "BertModel",
+                hidden_size=384,
+                num_hidden_layers=6,
+                num_attention_heads=12,
+                intermediate_size=1536,
+                vocab_size=30522,
+            ),
+        ),
+    ]
+}
+ALIASES = {
+    "gpt2": "gpt2-124m",
+    "gpt2-medium": "gpt2-355m",
+    "gpt2-large": "gpt2-774m",
+    "gpt2-xl": "gpt2-1558m",
+}
+
+
+def _from_hf_config(name_or_path: str) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(name_or_path)
+        try:
+            return AutoModelForCausalLM.from_config(config)
+        except ValueError:  # an encoder such as BERT has no causal-LM class
+            return AutoModel.from_config(config)
+
+    return build
+
+
+def model_spec(name_or_path: str) -> ModelSpec:
+    """The registered model `name_or_path` (or alias), else a Hugging Face config by local
+    directory or hub id."""
+    name = ALIASES.get(name_or_path, name_or_path)
+    if name in MODELS:
+        return MODELS[name]
+    if Path(name_or_path, "config.json").is_file() or "/" in name_or_path:
+        return ModelSpec(name_or_path, f"Hugging Face model {name_or_path}", _from_hf_config(name_or_path))
+    raise ValueError(
+        f"unknown model {name_or_path!r}: use one of {sorted(MODELS)} (or {sorted(ALIASES)}), a "
+        "local directory with a Hugging Face config.json, or a hub id such as 'openai-community/gpt2'"
+    )
+
+
+def build_model(name_or_path: str, device: str | torch.device = "meta") -> nn.Module:
+    """Build the model with random weights on `device`; on "meta" nothing is allocated, which is
+    all that parameter counts need."""
+    spec = model_spec(name_or_path)
+    with torch.device(device):
+        return spec.build()

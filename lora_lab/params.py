@@ -1,0 +1,186 @@
+"""Exact parameter counts and memory figures for any model, LoRA-wrapped or not.
+
+Everything here reads only shapes and dtypes, so it works on models built on the meta device
+(nothing allocated), which is how multi-billion-parameter models are counted on a laptop.
+Pure functions: they return numbers and rows; printing is left to the caller.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from torch import nn
+
+from .inject import Targets, inject_lora, mark_only_lora_trainable, output_head_name
+from .lora import LoRALayer
+
+GROUPS = ("embedding", "attention", "feed-forward", "norm", "head", "LoRA", "other")
+_ATTENTION = re.compile(
+    r"(^|\.)(att|attn|attention|self_attn|self_attention|q_proj|k_proj|v_proj|o_proj"
+    r"|W_query|W_key|W_value|query|key|value)(\.|$)"
+)
+_FEED_FORWARD = re.compile(
+    r"(^|\.)(ff|ffn|mlp|feed_forward|intermediate|output|fc1|fc2|c_fc|gate_proj|up_proj"
+    r"|down_proj)(\.|$)"
+)
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Parameters of a model; tied (shared) tensors are counted once."""
+
+    total: int
+    trainable: int
+
+    @property
+    def fraction(self) -> float:
+        """trainable / total, between 0 and 1."""
+        return self.trainable / self.total if self.total else 0.0
+
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One group of parameters: how many, how many train, and the bytes they take as stored."""
+
+    group: str
+    parameters: int
+    trainable: int
+    bytes: int
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a training step keeps besides activations: weights as stored, one gradient per
+    trainable parameter, and the optimizer's state (AdamW: two moments per trainable parameter,
+    in the parameter's dtype as torch.optim.AdamW keeps them)."""
+
+    weights: int
+    gradients: int
+    optimizer: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.gradients + self.optimizer
+
+
+def parameter_numel(param: nn.Parameter) -> int:
+    """Number of parameters a tensor stands for; a bitsandbytes 4-bit weight packs two per byte,
+    so its storage holds fewer elements than the layer has weights."""
+    quant_state = getattr(param, "quant_state", None)
+    if type(param).__name__ == "Params4bit" and quant_state is not None:
+        return int(quant_state.shape.numel())
+    return param.numel()
+
+
+def _named_unique_parameters(model: nn.Module):
+    """(owning module name, owning module, parameter), each tensor once (first owner wins)."""
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for param in module.parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield module_name, module, param
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    """Total and trainable parameters of `model`, tied tensors counted once."""
+    total = trainable = 0
+    for _, _, param in _named_unique_parameters(model):
+        n = parameter_numel(param)
+        total += n
+        trainable += n if param.requires_grad else 0
+    return ParameterCount(total, trainable)
+
+
+def _group(module_name: str, module: nn.Module, head: str | None) -> str:
+    if isinstance(module, LoRALayer):
+        return "LoRA"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if "Norm" in type(module).__name__:
+        return "norm"
+    if head is not None and (module_name == head or module_name.startswith(head + ".")):
+        return "head"
+    if _ATTENTION.search(module_name):
+        return "attention"
+    if _FEED_FORWARD.search(module_name):
+        return "feed-forward"
+    return "other"
+
+
+def parameter_report(model: nn.Module) -> list[ReportRow]:
+    """Parameters grouped by module kind (embedding, attention, feed-forward, norm, head, LoRA,
+    other), in that order, leaving out empty groups. Groups are told apart by module type and by
+    the usual names (attn / mlp / q_proj ...), so any transformer is sorted sensibly."""
+    head = output_head_name(model)
+    sums = {g: [0, 0, 0] for g in GROUPS}
+    for module_name, module, param in _named_unique_parameters(model):
+        n = parameter_numel(param)
+        row = sums[_group(module_name, module, head)]
+        row[0] += n
+        row[1] += n if param.requires_grad else 0
+        row[2] += param.numel() * param.element_size()
+    return [ReportRow(g, *sums[g]) for g in GROUPS if sums[g][0]]
+
+
+def memory_estimate(model: nn.Module, optimizer_states: int = 2) -> MemoryEstimate:
+    """Weights, gradients and optimizer state in bytes (`optimizer_states` tensors per trainable
+    parameter: 2 for Adam/AdamW, 1 for SGD with momentum, 0 for plain SGD)."""
+    weights = grads = 0
+    for _, _, param in _named_unique_parameters(model):
+        size = param.numel() * param.element_size()
+        weights += size
+        grads += size if param.requires_grad else 0
+    return MemoryEstimate(weights, grads, grads * optimizer_states)
+
+
+def format_trainable(count: ParameterCount) -> str:
+    """PEFT's familiar line: ``trainable params: 1,327,104 || all params: ... || trainable%: ...``."""
+    return (
+        f"trainable params: {count.trainable:,d} || all params: {count.total:,d} || "
+        f"trainable%: {100 * count.fraction:.4f}"
+    )
+
+
+def rank_report(
+    build: Callable[[], nn.Module], ranks: Iterable[int], targets: Targets = "all-linear"
+) -> list[dict[str, float | int]]:
+    """For each rank: LoRA on `targets` of a model fresh from `build()`, everything else frozen,
+    and what that leaves to train. Build on the meta device to count models of any size."""
+    rows = []
+    for rank in ranks:
+        model = build()
+        names = inject_lora(model, targets, rank=rank, alpha=2 * rank)
+        mark_only_lora_trainable(model)
+        count, memory = count_parameters(model), memory_estimate(model)
+        rows.append(
+            {
+                "rank": rank,
+                "lora_modules": len(names),
+                "trainable": count.trainable,
+                "total": count.total,
+                "trainable_pct": 100 * count.fraction,
+                "weights_mib": memory.weights / 2**20,
+                "grads_mib": memory.gradients / 2**20,
+                "adamw_mib": memory.optimizer / 2**20,
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: list[dict[str, object]]) -> str:
+    """Rows of equal keys as a GitHub markdown table; ints get thousands separators."""
+    if not rows:
+        return ""
+
+    def cell(v: object) -> str:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return str(v)
+        return f"{v:,d}" if isinstance(v, int) else f"{v:,.4f}" if abs(v) < 10 else f"{v:,.1f}"
+
+    keys = list(rows[0])
+    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---:" for _ in keys) + "|"]
+    lines += ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""Tiny seeded models shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyBlock(nn.Module):
+    """Attention-like and feed-forward linears, named as in the book's GPT."""
+
+    def __init__(self, d: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.att = nn.Module()
+        self.att.W_query = nn.Linear(d, d, bias=False)
+        self.att.W_key = nn.Linear(d, d, bias=False)
+        self.att.W_value = nn.Linear(d, d, bias=False)
+        self.att.out_proj = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.ff = nn.Sequential(nn.Linear(d, hidden), nn.GELU(), nn.Linear(hidden, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.att.W_query(x), self.att.W_key(x), self.att.W_value(x)
+        w = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        x = x + self.att.out_proj(w @ v)
+        return x + self.ff(self.norm(x))
+
+
+class TinyModel(nn.Module):
+    """Embedding, two blocks and an output head (`out_head`), like a miniature GPT."""
+
+    def __init__(self, vocab: int = 50, d: int = 16, n_blocks: int = 2, tie: bool = False) -> None:
+        super().__init__()
+        self.tok_emb = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(TinyBlock(d) for _ in range(n_blocks))
+        self.out_head = nn.Linear(d, vocab, bias=False)
+        if tie:
+            self.out_head.weight = self.tok_emb.weight
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.tok_emb(idx)
+        for block in self.blocks:
+            x = block(x)
+        return self.out_head(x)
+
+
+def tiny_model(seed: int = 0, **kwargs) -> TinyModel:
+    torch.manual_seed(seed)
+    return TinyModel(**kwargs)
+
+
+def randomize_lora(model: nn.Module, seed: int = 1) -> None:
+    """Give every B non-zero values so that adapters change the output."""
+    from lora_lab.lora import lora_modules
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, w in lora_modules(model):
+            w.lora.B.copy_(torch.randn(w.lora.B.shape, generator=g) * 0.1)
+
+
+def tiny_hf_gpt2(seed: int = 0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(
+        n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    return GPT2LMHeadModel(cfg).eval()
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(42))

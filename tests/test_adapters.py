@@ -1,0 +1,244 @@
+import copy
+import json
+
+import pytest
+import torch
+from conftest import randomize_lora, tiny_hf_gpt2, tiny_model
+from safetensors.torch import load_file
+from torch import nn
+
+from lora_lab import (
+    count_parameters,
+    export_peft_adapter,
+    import_peft_adapter,
+    inject_lora,
+    load_adapter,
+    lora_state_dict,
+    mark_only_lora_trainable,
+    save_adapter,
+)
+from lora_lab.lora import lora_modules
+
+peft = pytest.importorskip("peft")
+
+
+def _logits(out):
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _grads_after_loss(model, tokens):
+    out = _logits(model(tokens))
+    out.float().pow(2).mean().backward()
+    return out.detach()
+
+
+def _our_grads(model):
+    return {f"{n}.{ab}": getattr(w.lora, ab).grad for n, w in lora_modules(model) for ab in "AB"}
+
+
+def _peft_grads(peft_model):
+    grads = {}
+    for name, p in peft_model.named_parameters():
+        if ".lora_A." in name or ".lora_B." in name:
+            module = name.removeprefix("base_model.model.").split(".lora_")[0]
+            grads[f"{module}.{'A' if '.lora_A.' in name else 'B'}"] = p.grad
+    return grads
+
+
+def _assert_same(ours, theirs, tokens):
+    """Same outputs (max abs diff <= 1e-5) and the same gradients for every A and B."""
+    torch.testing.assert_close(
+        _grads_after_loss(ours, tokens), _grads_after_loss(theirs, tokens), atol=1e-5, rtol=0
+    )
+    g_ours, g_theirs = _our_grads(ours), _peft_grads(theirs)
+    assert g_ours.keys() == g_theirs.keys() and g_ours
+    for key in g_ours:
+        torch.testing.assert_close(g_ours[key], g_theirs[key], atol=1e-5, rtol=1e-4, msg=key)
+    assert count_parameters(ours).trainable == theirs.get_nb_trainable_parameters()[0]
+
+
+CASES = {
+    # model factory, lora_lab targets, PEFT target_modules, tokens' vocabulary
+    "mlp": (tiny_model, "all-linear", ["W_query", "W_key", "W_value", "out_proj", "ff.0", "ff.2"], 50),
+    "gpt2-conv1d": (tiny_hf_gpt2, ["c_attn", "c_proj", "c_fc"], ["c_attn", "c_proj", "c_fc"], 97),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_ours_to_peft_same_outputs_and_gradients(case, use_rslora, tmp_path):
+    make, ours_targets, _, vocab = CASES[case]
+    tokens = torch.randint(0, vocab, (3, 9), generator=torch.Generator().manual_seed(0))
+    ours, base = make(), make()
+    inject_lora(
+        ours,
+        ours_targets,
+        rank=4,
+        alpha=8,
+        use_rslora=use_rslora,
+        rank_pattern={"0.ff.0" if case == "mlp" else "h.0.attn.c_attn": 2},
+        alpha_pattern={"W_value" if case == "mlp" else "mlp.c_proj": 3},
+    )
+    mark_only_lora_trainable(ours)
+    randomize_lora(ours)
+    export_peft_adapter(ours, tmp_path, base_model_name_or_path="tiny")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is (case == "gpt2-conv1d") and config["use_rslora"] is use_rslora
+    theirs = peft.PeftModel.from_pretrained(base, tmp_path, is_trainable=True)
+    _assert_same(ours, theirs, tokens)
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("use_rslora", [False, True])
+def test_peft_to_ours_same_outputs_and_gradients(case, use_rslora, tmp_path):
+    make, _, peft_targets, vocab = CASES[case]
+    tokens = torch.randint(0, vocab, (3, 9), generator=torch.Generator().manual_seed(0))
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=peft_targets,
+        use_rslora=use_rslora,
+        fan_in_fan_out=case == "gpt2-conv1d",
+        rank_pattern={"blocks.1.att.W_key" if case == "mlp" else "h.1.mlp.c_fc": 6},
+        alpha_pattern={"out_proj" if case == "mlp" else "attn.c_proj": 2},
+    )
+    theirs = peft.get_peft_model(make(), config)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(3)
+        for name, p in theirs.named_parameters():
+            if ".lora_B." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    theirs.save_pretrained(tmp_path)
+    ours = make()
+    names = import_peft_adapter(ours, tmp_path)
+    mark_only_lora_trainable(ours)
+    ranks = {n: w.lora.rank for n, w in lora_modules(ours)}
+    assert set(names) == set(ranks) and sorted(set(ranks.values())) == [4, 6]
+    _assert_same(ours, theirs, tokens)
+
+
+def test_peft_round_trip_with_a_trained_head(tmp_path, tokens):
+    """A classifier: new head trained in full (PEFT's modules_to_save), LoRA elsewhere."""
+    ours = tiny_model()
+    ours.out_head = nn.Linear(16, 2)
+    base = copy.deepcopy(ours)
+    with torch.no_grad():
+        ours.out_head.weight.normal_()
+    inject_lora(ours, "all-linear", rank=2, alpha=4)
+    mark_only_lora_trainable(ours, train=["out_head"])
+    randomize_lora(ours)
+    export_peft_adapter(ours, tmp_path, extra=["out_head"])
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["out_head"]
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    torch.testing.assert_close(theirs(tokens), ours(tokens), atol=1e-5, rtol=0)
+    # and back: the head comes along into a fresh model
+    again = copy.deepcopy(base)
+    import_peft_adapter(again, tmp_path)
+    torch.testing.assert_close(again(tokens), ours(tokens), atol=1e-6, rtol=0)
+
+
+def test_save_load_round_trip_in_a_fresh_model(tmp_path, tokens):
+    trained = tiny_model()
+    trained.out_head = nn.Linear(16, 3)
+    fresh = copy.deepcopy(trained)
+    inject_lora(
+        trained,
+        ["W_query", "W_value", "ff.0"],
+        rank=4,
+        alpha=8,
+        use_rslora=True,
+        rank_pattern={"ff.0": 2},
+        dropout=0.1,
+    )
+    randomize_lora(trained)
+    with torch.no_grad():
+        trained.out_head.bias.fill_(0.5)
+    trained.eval()
+    path = save_adapter(trained, tmp_path / "run" / "adapter.safetensors", extra=["out_head"])
+    assert sorted(p.name for p in path.parent.iterdir()) == ["adapter.safetensors"]  # no temp left
+    stored = load_file(path)
+    assert set(stored) == set(lora_state_dict(trained)) | {"out_head.weight", "out_head.bias"}
+
+    names = load_adapter(fresh, path)
+    fresh.eval()
+    assert names == [n for n, _ in lora_modules(trained)]
+    torch.testing.assert_close(fresh(tokens), trained(tokens), atol=0, rtol=0)
+    loaded = dict(lora_modules(fresh))
+    assert loaded["blocks.0.ff.0"].lora.rank == 2 and loaded["blocks.0.att.W_query"].lora.use_rslora
+    assert loaded["blocks.0.ff.0"].lora.dropout.p == 0.1
+
+    # a model the user already wrapped the same way loads too; a directory path works
+    again = tiny_model()
+    again.out_head = nn.Linear(16, 3)
+    inject_lora(
+        again, ["W_query", "W_value", "ff.0"], rank=4, alpha=8, use_rslora=True, rank_pattern={"ff.0": 2}
+    )
+    load_adapter(again, path.parent)
+    torch.testing.assert_close(again.eval()(tokens), trained(tokens), atol=0, rtol=0)
+
+
+def test_save_overwrites_atomically(tmp_path):
+    model = tiny_model()
+    inject_lora(model, ["W_query"], rank=2)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+    randomize_lora(model)
+    save_adapter(model, path)
+    torch.testing.assert_close(
+        load_file(path)["blocks.0.att.W_query.lora.B"], model.blocks[0].att.W_query.lora.B.detach()
+    )
+    assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+def test_load_errors(tmp_path):
+    model = tiny_model()
+    inject_lora(model, ["W_query", "ff.0"], rank=4)
+    path = save_adapter(model, tmp_path / "a.safetensors")
+
+    with pytest.raises(FileNotFoundError, match="not found; save one with save_adapter"):
+        load_adapter(tiny_model(), tmp_path / "missing.safetensors")
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(ValueError, match="not a readable safetensors file .corrupt or truncated"):
+        load_adapter(tiny_model(), corrupt)
+
+    wider = tiny_model(d=24)  # another model size
+    before = wider.state_dict()
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit this TinyModel(.|\n)*blocks.0.att.W_query: the "
+        r"adapter's A is \(4, 16\).*needs A \(4, 24\)",
+    ):
+        load_adapter(wider, path)
+    assert wider.state_dict().keys() == before.keys()  # nothing wrapped on failure
+
+    other = tiny_model()
+    inject_lora(other, ["W_query"], rank=8)
+    inject_lora(other, ["W_key"], rank=4)
+    with pytest.raises(ValueError) as err:
+        load_adapter(other, path)
+    text = str(err.value)
+    assert "blocks.0.att.W_query: wrapped with rank=8" in text
+    assert "blocks.1.att.W_key: LoRA-wrapped in the model, but the adapter has no weights" in text
+
+    with pytest.raises(ValueError, match="has no LoRA layers to save: call inject_lora"):
+        save_adapter(tiny_model(), tmp_path / "b.safetensors")
+    with pytest.raises(ValueError, match="extra='head' matches no module"):
+        save_adapter(model, tmp_path / "b.safetensors", extra=["head"])
+
+
+def test_peft_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no adapter_config.json"):
+        import_peft_adapter(tiny_model(), tmp_path)
+    model = tiny_model()
+    inject_lora(model, ["W_query"], rank=4)
+    export_peft_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="looks like a PEFT adapter: use import_peft_adapter"):
+        load_adapter(tiny_model(), tmp_path / "adapter_model.safetensors")
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ValueError, match="only plain LoRA adapters.*use_dora"):
+        import_peft_adapter(tiny_model(), tmp_path)
+    (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
+    with pytest.raises(ValueError, match="lora_A has rank 4, the config says 8"):
+        import_peft_adapter(tiny_model(), tmp_path)
