@@ -13,7 +13,7 @@ import csv
 import io
 from pathlib import Path
 
-from lora_lab.atomic import write_text
+from lora_lab.files import write_text
 from lora_lab.models import MODELS, build_model
 from lora_lab.params import markdown_table, rank_report
 

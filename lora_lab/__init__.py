@@ -7,6 +7,8 @@ from .adapters import (
     lora_state_dict,
     save_adapter,
 )
+from .gpt2 import GPT2_CONFIGS, GPTConfig, GPTModel, config_from_openai_settings, generate, lora_targets
+from .gpt2_weights import load_gpt2
 from .inject import (
     disable_lora,
     inject_lora,
@@ -27,6 +29,7 @@ from .params import (
     memory_estimate,
     parameter_report,
 )
+from .tokenizer import gpt2_tokenizer
 
 __version__ = "0.1.0"
 
@@ -53,4 +56,12 @@ __all__ = [
     "memory_estimate",
     "format_trainable",
     "build_model",
+    "GPTConfig",
+    "GPT2_CONFIGS",
+    "GPTModel",
+    "config_from_openai_settings",
+    "load_gpt2",
+    "gpt2_tokenizer",
+    "generate",
+    "lora_targets",
 ]

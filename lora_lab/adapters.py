@@ -20,11 +20,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic import atomic_path, write_text
+from .files import atomic_path, read_safetensors, write_text
 from .inject import LoRASettings, name_matches, wrap_modules
 from .lora import LinearWithLoRA, linear_shape, lora_modules
 
@@ -59,9 +58,7 @@ def _settings(wrapper: LinearWithLoRA) -> LoRASettings:
 def _wrappers(model: nn.Module) -> dict[str, LinearWithLoRA]:
     wrappers = dict(lora_modules(model))
     if not wrappers:
-        raise ValueError(
-            f"{type(model).__name__} has no LoRA layers to save: call inject_lora(model, ...) first"
-        )
+        raise ValueError(f"{type(model).__name__} has no LoRA layers to save: call inject_lora(model, ...) first")
     return wrappers
 
 
@@ -92,19 +89,6 @@ def _save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
         save_file(plain, tmp, metadata=metadata)
 
 
-def _read_safetensors(path: Path, fix: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"adapter file {path} not found; {fix}")
-    try:
-        with safe_open(path, framework="pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
-    except (SafetensorError, OSError) as err:
-        raise ValueError(
-            f"{path} is not a readable safetensors file (corrupt or truncated?): {err}. "
-            "Save the adapter again, or point to the right file."
-        ) from err
-
-
 def _adapter_file(path: str | os.PathLike) -> Path:
     path = Path(path)
     return path / ADAPTER_FILE if path.is_dir() else path
@@ -133,7 +117,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     they are not wrapped yet. Names, shapes and settings are checked first and every mismatch is
     reported; the model is changed only if all fit. Returns the wrapped module names."""
     path = _adapter_file(path)
-    tensors, metadata = _read_safetensors(path, "save one with save_adapter(model, path)")
+    tensors, metadata = read_safetensors(path, "save one with save_adapter(model, path)")
     if FORMAT_KEY not in metadata:
         hint = (
             " It looks like a PEFT adapter: use import_peft_adapter(model, directory)."
@@ -144,9 +128,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
     try:
         info = json.loads(metadata[FORMAT_KEY])
         modules = info["modules"]
-        plan = {
-            n: LoRASettings(m["rank"], m["alpha"], m["dropout"], m["use_rslora"]) for n, m in modules.items()
-        }
+        plan = {n: LoRASettings(m["rank"], m["alpha"], m["dropout"], m["use_rslora"]) for n, m in modules.items()}
         lora = {n: (tensors.pop(f"{n}.lora.A"), tensors.pop(f"{n}.lora.B")) for n in plan}
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: adapter settings or tensors are incomplete ({err!r})") from err
@@ -199,9 +181,7 @@ def _apply(
         if key not in state:
             problems.append(f"{key}: the adapter holds this tensor, the model has no such entry")
         elif state[key].shape != tensor.shape:
-            problems.append(
-                f"{key}: {tuple(tensor.shape)} in the adapter, {tuple(state[key].shape)} in the model"
-            )
+            problems.append(f"{key}: {tuple(tensor.shape)} in the adapter, {tuple(state[key].shape)} in the model")
     if problems:
         raise ValueError(
             f"adapter {source} does not fit this {type(model).__name__} (was it trained on a "
@@ -280,7 +260,7 @@ def _peft_pattern_value(pattern: Mapping[str, float], name: str, default: float)
 
 def _read_peft_weights(directory: Path) -> dict[str, torch.Tensor]:
     if (directory / PEFT_WEIGHTS).is_file():
-        return _read_safetensors(directory / PEFT_WEIGHTS, "")[0]
+        return read_safetensors(directory / PEFT_WEIGHTS, "save the adapter again")[0]
     if (directory / PEFT_WEIGHTS_BIN).is_file():
         return torch.load(directory / PEFT_WEIGHTS_BIN, map_location="cpu", weights_only=True)
     raise FileNotFoundError(

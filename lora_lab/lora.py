@@ -256,9 +256,7 @@ class LinearWithLoRA(nn.Module):
         weight = dequantized_weight(self.base)
         dtype = dtype or getattr(self.base, "compute_dtype", None) or torch.float32
         bias = self.base.bias
-        plain = nn.Linear(
-            self.in_features, self.out_features, bias=bias is not None, device=weight.device, dtype=dtype
-        )
+        plain = nn.Linear(self.in_features, self.out_features, bias=bias is not None, device=weight.device, dtype=dtype)
         plain.weight.copy_(weight.float() + self._delta_in_base_layout())
         if bias is not None:
             plain.bias.copy_(bias)

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .gpt2 import GPT2_ALIASES, GPT2_CONFIGS, GPTModel
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -34,17 +36,17 @@ def _hf(config_cls: str, model_cls: str, **config: object) -> Callable[[], nn.Mo
     return build
 
 
-def _gpt2(n_embd: int, n_layer: int, n_head: int) -> Callable[[], nn.Module]:
-    return _hf("GPT2Config", "GPT2LMHeadModel", n_embd=n_embd, n_layer=n_layer, n_head=n_head)
+def _gpt2(name: str) -> Callable[[], nn.Module]:
+    return lambda: GPTModel(GPT2_CONFIGS[name])
 
 
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
-        ModelSpec("gpt2-124m", "GPT-2 small (124M)", _gpt2(768, 12, 12)),
-        ModelSpec("gpt2-355m", "GPT-2 medium (355M)", _gpt2(1024, 24, 16)),
-        ModelSpec("gpt2-774m", "GPT-2 large (774M)", _gpt2(1280, 36, 20)),
-        ModelSpec("gpt2-1558m", "GPT-2 XL (1558M)", _gpt2(1600, 48, 25)),
+        ModelSpec("gpt2-124m", "GPT-2 small (124M), lora_lab's GPTModel", _gpt2("gpt2-124m")),
+        ModelSpec("gpt2-355m", "GPT-2 medium (355M), lora_lab's GPTModel", _gpt2("gpt2-355m")),
+        ModelSpec("gpt2-774m", "GPT-2 large (774M), lora_lab's GPTModel", _gpt2("gpt2-774m")),
+        ModelSpec("gpt2-1558m", "GPT-2 XL (1558M), lora_lab's GPTModel", _gpt2("gpt2-1558m")),
         ModelSpec(
             "openllama-3b",
             "OpenLLaMA 3B (openlm-research/open_llama_3b)",
@@ -92,12 +94,7 @@ MODELS: dict[str, ModelSpec] = {
         ),
     ]
 }
-ALIASES = {
-    "gpt2": "gpt2-124m",
-    "gpt2-medium": "gpt2-355m",
-    "gpt2-large": "gpt2-774m",
-    "gpt2-xl": "gpt2-1558m",
-}
+ALIASES = dict(GPT2_ALIASES)
 
 
 def _from_hf_config(name_or_path: str) -> Callable[[], nn.Module]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -64,12 +67,30 @@ def tiny_hf_gpt2(seed: int = 0):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    cfg = GPT2Config(
-        n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=32, bos_token_id=0, eos_token_id=0
-    )
+    cfg = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=32, bos_token_id=0, eos_token_id=0)
     return GPT2LMHeadModel(cfg).eval()
 
 
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(42))
+
+
+# Real data beside the repository (../shared/data), or wherever LORA_LAB_DATA points.
+SHARED_DATA = Path(os.environ.get("LORA_LAB_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+
+
+@pytest.fixture
+def bpe_file() -> Path:
+    path = SHARED_DATA / "tokenizers" / "gpt2.tiktoken"
+    if not path.is_file():
+        pytest.skip(f"GPT-2 BPE file not found at {path}; set LORA_LAB_DATA to the shared data folder")
+    return path
+
+
+def tiny_gpt(seed: int = 0, **overrides):
+    from lora_lab import GPTConfig, GPTModel
+
+    torch.manual_seed(seed)
+    cfg = dict(vocab_size=50, context_length=16, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=True)
+    return GPTModel(GPTConfig(**{**cfg, **overrides})).eval()

@@ -3,7 +3,7 @@ import json
 
 import pytest
 import torch
-from conftest import randomize_lora, tiny_hf_gpt2, tiny_model
+from conftest import randomize_lora, tiny_gpt, tiny_hf_gpt2, tiny_model
 from safetensors.torch import load_file
 from torch import nn
 
@@ -47,9 +47,7 @@ def _peft_grads(peft_model):
 
 def _assert_same(ours, theirs, tokens):
     """Same outputs (max abs diff <= 1e-5) and the same gradients for every A and B."""
-    torch.testing.assert_close(
-        _grads_after_loss(ours, tokens), _grads_after_loss(theirs, tokens), atol=1e-5, rtol=0
-    )
+    torch.testing.assert_close(_grads_after_loss(ours, tokens), _grads_after_loss(theirs, tokens), atol=1e-5, rtol=0)
     g_ours, g_theirs = _our_grads(ours), _peft_grads(theirs)
     assert g_ours.keys() == g_theirs.keys() and g_ours
     for key in g_ours:
@@ -61,6 +59,13 @@ CASES = {
     # model factory, lora_lab targets, PEFT target_modules, tokens' vocabulary
     "mlp": (tiny_model, "all-linear", ["W_query", "W_key", "W_value", "out_proj", "ff.0", "ff.2"], 50),
     "gpt2-conv1d": (tiny_hf_gpt2, ["c_attn", "c_proj", "c_fc"], ["c_attn", "c_proj", "c_fc"], 97),
+    "book-gpt": (tiny_gpt, "all-linear", ["W_query", "W_key", "W_value", "out_proj", "layers.0", "layers.2"], 50),
+}
+# Per case: a rank_pattern key, an alpha_pattern key for lora_lab, then the same for PEFT.
+PATTERN_KEYS = {
+    "mlp": ("0.ff.0", "W_value", "blocks.1.att.W_key", "out_proj"),
+    "gpt2-conv1d": ("h.0.attn.c_attn", "mlp.c_proj", "h.1.mlp.c_fc", "attn.c_proj"),
+    "book-gpt": ("trf_blocks.0.ff.layers.0", "W_key", "trf_blocks.1.att.W_query", "layers.2"),
 }
 
 
@@ -76,8 +81,8 @@ def test_ours_to_peft_same_outputs_and_gradients(case, use_rslora, tmp_path):
         rank=4,
         alpha=8,
         use_rslora=use_rslora,
-        rank_pattern={"0.ff.0" if case == "mlp" else "h.0.attn.c_attn": 2},
-        alpha_pattern={"W_value" if case == "mlp" else "mlp.c_proj": 3},
+        rank_pattern={PATTERN_KEYS[case][0]: 2},
+        alpha_pattern={PATTERN_KEYS[case][1]: 3},
     )
     mark_only_lora_trainable(ours)
     randomize_lora(ours)
@@ -99,8 +104,8 @@ def test_peft_to_ours_same_outputs_and_gradients(case, use_rslora, tmp_path):
         target_modules=peft_targets,
         use_rslora=use_rslora,
         fan_in_fan_out=case == "gpt2-conv1d",
-        rank_pattern={"blocks.1.att.W_key" if case == "mlp" else "h.1.mlp.c_fc": 6},
-        alpha_pattern={"out_proj" if case == "mlp" else "attn.c_proj": 2},
+        rank_pattern={PATTERN_KEYS[case][2]: 6},
+        alpha_pattern={PATTERN_KEYS[case][3]: 2},
     )
     theirs = peft.get_peft_model(make(), config)
     with torch.no_grad():
@@ -170,9 +175,7 @@ def test_save_load_round_trip_in_a_fresh_model(tmp_path, tokens):
     # a model the user already wrapped the same way loads too; a directory path works
     again = tiny_model()
     again.out_head = nn.Linear(16, 3)
-    inject_lora(
-        again, ["W_query", "W_value", "ff.0"], rank=4, alpha=8, use_rslora=True, rank_pattern={"ff.0": 2}
-    )
+    inject_lora(again, ["W_query", "W_value", "ff.0"], rank=4, alpha=8, use_rslora=True, rank_pattern={"ff.0": 2})
     load_adapter(again, path.parent)
     torch.testing.assert_close(again.eval()(tokens), trained(tokens), atol=0, rtol=0)
 
@@ -194,12 +197,14 @@ def test_load_errors(tmp_path):
     inject_lora(model, ["W_query", "ff.0"], rank=4)
     path = save_adapter(model, tmp_path / "a.safetensors")
 
-    with pytest.raises(FileNotFoundError, match="not found; save one with save_adapter"):
+    with pytest.raises(FileNotFoundError, match="missing.safetensors not found; save one with save_adapter"):
         load_adapter(tiny_model(), tmp_path / "missing.safetensors")
 
     corrupt = tmp_path / "corrupt.safetensors"
     corrupt.write_bytes(path.read_bytes()[:-40])
-    with pytest.raises(ValueError, match="not a readable safetensors file .corrupt or truncated"):
+    with pytest.raises(
+        ValueError, match="not a readable safetensors file .corrupt or truncated.*save one with save_adapter"
+    ):
         load_adapter(tiny_model(), corrupt)
 
     wider = tiny_model(d=24)  # another model size

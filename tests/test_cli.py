@@ -10,12 +10,13 @@ from lora_lab.cli import main
 peft = pytest.importorskip("peft")
 
 
+BOOK_LINEARS = ["W_query", "W_key", "W_value", "out_proj", "layers.0", "layers.2"]
+
+
 def _peft_count(rank: int) -> tuple[int, int]:
     from lora_lab import build_model
 
-    model = peft.get_peft_model(
-        build_model("gpt2-124m"), peft.LoraConfig(r=rank, target_modules="all-linear")
-    )
+    model = peft.get_peft_model(build_model("gpt2-124m"), peft.LoraConfig(r=rank, target_modules=BOOK_LINEARS))
     return model.get_nb_trainable_parameters()
 
 
@@ -24,13 +25,13 @@ def test_report_table_matches_peft(capsys):
     out = capsys.readouterr().out
     for rank in (4, 16):
         trainable, total = _peft_count(rank)
-        assert f"| {rank} | 48 | {trainable:,d} | {total:,d} |" in out
+        assert f"| {rank} | 72 | {trainable:,d} | {total:,d} |" in out
 
 
 def test_report_csv(capsys):
-    assert main(["report", "--ranks", "8", "--targets", "c_attn", "--format", "csv"]) == 0
+    assert main(["report", "--ranks", "8", "--targets", "W_query", "W_value", "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert len(rows) == 1 and int(rows[0]["trainable"]) == 12 * 8 * (768 + 3 * 768)
+    assert len(rows) == 1 and int(rows[0]["trainable"]) == 12 * 2 * 8 * (768 + 768)
 
 
 def test_report_errors_are_one_clear_line(capsys):
@@ -48,6 +49,6 @@ def test_console_entry_point_runs():
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    d = 768  # GPT-2 124M, 12 blocks of c_attn (d -> 3d), attn.c_proj (d -> d), c_fc (d -> 4d), mlp.c_proj
-    trainable = 12 * 8 * ((d + 3 * d) + (d + d) + (d + 4 * d) + (4 * d + d))
-    assert f"| 8 | 48 | {trainable:,d} |" in proc.stdout
+    # GPT-2 124M, the six linears of each of 12 blocks: 4 x (768 -> 768), 768 -> 3072, 3072 -> 768
+    trainable = 12 * 8 * (4 * (768 + 768) + 2 * (768 + 3072))
+    assert f"| 8 | 72 | {trainable:,d} |" in proc.stdout

@@ -176,9 +176,7 @@ bnb = pytest.importorskip("bitsandbytes")
 
 def _quantized(kind: str, base: nn.Linear) -> nn.Module:
     if kind == "4-bit":
-        q = bnb.nn.Linear4bit(
-            base.in_features, base.out_features, compute_dtype=torch.float32, quant_type="nf4"
-        )
+        q = bnb.nn.Linear4bit(base.in_features, base.out_features, compute_dtype=torch.float32, quant_type="nf4")
     else:
         q = bnb.nn.Linear8bitLt(base.in_features, base.out_features, has_fp16_weights=False)
     q.load_state_dict(base.state_dict())

@@ -37,9 +37,10 @@ def test_counts_tied_tensors_once_on_meta(tie, expected):
 @pytest.mark.parametrize("rank", [1, 8, 64])
 def test_lora_counts_match_peft_on_meta(model_name, rank):
     row = rank_report(lambda: build_model(model_name), [rank])[0]
-    theirs = peft.get_peft_model(
-        build_model(model_name), peft.LoraConfig(r=rank, target_modules="all-linear")
-    )
+    # PEFT's "all-linear" is for transformers models; on our GPTModel name the six linears
+    targets = ["W_query", "W_key", "W_value", "out_proj", "layers.0", "layers.2"]
+    targets = targets if model_name.startswith("gpt2") else "all-linear"
+    theirs = peft.get_peft_model(build_model(model_name), peft.LoraConfig(r=rank, target_modules=targets))
     trainable, total = theirs.get_nb_trainable_parameters()
     assert (row["trainable"], row["total"]) == (trainable, total)
 
@@ -56,8 +57,8 @@ def test_openllama_3b_closed_form():
 
 
 def test_format_trainable_is_peft_line(capsys):
-    model = build_model("gpt2-124m")
-    theirs = peft.get_peft_model(build_model("gpt2-124m"), peft.LoraConfig(r=8, target_modules=["c_attn"]))
+    model = _hf_gpt2()
+    theirs = peft.get_peft_model(_hf_gpt2(), peft.LoraConfig(r=8, target_modules=["c_attn"]))
     theirs.print_trainable_parameters()
     inject_lora(model, ["c_attn"], rank=8)
     mark_only_lora_trainable(model)

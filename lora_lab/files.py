@@ -1,4 +1,5 @@
-"""Atomic file writes: a file is either the old one or the complete new one, never half written."""
+"""Files in and out: atomic writes (a file is either the old one or the complete new one, never
+half written) and safetensors reads that turn a corrupt file into a clear error."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
 
 
 @contextmanager
@@ -31,3 +35,16 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def read_safetensors(path: str | os.PathLike, fix: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and metadata of a safetensors file. A missing file raises FileNotFoundError and
+    a corrupt one ValueError, each saying `fix`, what to do about it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found; {fix}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}. {fix}") from err
