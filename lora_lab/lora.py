@@ -125,8 +125,8 @@ class LoRALayer(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype != self.A.dtype:  # e.g. bf16 activations through fp32 adapters
-            x = x.to(self.A.dtype)
+        if x.dtype != self.A.dtype and not torch.is_autocast_enabled(x.device.type):
+            x = x.to(self.A.dtype)  # e.g. a bf16 model with fp32 adapters; autocast casts by itself
         if self.dropout is not None:
             x = self.dropout(x)
         # Scale the (..., rank) intermediate, the smallest tensor on the way.
@@ -173,8 +173,8 @@ class LinearWithLoRA(nn.Module):
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
         self.base = base.requires_grad_(False)
         self.lora = LoRALayer(*shape, rank, alpha, dropout, use_rslora, device=weight.device, dtype=dtype)
-        # Adding in place into the base output saves allocating a second output-sized tensor per
-        # call. Safe for nn.Linear and Conv1D, whose output no backward needs; a custom autograd
+        # Without autograd (inference) the branch is added into the base output in place, so no
+        # second output-sized tensor is allocated. Only for nn.Linear and Conv1D: a custom autograd
         # Function (bitsandbytes' 4-bit matmul) may return a view that must not be modified.
         self._add_in_place = type(base) is nn.Linear or type(base) is _hf_conv1d()
         self.merged = False  # True while the update lives inside base.weight
@@ -201,7 +201,12 @@ class LinearWithLoRA(nn.Module):
         out = self.base(x)
         if self.merged or not self.enabled:
             return out
-        return out.add_(self.lora(x)) if self._add_in_place else out + self.lora(x).to(out.dtype)
+        if self._add_in_place and not torch.is_grad_enabled():
+            return out.add_(self.lora(x))
+        # Under autograd an ordinary add is faster: linear returns a view, and changing a view in
+        # place routes its gradient through an extra copy (CopySlices); 12% per training step of
+        # GPT-2 124M on an H200 (experiments/bench_lora.py).
+        return out + self.lora(x).to(out.dtype)
 
     def _is_conv1d(self) -> bool:
         return not isinstance(self.base, nn.Linear)
