@@ -202,6 +202,20 @@ def test_generate_matches_hugging_face_greedy(tmp_path):
     assert torch.equal(sampled, expected[:, :9])  # top-1 sampling is greedy
 
 
+def test_loads_by_name_through_the_hugging_face_cache(tmp_path):
+    """The hub route, offline: a cache laid out as huggingface_hub lays it out after a download."""
+    snapshot = tmp_path / "models--openai-community--gpt2" / "snapshots" / ("0" * 40)
+    hf = tiny_hf_gpt2()
+    hf.save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    ids = torch.randint(0, 97, (2, 6))
+    for name in ("gpt2", "gpt2-124m", "openai-community/gpt2"):
+        ours = load_gpt2(name, cache_dir=str(tmp_path), local_files_only=True)
+        with torch.no_grad():
+            assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-4
+
+
 def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load_gpt2("gpt2-medium", cache_dir=str(tmp_path / "cache"), local_files_only=True)

@@ -223,3 +223,14 @@ def test_qlora_step_changes_only_lora_parameters(tokens):
     assert all(".lora." in k for k in changed), sorted(changed)
     # B moved off zero everywhere, so every adapter now takes part in the forward
     assert all(w.lora.B.abs().sum() > 0 for _, w in lora_modules(model))
+
+    # merging into 4-bit weights is refused; unload dequantizes and merges into plain linears
+    with pytest.raises(TypeError, match="4-bit bitsandbytes"):
+        merge_lora(model)
+    with torch.no_grad():
+        expected = model(tokens)
+    unload_lora(model)
+    assert not list(lora_modules(model))
+    assert {type(m).__name__ for n, m in model.named_modules() if n in names} == {"Linear"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens), expected, atol=1e-4, rtol=1e-4)

@@ -82,7 +82,10 @@ def test_forward_and_gradients_match_closed_form():
     wrapped = LinearWithLoRA(base, rank=3, alpha=6)
     _randomize(wrapped.lora)
     x = torch.randn(4, 12)
+    with torch.no_grad():  # inference adds in place, training out of place: the same numbers
+        inference = wrapped(x)
     out = wrapped(x)
+    torch.testing.assert_close(out, inference, atol=0, rtol=0)
     A, B = wrapped.lora.A, wrapped.lora.B
     torch.testing.assert_close(out, base(x) + x @ (2.0 * B @ A).T, atol=1e-5, rtol=1e-5)
     out.pow(2).sum().backward()
