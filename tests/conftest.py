@@ -84,7 +84,8 @@ SHARED_DATA = Path(os.environ.get("LORA_LAB_DATA", Path(__file__).resolve().pare
 def bpe_file() -> Path:
     path = SHARED_DATA / "tokenizers" / "gpt2.tiktoken"
     if not path.is_file():
-        pytest.skip(f"GPT-2 BPE file not found at {path}; set LORA_LAB_DATA to the shared data folder")
+        message = f"GPT-2 BPE file not found at {path}; set LORA_LAB_DATA to the shared data folder"
+        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
     return path
 
 
