@@ -85,7 +85,9 @@ def bpe_file() -> Path:
     path = SHARED_DATA / "tokenizers" / "gpt2.tiktoken"
     if not path.is_file():
         message = f"GPT-2 BPE file not found at {path}; set LORA_LAB_DATA to the shared data folder"
-        pytest.fail(message) if os.environ.get("CI") else pytest.skip(message)
+        if os.environ.get("CI"):  # CI always has the data: its absence is a broken setup
+            pytest.fail(message)
+        pytest.skip(message)
     return path
 
 
