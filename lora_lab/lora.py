@@ -171,8 +171,8 @@ class LinearWithLoRA(nn.Module):
         # Adapters train in fp32 (or fp64) whatever the base holds: half-precision or quantized
         # weights stay as they are, the small A and B keep full precision.
         dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        self.base = base.requires_grad_(False)
         self.lora = LoRALayer(*shape, rank, alpha, dropout, use_rslora, device=weight.device, dtype=dtype)
+        self.base = base.requires_grad_(False)  # after the checks above: a bad setting changes nothing
         # Without autograd (inference) the branch is added into the base output in place, so no
         # second output-sized tensor is allocated. Only for nn.Linear and Conv1D: a custom autograd
         # Function (bitsandbytes' 4-bit matmul) may return a view that must not be modified.

@@ -86,7 +86,11 @@ def test_trainable_count_is_rank_times_in_plus_out():
 
 
 def _unchanged(model: nn.Module, before: dict) -> bool:
-    return not list(lora_modules(model)) and model.state_dict().keys() == before.keys()
+    return (
+        not list(lora_modules(model))
+        and model.state_dict().keys() == before.keys()
+        and all(p.requires_grad for p in model.parameters())
+    )
 
 
 @pytest.mark.parametrize(
