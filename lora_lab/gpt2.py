@@ -58,14 +58,6 @@ HUB_IDS = {
 }
 
 
-def gpt2_config(name: str) -> GPTConfig:
-    """The configuration of a GPT-2 size by name (``gpt2-124m`` ... or ``gpt2``, ``gpt2-xl`` ...)."""
-    key = GPT2_ALIASES.get(name, name)
-    if key not in GPT2_CONFIGS:
-        raise ValueError(f"unknown GPT-2 size {name!r}: use one of {list(GPT2_CONFIGS)} or {list(GPT2_ALIASES)}")
-    return GPT2_CONFIGS[key]
-
-
 def config_from_openai_settings(settings: dict) -> GPTConfig:
     """Map OpenAI's ``hparams.json`` (n_vocab, n_ctx, n_embd, n_head, n_layer) to a GPTConfig."""
     return GPTConfig(
@@ -189,16 +181,21 @@ class GPTModel(nn.Module):
 # LoRA targets by name (use with inject_lora). "attn+ffn" are the book's six linears per block.
 _ATTN = ["W_query", "W_key", "W_value", "out_proj"]
 _FFN = ["ff.layers.0", "ff.layers.2"]
-LORA_PRESETS = {"attn": _ATTN, "attn-qv": ["W_query", "W_value"], "ffn": _FFN, "attn+ffn": _ATTN + _FFN}
+# "all-linear" is the same six: the head is added only when asked.
+LORA_PRESETS = {
+    "attn": _ATTN,
+    "attn-qv": ["W_query", "W_value"],
+    "ffn": _FFN,
+    "attn+ffn": _ATTN + _FFN,
+    "all-linear": _ATTN + _FFN,
+}
 
 
 def lora_targets(preset: str, include_head: bool = False) -> list[str]:
     """Target names for a LoRA preset on GPTModel: attn, attn-qv, ffn, attn+ffn or all-linear
     (attn+ffn, plus `out_head` when `include_head`)."""
-    if preset == "all-linear":
-        return LORA_PRESETS["attn+ffn"] + (["out_head"] if include_head else [])
     if preset not in LORA_PRESETS:
-        raise ValueError(f"unknown LoRA preset {preset!r}: use one of {[*LORA_PRESETS, 'all-linear']}")
+        raise ValueError(f"unknown LoRA preset {preset!r}: use one of {list(LORA_PRESETS)}")
     return list(LORA_PRESETS[preset]) + (["out_head"] if include_head else [])
 
 

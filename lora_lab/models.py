@@ -43,10 +43,7 @@ def _gpt2(name: str) -> Callable[[], nn.Module]:
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
-        ModelSpec("gpt2-124m", "GPT-2 small (124M), lora_lab's GPTModel", _gpt2("gpt2-124m")),
-        ModelSpec("gpt2-355m", "GPT-2 medium (355M), lora_lab's GPTModel", _gpt2("gpt2-355m")),
-        ModelSpec("gpt2-774m", "GPT-2 large (774M), lora_lab's GPTModel", _gpt2("gpt2-774m")),
-        ModelSpec("gpt2-1558m", "GPT-2 XL (1558M), lora_lab's GPTModel", _gpt2("gpt2-1558m")),
+        *(ModelSpec(name, f"GPT-2 {name[5:].upper()}, lora_lab's GPTModel", _gpt2(name)) for name in GPT2_CONFIGS),
         ModelSpec(
             "openllama-3b",
             "OpenLLaMA 3B (openlm-research/open_llama_3b)",
