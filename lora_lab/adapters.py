@@ -38,6 +38,27 @@ PEFT_PREFIX = "base_model.model."
 _PEFT_LORA_KEY = re.compile(r"^(?P<name>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 
 LoRATensors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A, B)
+# torch.compile keeps the compiled module as `_orig_mod`; nn.DataParallel and DDP keep theirs as
+# `module`. Adapters are saved without these, so they load into the plain model and the wrapped one.
+_COMPILED = re.compile(r"(^|\.)_orig_mod(?=\.|$)")
+
+
+def _plain_name(name: str, parallel: bool) -> str:
+    """`name` without the prefixes that wrapping a model adds (`parallel`: the root is DP/DDP)."""
+    name = _COMPILED.sub("", name).removeprefix(".")
+    return name.removeprefix("module.") if parallel and name != "module" else name
+
+
+def _plain_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
+    """{plain name: name in `model`} for `names` (module names or state-dict keys of `model`)."""
+    parallel = isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+    return {_plain_name(n, parallel): n for n in names}
+
+
+def _lora_modules(model: nn.Module) -> dict[str, LinearWithLoRA]:
+    """The wrappers of `model` under their plain names."""
+    wrappers = dict(lora_modules(model))
+    return {plain: wrappers[n] for plain, n in _plain_names(model, wrappers).items()}
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -56,29 +77,51 @@ def _settings(wrapper: LinearWithLoRA) -> LoRASettings:
 
 
 def _wrappers(model: nn.Module) -> dict[str, LinearWithLoRA]:
-    wrappers = dict(lora_modules(model))
+    wrappers = _lora_modules(model)
     if not wrappers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to save: call inject_lora(model, ...) first")
     return wrappers
 
 
 def _extra_state(model: nn.Module, extra: Iterable[str]) -> dict[str, torch.Tensor]:
-    """State-dict entries of the modules named in `extra` (same name matching as targets)."""
+    """State-dict entries of the modules named in `extra` (same name matching as targets), under
+    plain names. A tensor tied to one outside them (a head shared with the input embedding) is
+    saved under every name it has, so loading restores both wherever the model keeps them."""
     keys = [extra] if isinstance(extra, str) else list(extra)
-    state = model.state_dict()
-    wrapped = [n for n, _ in lora_modules(model)]
-    out: dict[str, torch.Tensor] = {}
+    if not keys:
+        return {}
+    modules = _plain_names(model, (n for n, _ in model.named_modules()))
+    wrapped = list(_lora_modules(model))
+    chosen: list[str] = []
     for key in keys:
-        names = [n for n, _ in model.named_modules() if n and name_matches(n, key)]
+        names = [n for n in modules if n and name_matches(n, key)]
         if not names:
-            raise ValueError(f"extra={key!r} matches no module of {type(model).__name__}")
+            top = [n for n, _ in model.named_children()]
+            raise ValueError(f"extra={key!r} matches no module of {type(model).__name__}; its top-level modules: {top}")
         for name in names:
             if any(name_matches(name, w) or name.startswith(w + ".") for w in wrapped):
                 raise ValueError(
                     f"extra={key!r} names {name}, which is LoRA-wrapped: its adapter is saved "
                     "anyway, and its frozen base belongs to the base model, not the adapter"
                 )
-            out.update({k: v for k, v in state.items() if k.startswith(name + ".")})
+            inside = [w for w in wrapped if w.startswith(name + ".")]
+            if inside:
+                raise ValueError(
+                    f"extra={key!r} names {name}, which holds LoRA-wrapped layers {inside}: a module is "
+                    "either adapted by LoRA or saved whole, not both. Leave its layers out of the LoRA "
+                    f"targets and keep extra={key!r}, or name only its unwrapped parts in extra"
+                )
+            chosen.append(name)
+    state = model.state_dict(keep_vars=True)
+    plain_state = _plain_names(model, state)
+    owners: dict[int, list[str]] = {}
+    for plain, key in plain_state.items():
+        owners.setdefault(id(state[key]), []).append(plain)
+    out: dict[str, torch.Tensor] = {}
+    for plain, key in plain_state.items():
+        if any(plain.startswith(name + ".") for name in chosen):
+            for owner in owners[id(state[key])]:
+                out[owner] = state[key].detach()
     return out
 
 
@@ -90,15 +133,20 @@ def _save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
 
 
 def _adapter_file(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    return path / ADAPTER_FILE if path.is_dir() else path
+    """The file itself, if `path` names a ``.safetensors`` file or an existing file; otherwise
+    `path` is a directory (made if need be) that holds ``adapter.safetensors``."""
+    path_ = Path(path)
+    if path_.is_file() or (path_.suffix == ".safetensors" and not str(path).endswith(("/", os.sep))):
+        return path_
+    return path_ / ADAPTER_FILE
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, extra: Iterable[str] = ()) -> Path:
     """Write the adapter of `model` (and the modules named in `extra`) to one safetensors file,
     atomically. `path` is the file, or a directory to hold ``adapter.safetensors``."""
     wrappers = _wrappers(model)
-    tensors = {**lora_state_dict(model), **_extra_state(model, extra)}
+    tensors = {f"{n}.lora.{k}": t for n, w in wrappers.items() for k, t in w.lora.state_dict().items()}
+    tensors.update(_extra_state(model, extra))
     info = {
         "version": FORMAT_VERSION,
         "modules": {
@@ -127,12 +175,30 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
         raise ValueError(f"{path} holds no lora_lab adapter settings in its metadata.{hint}")
     try:
         info = json.loads(metadata[FORMAT_KEY])
+        version = info["version"]
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise ValueError(
+                f"{path} is lora_lab adapter format {version!r}; this lora_lab reads format {FORMAT_VERSION} "
+                "and older: upgrade lora_lab (pip install -U lora-lab)"
+            )
         modules = info["modules"]
         plan = {n: LoRASettings(m["rank"], m["alpha"], m["dropout"], m["use_rslora"]) for n, m in modules.items()}
         lora = {n: (tensors.pop(f"{n}.lora.A"), tensors.pop(f"{n}.lora.B")) for n in plan}
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: adapter settings or tensors are incomplete ({err!r})") from err
     return _apply(model, plan, lora, tensors, str(path))
+
+
+def _untie(model: nn.Module, keys: Iterable[str]) -> None:
+    """Give each parameter named in `keys` (state-dict keys of `model`) that is shared with another
+    name its own copy, so loading it changes that one place only."""
+    counts = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
+    for key in keys:
+        module_name, _, attr = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        param = module._parameters.get(attr)
+        if param is not None and counts[id(param)] > 1:
+            setattr(module, attr, nn.Parameter(param.detach().clone(), requires_grad=param.requires_grad))
 
 
 def _apply(
@@ -142,12 +208,19 @@ def _apply(
     extra: Mapping[str, torch.Tensor],
     source: str,
 ) -> list[str]:
-    """Check an adapter against `model`, then wrap what is missing and copy the tensors in."""
-    modules = dict(model.named_modules())
+    """Check an adapter against `model`, then wrap what is missing and copy the tensors in.
+
+    Names are plain (no `_orig_mod.` / `module.` from torch.compile or DDP). Tensors in `extra`
+    replace the model's; one that the model shares between two names (a tied head) is untied
+    first, so only the name the adapter gives changes (PEFT's `modules_to_save` keep their own
+    copy too). Merged wrappers are unmerged for the copy and merged again with the new update.
+    """
+    modules = _plain_names(model, (n for n, _ in model.named_modules()))
+    named = dict(model.named_modules())
     problems: list[str] = []
     to_wrap: dict[str, LoRASettings] = {}
     for name, s in plan.items():
-        module = modules.get(name)
+        module = named.get(modules.get(name, "\0"))
         if module is None:
             problems.append(f"{name}: the model has no such module")
             continue
@@ -160,12 +233,14 @@ def _apply(
                     f"rslora={s.use_rslora}"
                 )
             shape = (module.in_features, module.out_features)
+            if module.merged and not all(torch.isfinite(t).all() for t in lora[name]):
+                problems.append(f"{name}: is merged, and the adapter's update has NaN or inf entries")
         else:
             shape = linear_shape(module)
             if shape is None:
                 problems.append(f"{name}: is {type(module).__name__}, not a linear layer")
                 continue
-            to_wrap[name] = s
+            to_wrap[modules[name]] = s
         (n_in, n_out), (a, b) = shape, lora[name]
         want_a, want_b = (s.rank, n_in), (n_out, s.rank)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
@@ -173,28 +248,35 @@ def _apply(
                 f"{name}: the adapter's A is {tuple(a.shape)} and B {tuple(b.shape)}, the model's "
                 f"layer ({n_in} in, {n_out} out) needs A {want_a} and B {want_b}"
             )
-    for name, _ in lora_modules(model):
+    for name in _lora_modules(model):
         if name not in plan:
             problems.append(f"{name}: LoRA-wrapped in the model, but the adapter has no weights for it")
     state = model.state_dict()
+    keys = _plain_names(model, state)
     for key, tensor in extra.items():
-        if key not in state:
+        if key not in keys:
             problems.append(f"{key}: the adapter holds this tensor, the model has no such entry")
-        elif state[key].shape != tensor.shape:
-            problems.append(f"{key}: {tuple(tensor.shape)} in the adapter, {tuple(state[key].shape)} in the model")
+        elif (have := tuple(state[keys[key]].shape)) != tuple(tensor.shape):
+            problems.append(f"{key}: {tuple(tensor.shape)} in the adapter, {have} in the model")
     if problems:
         raise ValueError(
             f"adapter {source} does not fit this {type(model).__name__} (was it trained on a "
             "model of another size or architecture?):\n  - " + "\n  - ".join(problems)
         )
     wrap_modules(model, to_wrap)
-    wrappers = dict(lora_modules(model))
+    wrappers = _lora_modules(model)
+    merged = [w for w in wrappers.values() if w.merged]
     with torch.no_grad():
+        for w in merged:
+            w.unmerge()
         for name, (a, b) in lora.items():
             wrappers[name].lora.A.copy_(a)
             wrappers[name].lora.B.copy_(b)
     if extra:
-        model.load_state_dict(dict(extra), strict=False)
+        _untie(model, (keys[k] for k in extra))
+        model.load_state_dict({keys[k]: v for k, v in extra.items()}, strict=False)
+    for w in merged:
+        w.merge()
     return list(plan)
 
 
@@ -269,6 +351,39 @@ def _read_peft_weights(directory: Path) -> dict[str, torch.Tensor]:
     )
 
 
+# What lora_lab reads from a PEFT LoraConfig: every other setting must be off (None, False, empty,
+# "none"), since it would change the math (DoRA, biases, aLoRA, a rebuilt base...) or the layers.
+_PEFT_KEYS_READ = {
+    # bookkeeping
+    "peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+    "inference_mode", "runtime_config", "megatron_core", "qalora_group_size",
+    # which layers: the tensors in the file say it
+    "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern",
+    # the math we implement
+    "r", "lora_alpha", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern", "fan_in_fan_out",
+    "modules_to_save", "init_lora_weights",
+}  # fmt: skip
+# Initialisations that only set A and B (which the file replaces). PiSSA, OLoRA, CorDA, LoftQ and
+# LoRA-GA also rewrite the base weights, so the adapter only fits PEFT's rebuilt base.
+_PEFT_PLAIN_INITS = (True, False, "gaussian", "orthogonal", "eva")
+
+
+def _check_peft_config(config: Mapping[str, object], source: Path) -> None:
+    """Refuse a PEFT config that asks for anything but plain LoRA, naming every such key."""
+    bad = {k: v for k, v in config.items() if k not in _PEFT_KEYS_READ and v not in (None, False, "none", {}, [])}
+    if config.get("peft_type") != "LORA":
+        bad["peft_type"] = config.get("peft_type")
+    if config.get("init_lora_weights", True) not in _PEFT_PLAIN_INITS:
+        bad["init_lora_weights"] = config["init_lora_weights"]
+    if bad:
+        raise ValueError(
+            f"{source}: lora_lab imports plain LoRA adapters (peft_type LORA; r, lora_alpha, rsLoRA, rank and alpha "
+            f"patterns, modules_to_save), and this one sets {bad}, which would change what the adapter computes. "
+            "Load it with PEFT itself (PeftModel.from_pretrained), or, for PiSSA/OLoRA adapters, save them from "
+            "PEFT converted to plain LoRA (save_pretrained(..., path_initial_model_for_weight_conversion=...))."
+        )
+
+
 def import_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     """Load a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
     into `model`, wrapping the modules it names. Returns the wrapped module names."""
@@ -283,15 +398,7 @@ def import_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
         raise ValueError(f"{config_file} is not valid JSON (corrupt?): {err}") from err
-    unsupported = {
-        "peft_type": (config.get("peft_type"), "LORA"),
-        "use_dora": (config.get("use_dora") or False, False),
-        "lora_bias": (config.get("lora_bias") or False, False),
-        "bias": (config.get("bias") or "none", "none"),
-    }
-    bad = {k: have for k, (have, want) in unsupported.items() if have != want}
-    if bad:
-        raise ValueError(f"{config_file}: only plain LoRA adapters can be imported, this one has {bad}")
+    _check_peft_config(config, config_file)
     r, alpha = config["r"], config["lora_alpha"]
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     parts: dict[str, dict[str, torch.Tensor]] = {}

@@ -9,6 +9,7 @@ name that layer), as in PEFT's `target_modules` list.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -22,6 +23,10 @@ Targets = str | Sequence[str] | Callable[[str, nn.Module], bool]
 ALL_LINEAR = "all-linear"
 # Names under which models keep their output head, when `get_output_embeddings` does not say.
 HEAD_NAMES = ("out_head", "lm_head", "head", "classifier", "score")
+# Parents that read a child linear's weight directly instead of calling the child, so a LoRA
+# wrapper there would never run: nn.MultiheadAttention hands out_proj.weight (and its own
+# in_proj_weight) to F.multi_head_attention_forward.
+_BYPASSING_PARENTS: dict[type[nn.Module], tuple[str, ...]] = {nn.MultiheadAttention: ("out_proj",)}
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,21 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, module
 
 
+def _bypassed(model: nn.Module) -> dict[str, str]:
+    """Linear modules whose parent reads their weight directly, with the reason: name -> why."""
+    found = {}
+    for parent_name, parent in model.named_modules():
+        for kind, children in _BYPASSING_PARENTS.items():
+            if isinstance(parent, kind):
+                for child in children:
+                    name = f"{parent_name}.{child}" if parent_name else child
+                    found[name] = (
+                        f"{type(parent).__name__} reads {child}.weight directly inside "
+                        "F.multi_head_attention_forward, so a LoRA wrapper there would never run"
+                    )
+    return found
+
+
 def _is_linear(module: nn.Module) -> bool:
     return linear_shape(module) is not None or isinstance(module, LinearWithLoRA)
 
@@ -85,9 +105,18 @@ def find_targets(model: nn.Module, targets: Targets) -> list[str]:
     """The qualified names that `targets` selects, in model order, checked: every name must match
     something, every match must be linear-like and not wrapped yet."""
     candidates = list(_candidates(model))
+    bypassed = _bypassed(model)
     if isinstance(targets, str) and targets == ALL_LINEAR:
         head = output_head_name(model)
         chosen = [(n, m) for n, m in candidates if _is_linear(m) and n != head]
+        skipped = [n for n, _ in chosen if n in bypassed]
+        if skipped:
+            warnings.warn(
+                f"'{ALL_LINEAR}' leaves out {skipped}: {bypassed[skipped[0]]}. lora_lab does not adapt "
+                "torch's nn.MultiheadAttention; its other linears get LoRA.",
+                stacklevel=3,
+            )
+            chosen = [(n, m) for n, m in chosen if n not in bypassed]
     elif callable(targets):
         chosen = [(n, m) for n, m in candidates if targets(n, m)]
     else:
@@ -110,6 +139,14 @@ def find_targets(model: nn.Module, targets: Targets) -> list[str]:
             f"already wrapped with LoRA: {wrapped}. Wrap each module once: call unload_lora(model) "
             "first to start again, or target only the modules that are not wrapped yet."
         )
+    never_run = [n for n, _ in chosen if n in bypassed]
+    if never_run:
+        raise ValueError(
+            f"cannot adapt {never_run}: {bypassed[never_run[0]]}. lora_lab does not adapt torch's "
+            "nn.MultiheadAttention (neither its in_proj_weight nor its out_proj); target the other linears "
+            f"(for nn.TransformerEncoderLayer: linear1, linear2), or use an attention module that calls its "
+            f"projections, as Hugging Face models do ({_linear_names_summary(model)})."
+        )
     not_linear = [f"{n} ({type(m).__name__})" for n, m in chosen if linear_shape(m) is None]
     if not_linear:
         raise ValueError(
@@ -128,18 +165,43 @@ def _pattern_value(pattern: Mapping[str, float], name: str, default: float) -> f
 
 def wrap_modules(model: nn.Module, plan: Mapping[str, LoRASettings]) -> list[str]:
     """Wrap the modules named exactly in `plan` with their settings. All wrappers are built before
-    any is put in place, so a bad setting leaves the model untouched."""
+    any is put in place, so a bad setting leaves the model untouched. Each wrapper takes the
+    train/eval mode of the module it replaces (a model in eval mode stays deterministic)."""
     modules = dict(model.named_modules())
     wrappers = {}
     for name, s in plan.items():
         try:
-            wrappers[name] = LinearWithLoRA(modules[name], s.rank, s.alpha, s.dropout, s.use_rslora)
+            wrapper = LinearWithLoRA(modules[name], s.rank, s.alpha, s.dropout, s.use_rslora)
         except (ValueError, TypeError) as err:
             raise type(err)(f"{name}: {err}") from None
+        wrappers[name] = wrapper.train(modules[name].training)
     for name, wrapper in wrappers.items():
         parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name], child, wrapper)
+        parent = modules[parent_name]
+        if isinstance(parent, nn.TransformerEncoderLayer):
+            # Its inference fast path (eval, no grad) reads linear1/linear2.weight directly and
+            # would skip the adapter; torch leaves that path when a submodule has forward hooks.
+            wrapper.register_forward_pre_hook(_no_fast_path)
+        setattr(parent, child, wrapper)
+    _enable_input_require_grads(model)
     return list(plan)
+
+
+def _no_fast_path(module: nn.Module, args: tuple) -> None:
+    """An empty forward pre-hook: its presence turns off nn.TransformerEncoderLayer's fast path."""
+
+
+def _enable_input_require_grads(model: nn.Module) -> None:
+    """Make a Hugging Face model's input embeddings return tensors that require grad, as PEFT
+    does: with reentrant gradient checkpointing and a frozen base, a checkpointed block whose
+    input does not require grad returns outputs that do not either, and no LoRA layer would get
+    a gradient."""
+    enable = getattr(model, "enable_input_require_grads", None)
+    if callable(enable) and getattr(model, "_require_grads_hook", None) is None:
+        try:
+            enable()
+        except NotImplementedError:  # a model without input embeddings: nothing to hook
+            pass
 
 
 def inject_lora(
@@ -209,25 +271,43 @@ def mark_only_lora_trainable(model: nn.Module, train: Iterable[str] = ()) -> Non
             module.requires_grad_(True)
 
 
-def _check_untied(model: nn.Module) -> None:
-    """Refuse to merge into a weight that another module shares (tied head and embedding):
-    the merge would change both."""
+def _merge_problems(model: nn.Module, allow_quantized: bool = False) -> list[str]:
+    """Why each wrapper that is not merged yet cannot be: a weight shared with another module
+    (tied head and embedding: merging would change both), a quantized base, a non-finite update."""
     owners: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name)
+    problems = []
     for name, wrapper in lora_modules(model):
+        if wrapper.merged:
+            continue
         shared = owners.get(id(wrapper.base.weight), [])
         if len(shared) > 1:
-            raise ValueError(
-                f"cannot merge into {name}: its weight is shared with {shared} (tied weights), so "
-                "merging would change those too. Untie it first (give it its own copy with "
-                "nn.Parameter(w.detach().clone())) or keep the adapter unmerged."
+            problems.append(
+                f"{name}: its weight is shared with {shared} (tied weights), so merging would change "
+                "those too. Untie it first (give it its own copy with nn.Parameter(w.detach().clone())) "
+                "or keep the adapter unmerged"
             )
+        problem = wrapper.merge_problem(allow_quantized)
+        if problem is not None:
+            problems.append(f"{name}: {problem}")
+    return problems
+
+
+def _check_mergeable(model: nn.Module, what: str, allow_quantized: bool = False) -> None:
+    """Raise one error naming every wrapper that cannot merge, before anything is changed."""
+    problems = _merge_problems(model, allow_quantized)
+    if problems:
+        raise ValueError(
+            f"cannot {what}: {len(problems)} LoRA layer(s) cannot merge, so nothing was changed:\n  - "
+            + "\n  - ".join(problems)
+        )
 
 
 def merge_lora(model: nn.Module) -> None:
-    """Merge every LoRA update into its base weight; the forward then costs what the base does."""
-    _check_untied(model)
+    """Merge every LoRA update into its base weight; the forward then costs what the base does.
+    Every wrapper is checked first: if any cannot merge, none is merged and the error names all."""
+    _check_mergeable(model, "merge")
     for _, wrapper in lora_modules(model):
         wrapper.merge()
 
@@ -243,11 +323,11 @@ def unload_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
 
     A quantized base is dequantized into a new `nn.Linear` (in `dtype`, default the layer's
     compute dtype or fp32) before the merge, since merging into 4/8-bit weights would round the
-    update away.
+    update away. Like `merge_lora`, it checks every wrapper first and changes nothing if any fails.
     """
     if isinstance(model, LinearWithLoRA):
         return model.unloaded(dtype)
-    _check_untied(model)
+    _check_mergeable(model, "unload", allow_quantized=True)
     modules = dict(model.named_modules())
     for name, wrapper in list(lora_modules(model)):
         parent_name, _, child = name.rpartition(".")

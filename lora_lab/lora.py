@@ -211,24 +211,26 @@ class LinearWithLoRA(nn.Module):
     def _is_conv1d(self) -> bool:
         return not isinstance(self.base, nn.Linear)
 
-    def _check_mergeable(self) -> None:
+    def merge_problem(self, allow_quantized: bool = False) -> str | None:
+        """Why this layer cannot merge (a quantized base, a non-finite update), or None."""
         kind = quantization(self.base)
-        if kind is not None:
-            raise TypeError(
-                f"cannot merge LoRA into a {kind} bitsandbytes layer: the merged weight W + BA "
-                f"would have to be quantized again, and that rounding is as large as the small "
-                "update itself, so the merge would lose the adapter and unmerge could not restore "
-                "W. Keep the adapter unmerged (it runs as it is), or call unload_lora(model), "
-                "which dequantizes each base into a plain nn.Linear copy and merges there."
+        if kind is not None and not allow_quantized:
+            return (
+                f"a {kind} bitsandbytes base: the merged weight W + BA would have to be quantized "
+                "again, and that rounding is as large as the small update itself, so the merge would "
+                "lose the adapter and unmerge could not restore W. Keep the adapter unmerged (it runs "
+                "as it is), or call unload_lora(model), which dequantizes each base into a plain "
+                "nn.Linear copy and merges there"
             )
+        if self.lora.A.device.type != "meta" and not torch.isfinite(self.lora.delta_weight()).all():
+            return (
+                "the LoRA update B @ A has NaN or inf entries (the adapter diverged in training); "
+                "merging would corrupt the base weights"
+            )
+        return None
 
     def _delta_in_base_layout(self) -> torch.Tensor:
         delta = self.lora.delta_weight()
-        if delta.device.type != "meta" and not torch.isfinite(delta).all():
-            raise ValueError(
-                "refusing to merge: the LoRA update B @ A has NaN or inf entries (the adapter "
-                "diverged in training); merging would corrupt the base weights"
-            )
         return delta.T if self._is_conv1d() else delta
 
     @torch.no_grad()
@@ -236,7 +238,9 @@ class LinearWithLoRA(nn.Module):
         """Add the update into `base.weight` (in fp32), so the forward runs the base alone."""
         if self.merged:
             return
-        self._check_mergeable()
+        problem = self.merge_problem()
+        if problem is not None:
+            raise ValueError(f"cannot merge LoRA: {problem}")
         weight = self.base.weight
         weight.copy_(weight.float() + self._delta_in_base_layout())
         self.merged = True
@@ -258,6 +262,9 @@ class LinearWithLoRA(nn.Module):
         if quantization(self.base) is None:
             self.merge()
             return self.base
+        problem = self.merge_problem(allow_quantized=True)
+        if problem is not None:
+            raise ValueError(f"cannot unload LoRA: {problem}")
         weight = dequantized_weight(self.base)
         dtype = dtype or getattr(self.base, "compute_dtype", None) or torch.float32
         bias = self.base.bias

@@ -97,3 +97,21 @@ def tiny_gpt(seed: int = 0, **overrides):
     torch.manual_seed(seed)
     cfg = dict(vocab_size=50, context_length=16, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=True)
     return GPTModel(GPTConfig(**{**cfg, **overrides})).eval()
+
+
+def tiny_llama(seed: int = 0, tie: bool = False):
+    """A two-layer Llama with grouped-query attention (4 query heads, 2 key/value heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        tie_word_embeddings=tie,
+    )
+    return LlamaForCausalLM(cfg).eval()

@@ -3,8 +3,9 @@ import json
 
 import pytest
 import torch
-from conftest import randomize_lora, tiny_gpt, tiny_hf_gpt2, tiny_model
-from safetensors.torch import load_file
+from conftest import randomize_lora, tiny_gpt, tiny_hf_gpt2, tiny_llama, tiny_model
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lora_lab import (
@@ -15,7 +16,9 @@ from lora_lab import (
     load_adapter,
     lora_state_dict,
     mark_only_lora_trainable,
+    merge_lora,
     save_adapter,
+    unmerge_lora,
 )
 from lora_lab.lora import lora_modules
 
@@ -242,8 +245,184 @@ def test_peft_errors(tmp_path):
         load_adapter(tiny_model(), tmp_path / "adapter_model.safetensors")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "use_dora": True}))
-    with pytest.raises(ValueError, match="only plain LoRA adapters.*use_dora"):
+    with pytest.raises(ValueError, match="imports plain LoRA adapters.*use_dora"):
         import_peft_adapter(tiny_model(), tmp_path)
     (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 8}))
     with pytest.raises(ValueError, match="lora_A has rank 4, the config says 8"):
         import_peft_adapter(tiny_model(), tmp_path)
+
+
+def _peft_llama_adapter(path, seed: int = 3, tie: bool = False, **config):
+    """A PEFT adapter on a tiny Llama with non-zero B (and trained modules_to_save), saved to `path`."""
+    base = tiny_llama(tie=tie)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**{"r": 4, "lora_alpha": 8, **config}))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if ".lora_B." in name or ".modules_to_save." in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    theirs.save_pretrained(path)
+    return base, peft.PeftModel.from_pretrained(copy.deepcopy(base), path).eval()
+
+
+LLAMA_TOKENS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+
+
+def test_import_into_an_eval_model_with_dropout_matches_peft(tmp_path):
+    base, theirs = _peft_llama_adapter(tmp_path, target_modules=["q_proj", "v_proj"], lora_dropout=0.05)
+    ours = copy.deepcopy(base)  # in eval mode, as from_pretrained returns it
+    import_peft_adapter(ours, tmp_path)
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(ours(LLAMA_TOKENS).logits, theirs(LLAMA_TOKENS).logits, atol=1e-5, rtol=0)
+    # our own format too: load_adapter into a fresh eval model
+    save_adapter(ours, tmp_path / "ours.safetensors")
+    again = copy.deepcopy(base)
+    load_adapter(again, tmp_path / "ours.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(again(LLAMA_TOKENS).logits, theirs(LLAMA_TOKENS).logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"init_lora_weights": "pissa"},
+        {"init_lora_weights": "olora"},
+        {"alora_invocation_tokens": [5, 6]},
+        {"use_dora": True},
+        {"layer_replication": [[0, 2], [1, 2]]},
+        {"a_future_setting": 3},
+    ],
+)
+def test_peft_settings_that_change_the_math_are_refused(setting, tmp_path):
+    known = {k: v for k, v in setting.items() if k != "a_future_setting"}
+    _peft_llama_adapter(tmp_path, target_modules=["q_proj", "v_proj"], **known)
+    if not known:
+        config = json.loads((tmp_path / "adapter_config.json").read_text())
+        (tmp_path / "adapter_config.json").write_text(json.dumps({**config, **setting}))
+    model = tiny_llama()
+    before = model.state_dict()
+    key = next(iter(setting))
+    with pytest.raises(ValueError, match=rf"imports plain LoRA adapters.*sets \{{'{key}'"):
+        import_peft_adapter(model, tmp_path)
+    assert model.state_dict().keys() == before.keys()
+
+
+def test_peft_plain_inits_import(tmp_path):
+    base, theirs = _peft_llama_adapter(tmp_path, target_modules="all-linear", init_lora_weights="gaussian")
+    ours = copy.deepcopy(base)
+    import_peft_adapter(ours, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(LLAMA_TOKENS).logits, theirs(LLAMA_TOKENS).logits, atol=1e-5, rtol=0)
+
+
+def test_saved_head_of_a_tied_model_leaves_the_embedding_alone(tmp_path):
+    """PEFT keeps its own copy of a modules_to_save head; the tied input embedding stays the base's."""
+    base, theirs = _peft_llama_adapter(
+        tmp_path, tie=True, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]
+    )
+    ours = copy.deepcopy(base)
+    import_peft_adapter(ours, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(LLAMA_TOKENS).logits, theirs(LLAMA_TOKENS).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours.model.embed_tokens.weight, base.model.embed_tokens.weight, atol=0, rtol=0)
+
+
+def test_trained_tied_head_round_trips_both_names(tmp_path, tokens):
+    """A tied head trained as one matrix with the embedding: saved under both names, so the
+    loaded model (ours, and PEFT's with its own copies) computes what was trained."""
+    trained = tiny_model(tie=True)
+    base = copy.deepcopy(trained)
+    inject_lora(trained, ["W_query"], rank=2)
+    mark_only_lora_trainable(trained, train=["out_head"])
+    randomize_lora(trained)
+    with torch.no_grad():
+        trained.out_head.weight.add_(0.5)  # the embedding moves with it
+    path = save_adapter(trained, tmp_path / "a.safetensors", extra=["out_head"])
+    assert {"out_head.weight", "tok_emb.weight"} <= set(load_file(path))
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, path)
+    torch.testing.assert_close(fresh(tokens), trained(tokens), atol=0, rtol=0)
+    export_peft_adapter(trained, tmp_path / "peft", extra=["out_head"])
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft")
+    torch.testing.assert_close(theirs(tokens), trained(tokens), atol=1e-6, rtol=0)
+
+
+def test_loading_into_a_merged_model_replaces_the_merged_update(tmp_path, tokens):
+    first, second = tiny_model(), tiny_model()
+    base_state = copy.deepcopy(first.state_dict())
+    for model, seed in ((first, 1), (second, 2)):
+        inject_lora(model, "all-linear", rank=4, alpha=8)
+        randomize_lora(model, seed)
+    path = save_adapter(second, tmp_path / "second.safetensors")
+    merge_lora(first)
+    load_adapter(first, path)
+    assert all(w.merged for _, w in lora_modules(first))  # still merged, now with the new update
+    torch.testing.assert_close(first(tokens), second(tokens), atol=1e-5, rtol=1e-5)
+    unmerge_lora(first)
+    for name, w in lora_modules(first):
+        torch.testing.assert_close(w.base.weight, base_state[name + ".weight"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(first(tokens), second(tokens), atol=1e-5, rtol=1e-5)
+
+
+def test_extra_holding_wrapped_layers_is_refused(tmp_path):
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    cfg = RobertaConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, num_labels=2
+    )
+    model = RobertaForSequenceClassification(cfg)
+    inject_lora(model, ["query", "classifier.dense"], rank=2)
+    with pytest.raises(ValueError, match=r"extra='classifier' names classifier, which holds LoRA-wrapped layers"):
+        save_adapter(model, tmp_path / "a.safetensors", extra=["classifier"])
+    with pytest.raises(ValueError, match="either adapted by LoRA or saved whole"):
+        export_peft_adapter(model, tmp_path / "peft", extra=["classifier"])
+    path = save_adapter(model, tmp_path / "a.safetensors", extra=["classifier.out_proj"])
+    assert {k for k in load_file(path) if ".lora." not in k} == {
+        "classifier.out_proj.weight",
+        "classifier.out_proj.bias",
+    }
+
+
+@pytest.mark.parametrize("wrap", ["compile", "data-parallel"])
+def test_wrapper_prefixes_stay_out_of_adapters(wrap, tmp_path, tokens):
+    trained = tiny_model()
+    trained.out_head = nn.Linear(16, 3)
+    fresh = copy.deepcopy(trained)
+    inject_lora(trained, ["W_query", "ff.2"], rank=2)
+    randomize_lora(trained)
+    wrapped = torch.compile(trained) if wrap == "compile" else nn.DataParallel(trained)
+    path = save_adapter(wrapped, tmp_path / "a.safetensors", extra=["out_head"])
+    export_peft_adapter(wrapped, tmp_path / "peft", extra=["out_head"])
+    keys = set(load_file(path)) | set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
+    assert not any("_orig_mod" in k or k.startswith("module.") for k in keys), keys
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["modules_to_save"] == ["out_head"]
+    plain = copy.deepcopy(fresh)
+    load_adapter(plain, path)
+    torch.testing.assert_close(plain(tokens), trained(tokens), atol=0, rtol=0)
+    # and into a wrapped fresh model, both formats
+    for load, source in ((load_adapter, path), (import_peft_adapter, tmp_path / "peft")):
+        model = copy.deepcopy(fresh)
+        target = torch.compile(model) if wrap == "compile" else nn.DataParallel(model)
+        load(target, source)
+        torch.testing.assert_close(model(tokens), trained(tokens), atol=0, rtol=0)
+
+
+def test_adapter_paths_and_format_version(tmp_path):
+    model = tiny_model()
+    inject_lora(model, ["W_query"], rank=2)
+    assert save_adapter(model, f"{tmp_path}/newdir/") == tmp_path / "newdir" / "adapter.safetensors"
+    assert save_adapter(model, tmp_path / "run" / "adapter") == tmp_path / "run" / "adapter" / "adapter.safetensors"
+    assert save_adapter(model, tmp_path / "x.safetensors") == tmp_path / "x.safetensors"
+    assert (tmp_path / "x.safetensors").is_file()
+    load_adapter(tiny_model(), tmp_path / "newdir")  # the directory finds its file
+
+    tensors = load_file(tmp_path / "x.safetensors")
+    with safe_open(tmp_path / "x.safetensors", framework="pt") as f:
+        metadata = f.metadata()
+    info = json.loads(metadata["lora_lab"])
+    save_file(
+        tensors, tmp_path / "future.safetensors", metadata={**metadata, "lora_lab": json.dumps({**info, "version": 99})}
+    )
+    with pytest.raises(ValueError, match="adapter format 99; this lora_lab reads format 1 and older: upgrade"):
+        load_adapter(tiny_model(), tmp_path / "future.safetensors")

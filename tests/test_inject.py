@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize_lora, tiny_hf_gpt2, tiny_model
+from conftest import randomize_lora, tiny_hf_gpt2, tiny_llama, tiny_model
 from torch import nn
 
 from lora_lab import (
@@ -229,7 +229,7 @@ def test_qlora_step_changes_only_lora_parameters(tokens):
     assert all(w.lora.B.abs().sum() > 0 for _, w in lora_modules(model))
 
     # merging into 4-bit weights is refused; unload dequantizes and merges into plain linears
-    with pytest.raises(TypeError, match="4-bit bitsandbytes"):
+    with pytest.raises(ValueError, match="4-bit bitsandbytes"):
         merge_lora(model)
     with torch.no_grad():
         expected = model(tokens)
@@ -238,3 +238,116 @@ def test_qlora_step_changes_only_lora_parameters(tokens):
     assert {type(m).__name__ for n, m in model.named_modules() if n in names} == {"Linear"}
     with torch.no_grad():
         torch.testing.assert_close(model(tokens), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_new_wrappers_take_the_mode_of_the_module_they_replace():
+    """A model in eval mode (as from_pretrained returns it) stays deterministic with dropout > 0."""
+    model = tiny_llama()
+    tokens = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(0))
+    inject_lora(model, ["q_proj", "v_proj", "down_proj"], rank=4, dropout=0.05)
+    randomize_lora(model)
+    assert all(not w.training for _, w in lora_modules(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(tokens).logits, model(tokens).logits, atol=0, rtol=0)
+    model.train()  # and back in training mode, dropout acts
+    assert (model(tokens).logits - model(tokens).logits).abs().max() > 1e-4
+
+
+def _torch_encoder(seed: int = 0) -> nn.TransformerEncoder:
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+
+
+def test_torch_transformer_encoder_adapters_act_in_every_mode():
+    """nn.TransformerEncoderLayer's inference fast path reads linear1/linear2.weight directly;
+    nn.MultiheadAttention reads out_proj.weight directly. Neither may swallow an adapter."""
+    model = _torch_encoder()
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    real = ~pad
+    with torch.no_grad():
+        base_train = model.train()(x, src_key_padding_mask=pad)
+        base_eval = model.eval()(x, src_key_padding_mask=pad)
+
+    with pytest.warns(
+        UserWarning, match=r"leaves out \['layers.0.self_attn.out_proj', 'layers.1.self_attn.out_proj'\]"
+    ):
+        names = inject_lora(model, "all-linear", rank=4, alpha=8)
+    assert names == [f"layers.{i}.linear{j}" for i in range(2) for j in (1, 2)]
+    randomize_lora(model)
+
+    model.train()
+    lora_train = model(x, src_key_padding_mask=pad)
+    assert (lora_train - base_train)[real].abs().max() > 1e-2
+    model.eval()
+    with torch.no_grad():  # the fast path's conditions: eval, no grad, a padding mask (nested tensors)
+        lora_eval = model(x, src_key_padding_mask=pad)
+        unpadded = model(x)
+    assert (lora_eval - base_eval)[real].abs().max() > 1e-2
+    torch.testing.assert_close(lora_eval[real], lora_train.detach()[real], atol=1e-5, rtol=0)
+    merge_lora(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, src_key_padding_mask=pad)[real], lora_eval[real], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(model(x), unpadded, atol=1e-5, rtol=1e-5)
+    unload_lora(model)  # plain layers again: the fast path is back and agrees
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, src_key_padding_mask=pad)[real], lora_eval[real], atol=1e-5, rtol=1e-5)
+
+
+def test_multihead_attention_out_proj_is_refused():
+    model = _torch_encoder()
+    before = model.state_dict()
+    for targets in (["out_proj"], ["linear1", "self_attn.out_proj"], lambda n, m: isinstance(m, nn.Linear)):
+        with pytest.raises(ValueError, match=r"cannot adapt .*self_attn.out_proj.*reads out_proj.weight directly"):
+            inject_lora(model, targets)
+    with pytest.raises(ValueError, match="not linear-like.*self_attn .MultiheadAttention"):
+        inject_lora(model, ["self_attn"])
+    assert model.state_dict().keys() == before.keys()
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_lora_gradients_under_gradient_checkpointing(reentrant):
+    """ViT takes pixel values, not input_ids: with reentrant checkpointing and a frozen base the
+    blocks' inputs require no grad, unless injection turns input gradients on as PEFT does."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    cfg = ViTConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, image_size=16, patch_size=8
+    )
+    pixels = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = ViTForImageClassification(cfg).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        inject_lora(model, ["q_proj", "v_proj", "fc2"], rank=4)
+        mark_only_lora_trainable(model)
+        randomize_lora(model)
+        model(pixel_values=pixels).logits.pow(2).sum().backward()
+        grads[checkpointing] = {f"{n}.{ab}": getattr(w.lora, ab).grad for n, w in lora_modules(model) for ab in "AB"}
+    assert len(grads[True]) == 12 and all(g is not None for g in grads[True].values()), grads[True]
+    for key, g in grads[False].items():
+        torch.testing.assert_close(grads[True][key], g, atol=1e-6, rtol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("unload", [False, True])
+def test_merge_with_bad_modules_changes_nothing_and_names_them(unload, tokens):
+    model = tiny_model()
+    inject_lora(model, "all-linear", rank=4, alpha=8)
+    randomize_lora(model)
+    wrappers = dict(lora_modules(model))
+    wrappers["blocks.0.ff.2"].lora.B.data[0, 0] = float("nan")
+    wrappers["blocks.1.att.W_key"].lora.A.data[1, 2] = float("inf")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError) as err:
+        unload_lora(model) if unload else merge_lora(model)
+    text = str(err.value)
+    assert "2 LoRA layer(s) cannot merge, so nothing was changed" in text
+    assert "blocks.0.ff.2: the LoRA update B @ A has NaN or inf" in text and "blocks.1.att.W_key:" in text
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for key, value in before.items():  # bit-identical, NaN where NaN was
+        torch.testing.assert_close(after[key], value, atol=0, rtol=0, equal_nan=True, msg=key)
+    assert not any(w.merged for w in wrappers.values()) and dict(lora_modules(model)) == wrappers

@@ -198,7 +198,7 @@ def test_quantized_base_forward_merge_error_and_unload(kind):
     torch.testing.assert_close(out, base_out + wrapped.lora(x), atol=1e-5, rtol=1e-5)
     out.sum().backward()
     assert wrapped.lora.A.grad is not None and wrapped.lora.B.grad.abs().sum() > 0
-    with pytest.raises(TypeError, match=f"{kind} bitsandbytes.*unload_lora"):
+    with pytest.raises(ValueError, match=f"{kind} bitsandbytes.*unload_lora"):
         wrapped.merge()
     plain = wrapped.unloaded()
     assert type(plain) is nn.Linear and plain.weight.dtype == torch.float32
