@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -24,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .files import atomic_path, read_safetensors, write_text
-from .inject import LoRASettings, name_matches, wrap_modules
+from .inject import LoRASettings, fold_layer_names, name_matches, wrap_modules
 from .lora import LinearWithLoRA, linear_shape, lora_modules
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -51,7 +52,8 @@ def _plain_name(name: str, parallel: bool) -> str:
 
 def _plain_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
     """{plain name: name in `model`} for `names` (module names or state-dict keys of `model`)."""
-    parallel = isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+    root = getattr(model, "_orig_mod", model)  # torch.compile(DDP(model)) is how DDP models are compiled
+    parallel = isinstance(root, (nn.DataParallel, nn.parallel.DistributedDataParallel))
     return {_plain_name(n, parallel): n for n in names}
 
 
@@ -121,8 +123,32 @@ def _extra_state(model: nn.Module, extra: Iterable[str]) -> dict[str, torch.Tens
     for plain, key in plain_state.items():
         if any(plain.startswith(name + ".") for name in chosen):
             for owner in owners[id(state[key])]:
+                inside = [w for w in wrapped if owner.startswith(w + ".")]
+                if inside:
+                    raise ValueError(
+                        f"{plain} is tied to {owner}, the frozen base of the LoRA-wrapped {inside[0]}: an adapter "
+                        f"cannot carry a base weight, so a trained {plain} would not reach {inside[0]} when loaded. "
+                        f"Leave {inside[0]} out of the LoRA targets, or untie the two before training"
+                    )
                 out[owner] = state[key].detach()
     return out
+
+
+def _warn_left_out(model: nn.Module, saved: Iterable[str], call: str) -> None:
+    """Warn when trainable parameters that are neither LoRA nor saved would be lost (a trained
+    head the user forgot to pass as `extra`)."""
+    saved = set(saved)
+    params = _plain_names(model, (n for n, p in model.named_parameters() if p.requires_grad))
+    left = sorted({n.rsplit(".", 1)[0] for n in params if ".lora." not in n and n not in saved})
+    if left:
+        shown = fold_layer_names(left)
+        warnings.warn(
+            f"{call} leaves out the trainable parameters of {len(left)} module(s) that are not LoRA "
+            f"({', '.join(shown[:8])}{', ...' if len(shown) > 8 else ''}), so the adapter will not hold them. "
+            "Pass them as extra=[...] to keep them (a new head, say), or call mark_only_lora_trainable(model) "
+            "if they were not meant to train.",
+            stacklevel=3,
+        )
 
 
 def _save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict) -> None:
@@ -147,6 +173,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra: Iterable[str]
     wrappers = _wrappers(model)
     tensors = {f"{n}.lora.{k}": t for n, w in wrappers.items() for k, t in w.lora.state_dict().items()}
     tensors.update(_extra_state(model, extra))
+    _warn_left_out(model, tensors, "save_adapter")
     info = {
         "version": FORMAT_VERSION,
         "modules": {
@@ -302,7 +329,16 @@ def export_peft_adapter(
         raise ValueError("PEFT's format has one use_rslora for all layers; this model mixes both")
     r = _most_common(s.rank for s in settings.values())
     alpha = _most_common(s.alpha for s in settings.values())
+    # PEFT matches target and pattern keys as suffixes ("proj" also matches "block.proj"): a name
+    # that is the suffix of another module's gets an anchored regex, so it matches itself alone.
+    names = list(_plain_names(model, (n for n, _ in model.named_modules())))
+    clashes = {n for n in settings if any(o.endswith("." + n) for o in names)}
+
+    def key(name: str) -> str:
+        return f"^{re.escape(name)}$" if name in clashes else name
+
     extra_tensors = _extra_state(model, extra)
+    _warn_left_out(model, extra_tensors, "export_peft_adapter")
     config = {
         "peft_type": "LORA",
         "task_type": None,
@@ -310,9 +346,10 @@ def export_peft_adapter(
         "r": r,
         "lora_alpha": alpha,
         "lora_dropout": _most_common(s.dropout for s in settings.values()),
-        "target_modules": sorted(settings),
-        "rank_pattern": {n: s.rank for n, s in settings.items() if s.rank != r},
-        "alpha_pattern": {n: s.alpha for n, s in settings.items() if s.alpha != alpha},
+        # a list is matched by suffix, a string as one regex over full names
+        "target_modules": "|".join(map(re.escape, sorted(settings))) if clashes else sorted(settings),
+        "rank_pattern": {key(n): s.rank for n, s in settings.items() if s.rank != r},
+        "alpha_pattern": {key(n): s.alpha for n, s in settings.items() if s.alpha != alpha},
         "use_rslora": rslora.pop(),
         # PEFT's flag for weights stored (in, out), as transformers' Conv1D does.
         "fan_in_fan_out": any(not isinstance(w.base, nn.Linear) for w in wrappers.values()),
@@ -403,8 +440,22 @@ def import_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     parts: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
+    state = model.state_dict()
+    plain_state = _plain_names(model, state)
     for key, tensor in _read_peft_weights(directory).items():
         key = key.removeprefix(PEFT_PREFIX)
+        if ".base_layer." in key:
+            # PEFT saves the base weights of targeted embedding layers and heads too
+            # (save_embedding_layers="auto"): fine when they are the model's own.
+            plain = key.replace(".base_layer.", ".")
+            have = state.get(plain_state.get(plain, ""))
+            if have is None or have.shape != tensor.shape or not torch.equal(have.to(tensor.dtype), tensor):
+                raise ValueError(
+                    f"{directory}: the adapter carries its own base weight {key}, which differs from the model's "
+                    f"{plain} (a resized vocabulary?). lora_lab adapters never change base weights: resize the "
+                    "model as it was for training first, or load the adapter with PEFT itself"
+                )
+            continue
         match = _PEFT_LORA_KEY.match(key)
         if match:
             parts.setdefault(match["name"], {})[match["ab"]] = tensor

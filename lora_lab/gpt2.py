@@ -20,7 +20,9 @@ from torch import nn
 @dataclass(frozen=True)
 class GPTConfig:
     """The book's configuration keys. `tie_embeddings` shares one matrix between `tok_emb` and
-    `out_head` (the public GPT-2 checkpoints do; the book keeps two, hence the default)."""
+    `out_head` (the public GPT-2 checkpoints do; the book keeps two, hence the default).
+    `norm_eps` and `scale_attn` are Hugging Face's `layer_norm_epsilon` and `scale_attn_weights`
+    (divide attention scores by sqrt(head_dim)); GPT-2 uses 1e-5 and True."""
 
     vocab_size: int = 50257
     context_length: int = 1024
@@ -30,14 +32,45 @@ class GPTConfig:
     drop_rate: float = 0.0
     qkv_bias: bool = True
     tie_embeddings: bool = False
+    norm_eps: float = 1e-5
+    scale_attn: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"GPT config {key} must be a positive integer, got {value!r}")
+        for key in ("qkv_bias", "tie_embeddings", "scale_attn"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"GPT config {key} must be True or False, got {getattr(self, key)!r}")
+        for key, low, high in (("drop_rate", 0.0, 1.0), ("norm_eps", 0.0, 1.0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
+                raise ValueError(f"GPT config {key} must be a number in [{low}, {high}), got {value!r}")
+        if self.emb_dim % self.n_heads:
+            raise ValueError(
+                f"GPT config emb_dim ({self.emb_dim}) must be divisible by n_heads ({self.n_heads}): "
+                "each head gets emb_dim / n_heads dimensions"
+            )
 
     @classmethod
     def from_dict(cls, cfg: dict) -> GPTConfig:
-        """Accept the book's plain dicts (``GPT_CONFIG_124M``, ``BASE_CONFIG``)."""
-        unknown = set(cfg) - {f.name for f in fields(cls)}
+        """Accept the book's plain dicts (``GPT_CONFIG_124M``, ``BASE_CONFIG``). The book's seven
+        keys must all be there (a missing one would silently take GPT-2 124M's value)."""
+        known = {f.name for f in fields(cls)}
+        unknown = set(cfg) - known
         if unknown:
-            raise ValueError(f"unknown GPT config keys {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+            raise ValueError(f"unknown GPT config keys {sorted(unknown)}; known: {sorted(known)}")
+        missing = [k for k in BOOK_KEYS if k not in cfg]
+        if missing:
+            raise ValueError(
+                f"GPT config lacks {missing}; the book's configs set all of {list(BOOK_KEYS)} "
+                "(e.g. GPT2_CONFIGS['gpt2-124m'] or the book's GPT_CONFIG_124M)"
+            )
         return cls(**cfg)
+
+
+BOOK_KEYS = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "drop_rate", "qkv_bias")
 
 
 # Parameter counts with the head tied to the token embedding, as in the public checkpoints
@@ -87,11 +120,14 @@ class LayerNorm(nn.Module):
 class MultiHeadAttention(nn.Module):
     """Causal multi-head self-attention with separate query, key and value projections."""
 
-    def __init__(self, d_in: int, d_out: int, dropout: float, num_heads: int, qkv_bias: bool = False) -> None:
+    def __init__(
+        self, d_in: int, d_out: int, dropout: float, num_heads: int, qkv_bias: bool = False, scale: bool = True
+    ) -> None:
         super().__init__()
         if d_out % num_heads:
             raise ValueError(f"d_out ({d_out}) must be divisible by num_heads ({num_heads})")
         self.num_heads, self.head_dim = num_heads, d_out // num_heads
+        self.scale = self.head_dim**-0.5 if scale else 1.0  # on the scores q k^T
         self.W_query = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_key = nn.Linear(d_in, d_out, bias=qkv_bias)
         self.W_value = nn.Linear(d_in, d_out, bias=qkv_bias)
@@ -108,11 +144,13 @@ class MultiHeadAttention(nn.Module):
         )
         if self.use_sdpa:
             p = self.dropout.p if self.training else 0.0
-            ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)
+            ctx = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None, scale=self.scale
+            )
         else:
             if mask is None:
                 mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
-            scores = (q @ k.transpose(-2, -1)) / self.head_dim**0.5  # (B, H, T, T)
+            scores = (q @ k.transpose(-2, -1)) * self.scale  # (B, H, T, T)
             weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
             ctx = self.dropout(weights) @ v
         return self.out_proj(ctx.transpose(1, 2).reshape(b, t, -1))  # (B, T, d_out)
@@ -132,10 +170,12 @@ class FeedForward(nn.Module):
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
-        self.att = MultiHeadAttention(cfg.emb_dim, cfg.emb_dim, cfg.drop_rate, cfg.n_heads, cfg.qkv_bias)
+        self.att = MultiHeadAttention(
+            cfg.emb_dim, cfg.emb_dim, cfg.drop_rate, cfg.n_heads, cfg.qkv_bias, cfg.scale_attn
+        )
         self.ff = FeedForward(cfg.emb_dim)
-        self.norm1 = LayerNorm(cfg.emb_dim)
-        self.norm2 = LayerNorm(cfg.emb_dim)
+        self.norm1 = LayerNorm(cfg.emb_dim, cfg.norm_eps)
+        self.norm2 = LayerNorm(cfg.emb_dim, cfg.norm_eps)
         self.drop_shortcut = nn.Dropout(cfg.drop_rate)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -154,18 +194,26 @@ class GPTModel(nn.Module):
         self.pos_emb = nn.Embedding(cfg.context_length, cfg.emb_dim)
         self.drop_emb = nn.Dropout(cfg.drop_rate)
         self.trf_blocks = nn.Sequential(*[TransformerBlock(cfg) for _ in range(cfg.n_layers)])
-        self.final_norm = LayerNorm(cfg.emb_dim)
+        self.final_norm = LayerNorm(cfg.emb_dim, cfg.norm_eps)
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
 
-    def forward(self, in_idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        in_idx: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """`attention_mask` (B, T), 1 for real tokens and 0 for padding, keeps padding out of the
-        keys; positions are 0..T-1 either way, as in Hugging Face's GPT-2."""
+        keys. `position_ids` (B, T) default to 0..T-1, as in Hugging Face's GPT-2; left-padded
+        prompts (see `generate`) pass positions that start at each row's first real token."""
         b, t = in_idx.shape
         if t > self.cfg.context_length:
             raise ValueError(f"sequence of {t} tokens is longer than the context ({self.cfg.context_length})")
-        x = self.tok_emb(in_idx) + self.pos_emb(torch.arange(t, device=in_idx.device))  # (B, T, C)
+        if position_ids is None:
+            position_ids = torch.arange(t, device=in_idx.device)
+        x = self.tok_emb(in_idx) + self.pos_emb(position_ids)  # (B, T, C)
         x = self.drop_emb(x)
         mask = None
         if attention_mask is not None:
@@ -204,18 +252,51 @@ def generate(
     model: nn.Module,
     idx: torch.Tensor,
     max_new_tokens: int,
+    *,
     temperature: float = 0.0,
     top_k: int | None = None,
     eos_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    context_size: int | None = None,
 ) -> torch.Tensor:
     """Extend `idx` (B, T) by up to `max_new_tokens`: greedy at temperature 0, else sampled from
-    the top-k. A row that produced `eos_id` gets `eos_id` from then on; generation stops when
-    every row has. Call `model.eval()` first to switch dropout off."""
-    context = model.cfg.context_length if hasattr(model, "cfg") else idx.shape[1] + max_new_tokens
+    the top-k (None or 0: all tokens). A row that produced `eos_id` gets `eos_id` from then on;
+    generation stops when every row has. Call `model.eval()` first to switch dropout off.
+
+    A batch of prompts of different lengths is padded on the left, with `attention_mask` (B, T)
+    0 on the padding: padding is kept out of attention and positions start at each row's first
+    real token, so each row gets the tokens it would get alone. `context_size` (the book's
+    argument) defaults to the model's context length.
+    """
+    if idx.dim() != 2 or idx.shape[1] == 0:
+        raise ValueError(
+            f"idx must be a (batch, tokens) tensor with at least one token, got shape {tuple(idx.shape)}; "
+            "to generate from nothing, start from the end-of-text token (50256 for GPT-2)"
+        )
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be None, 0 (off) or a positive number of tokens, got {top_k}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    cfg = getattr(model, "cfg", None)
+    context = context_size or getattr(cfg, "context_length", None) or idx.shape[1] + max_new_tokens
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.shape != idx.shape:
+            raise ValueError(f"attention_mask is {tuple(attention_mask.shape)}, idx {tuple(idx.shape)}")
+        mask = attention_mask.to(device=idx.device, dtype=torch.long)
+        if (mask[:, 1:] < mask[:, :-1]).any():
+            raise ValueError("pad prompts on the left for generation: attention_mask must be 0s then 1s in each row")
     done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
     for _ in range(max_new_tokens):
-        logits = model(idx[:, -context:])[:, -1, :].float()  # (B, vocab)
-        if top_k is not None:
+        window = idx[:, -context:]
+        if mask is None:
+            logits = model(window)
+        else:
+            window_mask = mask[:, -context:]
+            positions = (window_mask.cumsum(dim=1) - 1).clamp(min=0)  # 0 at each row's first real token
+            logits = model(window, attention_mask=window_mask, position_ids=positions)
+        logits = logits[:, -1, :].float()  # (B, vocab)
+        if top_k:
             kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if temperature > 0:
@@ -226,6 +307,8 @@ def generate(
             nxt = nxt.masked_fill(done[:, None], eos_id)
             done |= nxt[:, 0] == eos_id
         idx = torch.cat([idx, nxt], dim=1)
+        if mask is not None:
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
         if eos_id is not None and done.all():
             break
     return idx

@@ -10,27 +10,49 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 from dataclasses import replace
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
 from .files import read_safetensors
 from .gpt2 import GPT2_ALIASES, GPT2_CONFIGS, HUB_IDS, GPTConfig, GPTModel
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
 _HEADS_BY_WIDTH = {c.emb_dim: c.n_heads for c in GPT2_CONFIGS.values()}
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(masked_)?bias")  # causal-mask buffers, not weights
+_FIX = "download it again (it may be truncated)"
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    fix = "download it again (it may be truncated)"
+    """The tensors of one checkpoint file, or of every shard an ``*.index.json`` names."""
     if path.name.endswith(".index.json"):  # a sharded checkpoint
-        shards = sorted(set(json.loads(path.read_text())["weight_map"].values()))
-        return {k: v for shard in shards for k, v in read_safetensors(path.parent / shard, fix)[0].items()}
+        try:
+            shards = sorted(set(json.loads(path.read_text(encoding="utf-8"))["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"{path} is not a sharded-checkpoint index (no weight_map): {err!r}. {_FIX}") from None
+        return {k: v for shard in shards for k, v in _read_weights(path.parent / shard).items()}
     if path.suffix == ".safetensors":
-        return read_safetensors(path, fix)[0]
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return read_safetensors(path, _FIX)[0]
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (a shard the index names?); {_FIX}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # truncated zip, not a checkpoint at all, pickled code: torch's errors vary
+        raise ValueError(
+            f"{path} is not a readable PyTorch checkpoint (truncated, or not a weights file?): "
+            f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. {_FIX}"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
+    return state
 
 
 def _local_files(path: Path) -> tuple[Path, Path | None]:
@@ -48,20 +70,55 @@ def _local_files(path: Path) -> tuple[Path, Path | None]:
     )
 
 
-def _download(repo: str, cache_dir: str | None, local_files_only: bool) -> tuple[Path, Path]:
+def is_path_like(name: str | os.PathLike) -> bool:
+    """True for what can only mean a file or folder: a PathLike, an absolute path, one starting
+    with '.' or '~', or one that exists. Anything else may be a hub id."""
+    text = os.fspath(name)
+    return not isinstance(name, str) or os.path.isabs(text) or text.startswith((".", "~")) or os.path.exists(text)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers at all (one short TCP connection), so that offline
+    machines fail at once instead of after huggingface_hub's retries. False when HF_HUB_OFFLINE."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def hub_files(repo: str, files: list[str], cache_dir: str | None, local_files_only: bool) -> list[Path]:
+    """`files` of hub repo `repo`: from the Hugging Face cache if there, else downloaded once
+    (unless `local_files_only`); a clear FileNotFoundError when neither works."""
     from huggingface_hub import hf_hub_download
 
+    def get(cached_only: bool) -> list[Path]:
+        return [Path(hf_hub_download(repo, f, cache_dir=cache_dir, local_files_only=cached_only)) for f in files]
+
+    reason = "not in the Hugging Face cache, and local_files_only is set"
     try:
-        config = hf_hub_download(repo, "config.json", cache_dir=cache_dir, local_files_only=local_files_only)
-        weights = hf_hub_download(repo, "model.safetensors", cache_dir=cache_dir, local_files_only=local_files_only)
-    except Exception as err:  # offline, not cached, no such repo: huggingface_hub's errors vary
-        raise FileNotFoundError(
-            f"could not get model.safetensors and config.json of {repo} from the Hugging Face hub or its cache "
-            f"({type(err).__name__}). Download both from https://huggingface.co/{repo}/tree/main into a "
-            f"directory and call load_gpt2('that/directory'), or fill the cache where you are online with "
-            f"`hf download {repo} model.safetensors config.json` (HF_HOME or cache_dir chooses where)."
-        ) from err
-    return Path(weights), Path(config)
+        return get(cached_only=True)
+    except Exception:  # not cached: huggingface_hub's errors vary by version
+        pass
+    if not local_files_only:
+        if hub_reachable():
+            try:
+                return get(cached_only=False)
+            except Exception as err:  # no such repo, gated, network broke off
+                reason = f"the download failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        else:
+            reason = "not in the Hugging Face cache, and the hub cannot be reached (offline, or HF_HUB_OFFLINE=1)"
+    raise FileNotFoundError(
+        f"could not get {' and '.join(files)} of {repo}: {reason}. Download them from "
+        f"https://huggingface.co/{repo}/tree/main into a directory and pass that directory, or fill the "
+        f"cache where you are online with `hf download {repo} {' '.join(files)}` (HF_HOME or cache_dir "
+        "chooses where)."
+    )
 
 
 def _config(state: dict[str, torch.Tensor], hf: dict, source: str) -> GPTConfig:
@@ -92,7 +149,10 @@ def _config(state: dict[str, torch.Tensor], hf: dict, source: str) -> GPTConfig:
         n_heads=heads,
         n_layers=len(layers),
         qkv_bias=True,
-        tie_embeddings=hf.get("tie_word_embeddings", "lm_head.weight" not in state),
+        # transformers' default is tied, whether or not the file also holds lm_head.weight
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        scale_attn=hf.get("scale_attn_weights", True),
     )
 
 
@@ -156,8 +216,13 @@ def load_gpt2(
     Face cache. `tie_embeddings`: None keeps what the checkpoint does (tied for OpenAI's); False
     gives `out_head` its own copy, as in the book.
     """
-    path = Path(name_or_path)
-    if path.exists():
+    if is_path_like(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(
+                f"no such file or directory: {path}. Give a directory with model.safetensors (or "
+                "pytorch_model.bin) and config.json, a weights file, or a GPT-2 name such as 'gpt2-124m'"
+            )
         weights_file, config_file = _local_files(path)
     else:
         name = str(name_or_path)
@@ -166,9 +231,12 @@ def load_gpt2(
             raise FileNotFoundError(
                 f"{name!r} is neither a local checkpoint nor a GPT-2 name ({list(HUB_IDS)}, {list(GPT2_ALIASES)})"
             )
-        weights_file, config_file = _download(repo, cache_dir, local_files_only)
+        config_file, weights_file = hub_files(repo, ["config.json", "model.safetensors"], cache_dir, local_files_only)
     state = {k.removeprefix("transformer."): v for k, v in _read_weights(weights_file).items()}
-    hf_config = json.loads(config_file.read_text()) if config_file else {}
+    try:
+        hf_config = json.loads(config_file.read_text(encoding="utf-8")) if config_file else {}
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON (corrupt?): {err}") from None
     cfg = _config(state, hf_config, str(name_or_path))
     tie = cfg.tie_embeddings if tie_embeddings is None else tie_embeddings
     cfg = replace(cfg, drop_rate=drop_rate, tie_embeddings=tie)

@@ -45,16 +45,22 @@ def name_matches(name: str, key: str) -> bool:
 
 
 def output_head_name(model: nn.Module) -> str | None:
-    """The qualified name of the model's output head: what `get_output_embeddings()` returns
-    (Hugging Face models), else a top-level linear child called one of `HEAD_NAMES`."""
+    """The qualified name of the model's output head, which `"all-linear"` never wraps: what
+    `get_output_embeddings()` returns (Hugging Face language models), else a top-level child
+    called one of `HEAD_NAMES` that is or holds linears (a classifier, trained whole instead:
+    RoBERTa's `classifier` with its `dense` and `out_proj`). This is PEFT's selection for
+    `task_type="SEQ_CLS"` and for causal and masked language models."""
     get_head = getattr(model, "get_output_embeddings", None)
-    head = get_head() if callable(get_head) else None
+    try:
+        head = get_head() if callable(get_head) else None
+    except NotImplementedError:
+        head = None
     if head is not None:
         for name, module in model.named_modules():
             if module is head:
                 return name
     for name, module in model.named_children():
-        if name in HEAD_NAMES and (linear_shape(module) or isinstance(module, LinearWithLoRA)):
+        if name in HEAD_NAMES and any(_is_linear(m) for m in module.modules()):
             return name
     return None
 
@@ -88,13 +94,15 @@ def _is_linear(module: nn.Module) -> bool:
     return linear_shape(module) is not None or isinstance(module, LinearWithLoRA)
 
 
+def fold_layer_names(names: Iterable[str]) -> list[str]:
+    """`names` with layer indices folded to N (``blocks.0.att`` and ``blocks.1.att`` -> ``blocks.N.att``),
+    each once, in order: what error messages list."""
+    return list(dict.fromkeys(re.sub(r"(^|\.)\d+(?=\.|$)", r"\1N", name) for name in names))
+
+
 def _linear_names_summary(model: nn.Module, limit: int = 20) -> str:
     """The linear-like module names of `model`, layer indices folded to N, for error messages."""
-    seen: dict[str, None] = {}
-    for name, module in _candidates(model):
-        if _is_linear(module):
-            seen.setdefault(re.sub(r"(^|\.)\d+(?=\.|$)", r"\1N", name))
-    names = list(seen)
+    names = fold_layer_names(name for name, module in _candidates(model) if _is_linear(module))
     if not names:
         return "the model has no linear-like modules (nn.Linear, Conv1D, bitsandbytes linears)"
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
@@ -108,7 +116,8 @@ def find_targets(model: nn.Module, targets: Targets) -> list[str]:
     bypassed = _bypassed(model)
     if isinstance(targets, str) and targets == ALL_LINEAR:
         head = output_head_name(model)
-        chosen = [(n, m) for n, m in candidates if _is_linear(m) and n != head]
+        in_head = (lambda n: n == head or n.startswith(head + ".")) if head else (lambda n: False)
+        chosen = [(n, m) for n, m in candidates if _is_linear(m) and not in_head(n)]
         skipped = [n for n, _ in chosen if n in bypassed]
         if skipped:
             warnings.warn(
@@ -139,14 +148,6 @@ def find_targets(model: nn.Module, targets: Targets) -> list[str]:
             f"already wrapped with LoRA: {wrapped}. Wrap each module once: call unload_lora(model) "
             "first to start again, or target only the modules that are not wrapped yet."
         )
-    never_run = [n for n, _ in chosen if n in bypassed]
-    if never_run:
-        raise ValueError(
-            f"cannot adapt {never_run}: {bypassed[never_run[0]]}. lora_lab does not adapt torch's "
-            "nn.MultiheadAttention (neither its in_proj_weight nor its out_proj); target the other linears "
-            f"(for nn.TransformerEncoderLayer: linear1, linear2), or use an attention module that calls its "
-            f"projections, as Hugging Face models do ({_linear_names_summary(model)})."
-        )
     not_linear = [f"{n} ({type(m).__name__})" for n, m in chosen if linear_shape(m) is None]
     if not_linear:
         raise ValueError(
@@ -168,6 +169,15 @@ def wrap_modules(model: nn.Module, plan: Mapping[str, LoRASettings]) -> list[str
     any is put in place, so a bad setting leaves the model untouched. Each wrapper takes the
     train/eval mode of the module it replaces (a model in eval mode stays deterministic)."""
     modules = dict(model.named_modules())
+    bypassed = _bypassed(model)
+    never_run = [n for n in plan if n in bypassed]
+    if never_run:
+        raise ValueError(
+            f"cannot adapt {never_run}: {bypassed[never_run[0]]}. lora_lab does not adapt torch's "
+            "nn.MultiheadAttention (neither its in_proj_weight nor its out_proj); target the other linears "
+            "(for nn.TransformerEncoderLayer: linear1, linear2), or use an attention module that calls its "
+            "projections, as Hugging Face models do."
+        )
     wrappers = {}
     for name, s in plan.items():
         try:
@@ -262,7 +272,11 @@ def mark_only_lora_trainable(model: nn.Module, train: Iterable[str] = ()) -> Non
     hits = {k: [m for n, m in named.items() if n and name_matches(n, k)] for k in keys}
     unmatched = [k for k, found in hits.items() if not found]
     if unmatched:
-        raise ValueError(f"train={unmatched} match no module of {type(model).__name__}")
+        top = [n for n, _ in model.named_children()]
+        raise ValueError(
+            f"train={unmatched} match no module of {type(model).__name__}; its top-level modules are {top} "
+            "(name a module or a dotted suffix of its name, e.g. the head you added)"
+        )
     model.requires_grad_(False)
     for _, wrapper in lora_modules(model):
         wrapper.lora.requires_grad_(True)
@@ -337,7 +351,9 @@ def unload_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
 
 @contextmanager
 def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model alone inside the block (merged adapters are taken out for the while)."""
+    """Run the base model alone inside the block (merged adapters are taken out for the while).
+    Modules that an adapter replaced whole (a trained head loaded with `extra=` / PEFT's
+    `modules_to_save`) are part of the model and stay; PEFT's `disable_adapter` swaps them back."""
     wrappers = [w for _, w in lora_modules(model)]
     states = [(w.merged, w.enabled) for w in wrappers]
     try:

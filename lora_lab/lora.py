@@ -13,6 +13,7 @@ rsLoRA) follow microsoft/LoRA and Hugging Face PEFT, which lets adapters move be
 
 from __future__ import annotations
 
+import copy
 import math
 import sys
 from collections.abc import Iterator
@@ -76,7 +77,12 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     if kind == "4-bit" and getattr(weight, "quant_state", None) is not None:
         import bitsandbytes.functional as bnbf
 
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place at its first
+            # inference forward; undo that on copies (the inverse changes the state it is given).
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        return bnbf.dequantize_4bit(data, state)
     if kind == "8-bit":
         # The row scales live on the weight until the first forward, then on the layer's state.
         scales = getattr(weight, "SCB", None)

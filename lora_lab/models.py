@@ -7,7 +7,8 @@ milliseconds. Any Hugging Face model can be named by a local directory holding i
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 from torch import nn
 
 from .gpt2 import GPT2_ALIASES, GPT2_CONFIGS, GPTModel
+from .gpt2_weights import is_path_like
 
 
 @dataclass(frozen=True)
@@ -94,17 +96,42 @@ MODELS: dict[str, ModelSpec] = {
 ALIASES = dict(GPT2_ALIASES)
 
 
+def hf_model_class(config: object) -> type[nn.Module]:
+    """The transformers class a config names in `architectures` (what `from_pretrained` builds),
+    else the bare model of its type (`AutoModel`: no head, never a causal-LM head on an encoder)."""
+    import transformers
+
+    for arch in getattr(config, "architectures", None) or []:
+        cls = getattr(transformers, arch, None)
+        if cls is not None:
+            return cls
+    return transformers.AutoModel._model_mapping[type(config)]
+
+
 def _from_hf_config(name_or_path: str) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
-        from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+        from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(name_or_path)
-        try:
-            return AutoModelForCausalLM.from_config(config)
-        except ValueError:  # an encoder such as BERT has no causal-LM class
-            return AutoModel.from_config(config)
+        return hf_model_class(config)(config)
 
     return build
+
+
+def _hf_config_dir(path: Path) -> Path:
+    """`path` if it is a directory holding config.json, else a FileNotFoundError that says what is missing."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"no such file or directory: {path}. Name a known model ({', '.join(MODELS)}) or a directory "
+            "holding a Hugging Face config.json"
+        )
+    folder = path if path.is_dir() else path.parent
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"no config.json in {folder}: put the model's Hugging Face config.json there (from its hub page, "
+            "'Files and versions'), or name a known model"
+        )
+    return folder
 
 
 def model_spec(name_or_path: str) -> ModelSpec:
@@ -113,7 +140,10 @@ def model_spec(name_or_path: str) -> ModelSpec:
     name = ALIASES.get(name_or_path, name_or_path)
     if name in MODELS:
         return MODELS[name]
-    if Path(name_or_path, "config.json").is_file() or "/" in name_or_path:
+    if is_path_like(name_or_path):
+        folder = str(_hf_config_dir(Path(name_or_path).expanduser()))
+        return ModelSpec(folder, f"Hugging Face model from {folder}", _from_hf_config(folder))
+    if "/" in name_or_path:
         return ModelSpec(name_or_path, f"Hugging Face model {name_or_path}", _from_hf_config(name_or_path))
     raise ValueError(
         f"unknown model {name_or_path!r}: use one of {sorted(MODELS)} (or {sorted(ALIASES)}), a "
@@ -121,9 +151,25 @@ def model_spec(name_or_path: str) -> ModelSpec:
     )
 
 
+@contextmanager
+def _no_weight_init() -> Iterator[None]:
+    """Skip torch.nn.init while building on the meta device: there are no values to initialise,
+    and initialising meta tensors imports torch's compiler stack (about 1.5 s)."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
 def build_model(name_or_path: str, device: str | torch.device = "meta") -> nn.Module:
-    """Build the model with random weights on `device`; on "meta" nothing is allocated, which is
-    all that parameter counts need."""
+    """Build the model with random weights on `device`; on "meta" nothing is allocated or
+    initialised, which is all that parameter counts need."""
     spec = model_spec(name_or_path)
-    with torch.device(device):
+    skip_init = _no_weight_init() if torch.device(device).type == "meta" else nullcontext()
+    with torch.device(device), skip_init:
         return spec.build()

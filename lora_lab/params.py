@@ -11,19 +11,26 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .inject import Targets, inject_lora, mark_only_lora_trainable, output_head_name
 from .lora import LoRALayer
 
 GROUPS = ("embedding", "attention", "feed-forward", "norm", "head", "LoRA", "other")
+# A linear belongs to the attention or feed-forward block it lives in: found by the classes of
+# the modules around it first (GPT2Attention, T5LayerFF, LlamaMLP...), by their names second.
+_ATTENTION_CLASS = re.compile(r"Attention|Attn", re.IGNORECASE)
+_FEED_FORWARD_CLASS = re.compile(r"MLP|FeedForward|FFN|LayerFF|DenseActDense|DenseGatedActDense|Intermediate", re.I)
 _ATTENTION = re.compile(
-    r"(^|\.)(att|attn|attention|self_attn|self_attention|q_proj|k_proj|v_proj|o_proj"
-    r"|W_query|W_key|W_value|query|key|value)(\.|$)"
+    r"(^|\.)(att|attn|attention|self_attn|self_attention|selfattention|encdecattention|encoder_attn|crossattention"
+    r"|q_proj|k_proj|v_proj|o_proj|w_query|w_key|w_value|query|key|value)(\.|$)",
+    re.IGNORECASE,
 )
 _FEED_FORWARD = re.compile(
-    r"(^|\.)(ff|ffn|mlp|feed_forward|intermediate|output|fc1|fc2|c_fc|gate_proj|up_proj"
-    r"|down_proj)(\.|$)"
+    r"(^|\.)(ff|ffn|mlp|feed_forward|intermediate|output|fc1|fc2|c_fc|gate_proj|up_proj|down_proj|densereludense"
+    r"|wi|wo)(\.|$)",
+    re.IGNORECASE,
 )
 
 
@@ -94,7 +101,18 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     return ParameterCount(total, trainable)
 
 
-def _group(module_name: str, module: nn.Module, head: str | None) -> str:
+def head_block_name(model: nn.Module) -> str | None:
+    """The module holding the model's output head: the head itself, or the top-level module
+    around it when that holds no embedding (BERT's `cls` around `cls.predictions.decoder`)."""
+    head = output_head_name(model)
+    if head is None or "." not in head:
+        return head
+    top = head.split(".")[0]
+    holds_embedding = any(isinstance(m, nn.Embedding) for m in model.get_submodule(top).modules())
+    return head if holds_embedding else top
+
+
+def _group(module_name: str, module: nn.Module, modules: dict[str, nn.Module], head: str | None) -> str:
     if isinstance(module, LoRALayer):
         return "LoRA"
     if isinstance(module, nn.Embedding):
@@ -103,36 +121,63 @@ def _group(module_name: str, module: nn.Module, head: str | None) -> str:
         return "norm"
     if head is not None and (module_name == head or module_name.startswith(head + ".")):
         return "head"
-    if _ATTENTION.search(module_name):
+    parts = module_name.split(".")
+    around = [modules[".".join(parts[:i])] for i in range(len(parts), 0, -1)] if module_name else []
+    if any("Embedding" in type(m).__name__ for m in around):  # ViT's patch projection, BERT's embeddings
+        return "embedding"
+    if any(_ATTENTION_CLASS.search(type(m).__name__) for m in around) or _ATTENTION.search(module_name):
         return "attention"
-    if _FEED_FORWARD.search(module_name):
+    if any(_FEED_FORWARD_CLASS.search(type(m).__name__) for m in around) or _FEED_FORWARD.search(module_name):
         return "feed-forward"
     return "other"
 
 
 def parameter_report(model: nn.Module) -> list[ReportRow]:
     """Parameters grouped by module kind (embedding, attention, feed-forward, norm, head, LoRA,
-    other), in that order, leaving out empty groups. Groups are told apart by module type and by
-    the usual names (attn / mlp / q_proj ...), so any transformer is sorted sensibly."""
-    head = output_head_name(model)
+    other), in that order, leaving out empty groups. A parameter goes by its module's type
+    (embedding, norm, LoRA), then by the block it lives in: the output head's, an attention or a
+    feed-forward block (found by the classes of the modules around it, then by their names).
+    "other" keeps what is none of these, such as BERT's pooler."""
+    head = head_block_name(model)
+    modules = dict(model.named_modules())
     sums = {g: [0, 0, 0] for g in GROUPS}
     for module_name, module, param in _named_unique_parameters(model):
         n = parameter_numel(param)
-        row = sums[_group(module_name, module, head)]
+        row = sums[_group(module_name, module, modules, head)]
         row[0] += n
         row[1] += n if param.requires_grad else 0
-        row[2] += param.numel() * param.element_size()
+        row[2] += stored_bytes(module, param)
     return [ReportRow(g, *sums[g]) for g in GROUPS if sums[g][0]]
+
+
+def _tensor_bytes(*tensors: object) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+def stored_bytes(module: nn.Module, param: nn.Parameter) -> int:
+    """Bytes `param` takes as stored, with what a quantized weight needs to be read back:
+    bitsandbytes 4-bit blocks' absmax and code book (and their own quantization state under
+    double quantization), 8-bit rows' scales."""
+    size = _tensor_bytes(param)
+    state = getattr(param, "quant_state", None)
+    if type(param).__name__ == "Params4bit" and state is not None:
+        size += _tensor_bytes(state.absmax, state.code)
+        if getattr(state, "nested", False) and state.state2 is not None:
+            size += _tensor_bytes(state.offset, state.state2.absmax, state.state2.code)
+    elif type(param).__name__ == "Int8Params":
+        scales = getattr(param, "SCB", None)
+        size += _tensor_bytes(scales if scales is not None else getattr(getattr(module, "state", None), "SCB", None))
+    return size
 
 
 def memory_estimate(model: nn.Module, optimizer_states: int = 2) -> MemoryEstimate:
     """Weights, gradients and optimizer state in bytes (`optimizer_states` tensors per trainable
-    parameter: 2 for Adam/AdamW, 1 for SGD with momentum, 0 for plain SGD)."""
+    parameter: 2 for Adam/AdamW, 1 for SGD with momentum, 0 for plain SGD). Quantized weights
+    count with their quantization state (`stored_bytes`)."""
     weights = grads = 0
-    for _, _, param in _named_unique_parameters(model):
-        size = param.numel() * param.element_size()
-        weights += size
-        grads += size if param.requires_grad else 0
+    for _, module, param in _named_unique_parameters(model):
+        weights += stored_bytes(module, param)
+        grads += _tensor_bytes(param) if param.requires_grad else 0
     return MemoryEstimate(weights, grads, grads * optimizer_states)
 
 

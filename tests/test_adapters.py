@@ -384,14 +384,21 @@ def test_extra_holding_wrapped_layers_is_refused(tmp_path):
     }
 
 
-@pytest.mark.parametrize("wrap", ["compile", "data-parallel"])
+WRAPS = {
+    "compile": torch.compile,
+    "data-parallel": nn.DataParallel,
+    "compiled-data-parallel": lambda m: torch.compile(nn.DataParallel(m)),  # how DDP models are compiled
+}
+
+
+@pytest.mark.parametrize("wrap", sorted(WRAPS))
 def test_wrapper_prefixes_stay_out_of_adapters(wrap, tmp_path, tokens):
     trained = tiny_model()
     trained.out_head = nn.Linear(16, 3)
     fresh = copy.deepcopy(trained)
     inject_lora(trained, ["W_query", "ff.2"], rank=2)
     randomize_lora(trained)
-    wrapped = torch.compile(trained) if wrap == "compile" else nn.DataParallel(trained)
+    wrapped = WRAPS[wrap](trained)
     path = save_adapter(wrapped, tmp_path / "a.safetensors", extra=["out_head"])
     export_peft_adapter(wrapped, tmp_path / "peft", extra=["out_head"])
     keys = set(load_file(path)) | set(load_file(tmp_path / "peft" / "adapter_model.safetensors"))
@@ -403,7 +410,7 @@ def test_wrapper_prefixes_stay_out_of_adapters(wrap, tmp_path, tokens):
     # and into a wrapped fresh model, both formats
     for load, source in ((load_adapter, path), (import_peft_adapter, tmp_path / "peft")):
         model = copy.deepcopy(fresh)
-        target = torch.compile(model) if wrap == "compile" else nn.DataParallel(model)
+        target = WRAPS[wrap](model)
         load(target, source)
         torch.testing.assert_close(model(tokens), trained(tokens), atol=0, rtol=0)
 
@@ -426,3 +433,73 @@ def test_adapter_paths_and_format_version(tmp_path):
     )
     with pytest.raises(ValueError, match="adapter format 99; this lora_lab reads format 1 and older: upgrade"):
         load_adapter(tiny_model(), tmp_path / "future.safetensors")
+
+
+def test_adapter_for_multihead_attention_out_proj_is_refused(tmp_path):
+    """Loading must not wrap what injection refuses: nn.MultiheadAttention never calls out_proj."""
+    from safetensors.torch import save_file
+
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["out_proj"]}
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    tensors = {
+        "base_model.model.self_attn.out_proj.lora_A.weight": torch.ones(2, 8),
+        "base_model.model.self_attn.out_proj.lora_B.weight": torch.ones(8, 2),
+    }
+    save_file(tensors, tmp_path / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"cannot adapt \['self_attn.out_proj'\].*never run"):
+        import_peft_adapter(layer, tmp_path)
+    assert not list(lora_modules(layer))
+
+
+class _Nested(nn.Module):
+    """`proj` and `block.proj`: a name that is the dotted suffix of another."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 8)
+        self.block = nn.Module()
+        self.block.proj = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(self.block.proj(self.proj(x)))
+
+
+def test_export_patterns_match_only_their_module(tmp_path):
+    """PEFT reads pattern keys and target names as suffixes: 'proj' would also take 'block.proj'."""
+    torch.manual_seed(0)
+    base = _Nested()
+    ours = copy.deepcopy(base)
+    chosen = lambda name, _: name in ("proj", "out")  # noqa: E731  (block.proj stays plain)
+    inject_lora(ours, chosen, rank=2, alpha=4, alpha_pattern={"proj": 32})
+    assert sorted(n for n, _ in lora_modules(ours)) == ["out", "proj"]
+    randomize_lora(ours)
+    export_peft_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(theirs(x), ours(x), atol=1e-5, rtol=0)
+    assert not isinstance(theirs.base_model.model.block.proj, peft.tuners.lora.LoraLayer)
+    again = copy.deepcopy(base)
+    import_peft_adapter(again, tmp_path)
+    torch.testing.assert_close(again(x), ours(x), atol=0, rtol=0)
+
+
+def test_tied_extra_that_is_the_base_of_a_wrapped_head_is_refused(tmp_path):
+    model = tiny_llama(tie=True)
+    inject_lora(model, ["q_proj", "lm_head"], rank=2)
+    with pytest.raises(ValueError, match=r"tied to lm_head.base.weight, the frozen base of the LoRA-wrapped lm_head"):
+        save_adapter(model, tmp_path / "a.safetensors", extra=["embed_tokens"])
+
+
+def test_peft_adapter_targeting_the_head_imports(tmp_path):
+    """PEFT also saves the head's base weight when LoRA targets lm_head (save_embedding_layers)."""
+    base, theirs = _peft_llama_adapter(tmp_path, target_modules=["q_proj", "lm_head"])
+    assert any(".base_layer." in k for k in load_file(tmp_path / "adapter_model.safetensors"))
+    ours = copy.deepcopy(base)
+    import_peft_adapter(ours, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(LLAMA_TOKENS).logits, theirs(LLAMA_TOKENS).logits, atol=1e-5, rtol=0)
+    other = tiny_llama(seed=9)  # another base: its head is not the one the adapter carries
+    with pytest.raises(ValueError, match="carries its own base weight lm_head.base_layer.weight"):
+        import_peft_adapter(other, tmp_path)

@@ -1,4 +1,5 @@
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -220,8 +221,8 @@ def test_load_errors(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
         load_gpt2("gpt2-medium", cache_dir=str(tmp_path / "cache"), local_files_only=True)
     text = str(err.value)
-    assert "model.safetensors and config.json of openai-community/gpt2-medium" in text
-    assert "load_gpt2('that/directory')" in text
+    assert "config.json and model.safetensors of openai-community/gpt2-medium: not in the Hugging Face cache" in text
+    assert "pass that directory" in text
     with pytest.raises(FileNotFoundError, match="holds none of .'model.safetensors'"):
         load_gpt2(tmp_path)
     with pytest.raises(FileNotFoundError, match="neither a local checkpoint nor a GPT-2 name"):
@@ -232,3 +233,150 @@ def test_load_errors(tmp_path):
     model = tiny_gpt()
     with pytest.raises(ValueError, match="longer than the context"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+@pytest.mark.parametrize("setting", [{"layer_norm_epsilon": 1e-3}, {"scale_attn_weights": False}])
+def test_config_keys_that_change_the_math_are_honoured(setting, tmp_path):
+    hf = tiny_hf_gpt2()
+    for key, value in setting.items():
+        setattr(hf.config, key, value)
+    hf = transformers.GPT2LMHeadModel(hf.config).eval()  # rebuilt with the setting
+    hf.save_pretrained(tmp_path)
+    ours = load_gpt2(tmp_path)
+    ids, mask = _padded_batch(hf.config.vocab_size)
+    with torch.no_grad():
+        expected, got = hf(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask)
+    real = mask.bool()
+    assert (got[real] - expected[real]).abs().max() <= 1e-5
+
+
+def test_head_without_a_tie_key_is_tied_as_in_transformers(tmp_path):
+    """The original gpt2 checkpoint: lm_head.weight in the file, no tie_word_embeddings key."""
+    hf = tiny_hf_gpt2()
+    hf.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("tie_word_embeddings", None)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    state = load_file(tmp_path / "model.safetensors")
+    torch.save({**state, "lm_head.weight": state["transformer.wte.weight"].clone()}, tmp_path / "pytorch_model.bin")
+    (tmp_path / "model.safetensors").unlink()
+    reference = transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
+    ours = load_gpt2(tmp_path)
+    assert ours.out_head.weight is ours.tok_emb.weight
+    assert count_parameters(ours).total == reference.num_parameters()
+
+
+def _left_padded(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def test_generate_a_left_padded_batch_as_each_prompt_alone(tmp_path):
+    hf = tiny_hf_gpt2()
+    hf.save_pretrained(tmp_path)
+    ours = load_gpt2(tmp_path)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (7, 3, 5)]
+    ids, mask = _left_padded(prompts)
+    batch = generate(ours, ids, max_new_tokens=6, attention_mask=mask)
+    theirs = hf.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert torch.equal(batch, theirs)
+    for row, prompt in enumerate(prompts):
+        alone = generate(ours, torch.tensor([prompt]), max_new_tokens=6)
+        assert batch[row, ids.shape[1] :].tolist() == alone[0, len(prompt) :].tolist()
+
+
+def test_generate_arguments():
+    model = tiny_gpt()
+    prompt = torch.randint(0, 50, (1, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError):  # the book's positional context_size would land in temperature
+        generate(model, prompt, 8, 16)
+    greedy = generate(model, prompt, max_new_tokens=5)
+    assert torch.equal(generate(model, prompt, max_new_tokens=5, context_size=16), greedy)
+    torch.manual_seed(0)
+    off = generate(model, prompt, max_new_tokens=5, temperature=1.0, top_k=0)
+    torch.manual_seed(0)
+    assert torch.equal(off, generate(model, prompt, max_new_tokens=5, temperature=1.0, top_k=None))  # 0 is off
+    with pytest.raises(ValueError, match="top_k must be None, 0 .off. or a positive"):
+        generate(model, prompt, max_new_tokens=5, top_k=-1)
+    with pytest.raises(ValueError, match="at least one token.*end-of-text"):
+        generate(model, prompt[:, :0], max_new_tokens=5)
+    with pytest.raises(ValueError, match="pad prompts on the left"):
+        generate(model, prompt, max_new_tokens=2, attention_mask=torch.tensor([[1, 1, 0, 0]]))
+
+
+BOOK_CONFIG = {
+    "vocab_size": 50,
+    "context_length": 16,
+    "emb_dim": 16,
+    "n_heads": 2,
+    "n_layers": 2,
+    "drop_rate": 0.0,
+    "qkv_bias": False,
+}
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"emb_dim": None}, r"lacks \['emb_dim'\]"),
+        ({"qkv_bias": "False"}, "qkv_bias must be True or False, got 'False'"),
+        ({"n_layers": -1}, "n_layers must be a positive integer, got -1"),
+        ({"n_heads": 0}, "n_heads must be a positive integer, got 0"),
+        ({"emb_dim": "768"}, "emb_dim must be a positive integer, got '768'"),
+        ({"n_heads": 3}, r"emb_dim \(16\) must be divisible by n_heads \(3\)"),
+        ({"drop_rate": 1.5}, r"drop_rate must be a number in \[0.0, 1.0\)"),
+    ],
+)
+def test_book_dict_config_is_validated(change, message):
+    cfg = {k: v for k, v in {**BOOK_CONFIG, **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=message):
+        GPTModel(cfg)
+    with pytest.raises(ValueError, match="lacks"):
+        GPTModel({})
+
+
+def test_path_like_names_and_file_errors(tmp_path, monkeypatch):
+    for missing in (str(tmp_path / "missing"), "./missing-dir/", "~/no-such-gpt2"):
+        with pytest.raises(FileNotFoundError, match="no such file or directory"):
+            load_gpt2(missing)
+    hf = tiny_hf_gpt2()
+    hf.save_pretrained(tmp_path / "ckpt")
+    state = load_file(tmp_path / "ckpt" / "model.safetensors")
+    torch.save(state, tmp_path / "pytorch_model.bin")
+    truncated = tmp_path / "truncated" / "pytorch_model.bin"
+    truncated.parent.mkdir()
+    truncated.write_bytes((tmp_path / "pytorch_model.bin").read_bytes()[:2000])
+    with pytest.raises(ValueError, match=r"truncated/pytorch_model.bin is not a readable PyTorch checkpoint"):
+        load_gpt2(truncated.parent)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"not a checkpoint at all" * 10)
+    with pytest.raises(ValueError, match=r"junk.bin is not a readable PyTorch checkpoint"):
+        load_gpt2(junk)
+    # a sharded .bin checkpoint: an index and its shards
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    keys = sorted(state)
+    half = len(keys) // 2
+    for i, part in enumerate((keys[:half], keys[half:])):
+        torch.save({k: state[k] for k in part}, sharded / f"pytorch_model-{i}.bin")
+    weight_map = {k: f"pytorch_model-{0 if j < half else 1}.bin" for j, k in enumerate(keys)}
+    (sharded / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    (sharded / "config.json").write_text((tmp_path / "ckpt" / "config.json").read_text())
+    ids = torch.randint(0, 97, (2, 6))
+    with torch.no_grad():
+        assert (load_gpt2(sharded)(ids) - hf(ids).logits).abs().max() <= 1e-4
+
+
+def test_offline_hub_name_fails_at_once(tmp_path, monkeypatch):
+    """Not cached and no network: one clear error, no retries (the hub endpoint is unreachable)."""
+    import time
+
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match="the hub cannot be reached"):
+        load_gpt2("gpt2", cache_dir=str(tmp_path))
+    assert time.perf_counter() - start < 5

@@ -351,3 +351,43 @@ def test_merge_with_bad_modules_changes_nothing_and_names_them(unload, tokens):
     for key, value in before.items():  # bit-identical, NaN where NaN was
         torch.testing.assert_close(after[key], value, atol=0, rtol=0, equal_nan=True, msg=key)
     assert not any(w.merged for w in wrappers.values()) and dict(lora_modules(model)) == wrappers
+
+
+def _tiny_hf(name: str) -> nn.Module:
+    import transformers as T
+
+    enc = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    dec = dict(enc, pad_token_id=0)
+    build = {
+        "bert-cls": lambda: T.BertForSequenceClassification(T.BertConfig(**enc)),
+        "roberta-cls": lambda: T.RobertaForSequenceClassification(T.RobertaConfig(**enc)),
+        "llama-cls": lambda: T.LlamaForSequenceClassification(T.LlamaConfig(**dec)),
+        "gpt2-cls": lambda: T.GPT2ForSequenceClassification(
+            T.GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+        ),
+        "vit-cls": lambda: T.ViTForImageClassification(
+            T.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=8)
+        ),
+        "bert-mlm": lambda: T.BertForMaskedLM(T.BertConfig(**enc)),
+        "llama-lm": lambda: T.LlamaForCausalLM(T.LlamaConfig(**dec)),
+        "t5": lambda: T.T5ForConditionalGeneration(
+            T.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1)
+        ),
+    }
+    torch.manual_seed(0)
+    return build[name]()
+
+
+@pytest.mark.parametrize(
+    "name", ["bert-cls", "roberta-cls", "llama-cls", "gpt2-cls", "vit-cls", "bert-mlm", "llama-lm", "t5"]
+)
+def test_all_linear_leaves_the_output_head_out_as_peft_does(name):
+    """One rule: the model's output layer is never wrapped; a classification head (however deep
+    its last linear) is left whole, as PEFT leaves it for task_type SEQ_CLS."""
+    peft = pytest.importorskip("peft")
+    task = "SEQ_CLS" if name.endswith("-cls") else None
+    theirs = peft.get_peft_model(_tiny_hf(name), peft.LoraConfig(r=2, target_modules="all-linear", task_type=task))
+    expected = sorted(
+        n.removeprefix("base_model.model.").split(".lora_A")[0] for n, _ in theirs.named_parameters() if ".lora_A." in n
+    )
+    assert sorted(inject_lora(_tiny_hf(name), "all-linear", rank=2)) == expected

@@ -205,3 +205,18 @@ def test_quantized_base_forward_merge_error_and_unload(kind):
     # the dequantized + merged layer computes what the quantized layer with LoRA computes
     tol = 1e-4 if kind == "4-bit" else 2e-2  # 8-bit also quantizes activations in its matmul
     torch.testing.assert_close(plain(x), out.detach(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", ["4-bit", "8-bit"])
+def test_unload_after_an_inference_forward(kind):
+    """bitsandbytes repacks 4-bit weights in place at the first inference forward on CPUs with
+    AVX512-BF16; unloading must dequantize what the layer holds then, not the repacked bytes."""
+    q = _quantized(kind, _seeded_linear(64, 128)).eval()
+    wrapped = LinearWithLoRA(q, rank=4, alpha=8).eval()
+    _randomize(wrapped.lora)
+    x = torch.randn(4, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = wrapped(x)
+        again = wrapped.unloaded()(x)
+    tol = 2e-2 if kind == "4-bit" else 5e-2  # the CPU kernel's bf16 rounding; 8-bit also quantizes x
+    torch.testing.assert_close(again, out, atol=tol, rtol=tol)

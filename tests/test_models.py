@@ -21,7 +21,71 @@ def test_aliases_and_unknown_names():
 def test_local_hugging_face_config_directory(tmp_path):
     from transformers import GPT2Config
 
-    GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100).save_pretrained(tmp_path)
+    GPT2Config(n_layer=2, n_embd=64, n_head=2, vocab_size=100, architectures=["GPT2LMHeadModel"]).save_pretrained(
+        tmp_path
+    )
     model = build_model(str(tmp_path), device="cpu")
     assert not next(model.parameters()).is_meta
     assert model.config.n_layer == 2 and isinstance(model.lm_head, torch.nn.Linear)
+
+
+def _config(kind: str, **kwargs):
+    import transformers
+
+    small = {
+        "Bart": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                     decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100),
+        "Marian": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2,
+                       decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100,
+                       decoder_vocab_size=100, pad_token_id=99),
+        "Bert": dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64),
+        "Roberta": dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64),
+        "T5": dict(vocab_size=100, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2),
+    }[kind]  # fmt: skip
+    return getattr(transformers, f"{kind}Config")(**small, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kind, architecture, expected",
+    [
+        ("Bart", "BartForConditionalGeneration", "BartForConditionalGeneration"),
+        ("Marian", "MarianMTModel", "MarianMTModel"),
+        ("Bert", "BertModel", "BertModel"),
+        ("Bert", "BertForSequenceClassification", "BertForSequenceClassification"),
+        ("Roberta", None, "RobertaModel"),  # no architectures: the bare model, never a causal-LM head
+        ("Bart", None, "BartModel"),
+        ("T5", "T5ForConditionalGeneration", "T5ForConditionalGeneration"),
+    ],
+)
+def test_config_directory_builds_the_class_it_names(tmp_path, kind, architecture, expected):
+    import transformers
+
+    config = _config(kind, architectures=[architecture] if architecture else None)
+    config.save_pretrained(tmp_path)
+    model = build_model(str(tmp_path))
+    assert type(model).__name__ == expected
+    with torch.device("meta"):
+        reference = getattr(transformers, expected)(config)
+    assert count_parameters(model).total == reference.num_parameters()
+
+
+def test_path_like_models_get_path_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file or directory: missing"):
+        model_spec("./missing/")
+    with pytest.raises(FileNotFoundError, match="no such file or directory"):
+        model_spec(str(tmp_path / "nope"))
+    with pytest.raises(FileNotFoundError, match=f"no config.json in {tmp_path}: put the model's Hugging Face config"):
+        model_spec(str(tmp_path))
+
+
+def test_building_on_meta_does_not_initialise_weights():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from lora_lab import build_model, inject_lora; m = build_model('gpt2-124m'); "
+        "inject_lora(m, 'all-linear'); print('torch._dynamo' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # initialising meta tensors would import torch's compiler (~1.5 s)

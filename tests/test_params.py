@@ -106,8 +106,20 @@ def test_four_bit_weights_count_as_the_weights_they_hold():
     layer = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32).to("cpu")
     assert layer.weight.numel() == 64 * 32 // 2  # two 4-bit values per stored byte
     assert count_parameters(layer).total == 64 * 32 + 32
-    row = parameter_report(layer)[0]
-    assert row.bytes == 64 * 32 // 2 + 32 * 4
+
+
+@pytest.mark.parametrize("double_quant, closed_form", [(False, 589_888), (True, 542_020)])
+def test_four_bit_memory_holds_the_quantization_state(double_quant, closed_form):
+    """NF4 1024 x 1024, blocks of 64: 4 bits a weight, plus one absmax per block (fp32, or 8-bit
+    with its own fp32 absmax per 256 blocks, code book and offset) and the 16-entry code book."""
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(1024, 1024, bias=False, compress_statistics=double_quant, quant_type="nf4")
+    layer = layer.to("cpu")  # quantizes
+    state = layer.weight.quant_state.as_dict(packed=False)  # bitsandbytes' own account of what it keeps
+    reference = layer.weight.numel() + sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t))
+    reference += 4 if double_quant else 0  # nested_offset, one fp32 that as_dict hands out as a float
+    assert memory_estimate(layer).weights == reference == closed_form
+    assert parameter_report(layer)[0].bytes == closed_form
 
 
 def test_markdown_table():
@@ -117,3 +129,56 @@ def test_markdown_table():
         "|---:|---:|---:|",
         "| 8 | 1,327,104 | 1.0500 |",
     ]
+
+
+# What may stay in "other": parts that are neither attention, feed-forward, embedding, norm nor head.
+OTHER_ALLOWED = {"bert": {"bert.pooler.dense"}, "bert-mlm": set(), "gpt2": set(), "llama": set(), "t5": set(),
+                 "bart": set(), "vit": set(), "book-gpt": set()}  # fmt: skip
+
+
+def _report_model(name: str):
+    import transformers as T
+
+    from lora_lab import GPTModel
+
+    enc = dict(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    seq2seq = dict(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                   decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32)  # fmt: skip
+    return {
+        "bert": lambda: T.BertForSequenceClassification(T.BertConfig(**enc)),
+        "bert-mlm": lambda: T.BertForMaskedLM(T.BertConfig(**enc)),
+        "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=50, n_embd=16, n_layer=2, n_head=2)),
+        "llama": lambda: T.LlamaForCausalLM(T.LlamaConfig(**enc, num_key_value_heads=1)),
+        "t5": lambda: T.T5ForConditionalGeneration(
+            T.T5Config(vocab_size=50, d_model=16, d_kv=8, d_ff=32, num_layers=1)
+        ),
+        "bart": lambda: T.BartForConditionalGeneration(T.BartConfig(**seq2seq)),
+        "vit": lambda: T.ViTForImageClassification(
+            T.ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=8)
+        ),
+        "book-gpt": lambda: GPTModel(
+            dict(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=2, drop_rate=0.0, qkv_bias=True)
+        ),  # fmt: skip
+    }[name]()
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_ALLOWED))
+def test_report_sorts_every_block(name):
+    """Every linear of an attention or feed-forward block is sorted there (T5's SelfAttention,
+    EncDecAttention and DenseReluDense, BART's encoder_attn, BERT-MLM's head), groups add up."""
+    from lora_lab.params import _group, head_block_name
+
+    with torch.device("meta"):
+        model = _report_model(name)
+    rows = {r.group: r for r in parameter_report(model)}
+    assert sum(r.parameters for r in rows.values()) == count_parameters(model).total
+    head, modules = head_block_name(model), dict(model.named_modules())
+    other = {n for n, m in modules.items() if m._parameters and _group(n, m, modules, head) == "other"}
+    assert other == OTHER_ALLOWED[name]
+    linears = {n: _group(n, m, modules, head) for n, m in modules.items() if isinstance(m, torch.nn.Linear)}
+    for n, group in linears.items():
+        low = n.lower()
+        if any(k in low for k in ("attn", "attention", "q_proj", "w_query", ".query")):
+            assert group == "attention", (n, group)
+        elif any(k in low for k in ("mlp", "densereludense", "intermediate", "fc1", "fc2", ".ff.")):
+            assert group == "feed-forward", (n, group)
