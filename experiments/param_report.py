@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lora_lab.files import write_text
 from lora_lab.models import MODELS, build_model
-from lora_lab.params import markdown_table, rank_report
+from lora_lab.params import REPORT_DECIMALS, markdown_table, rank_report
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -39,8 +39,8 @@ def main() -> None:
     writer.writerows(rows)
     write_text(args.out.with_suffix(".csv"), buffer.getvalue())
     header = f"LoRA on {', '.join(args.targets)}, base frozen; memory in MiB (weights, grads, AdamW)\n\n"
-    write_text(args.out.with_suffix(".md"), header + markdown_table(rows) + "\n")
-    print(markdown_table(rows))
+    write_text(args.out.with_suffix(".md"), header + markdown_table(rows, REPORT_DECIMALS) + "\n")
+    print(markdown_table(rows, REPORT_DECIMALS))
 
 
 if __name__ == "__main__":

@@ -132,12 +132,19 @@ def find_targets(model: nn.Module, targets: Targets) -> list[str]:
         keys = [targets] if isinstance(targets, str) else list(targets)
         if not keys:
             raise ValueError("targets is empty: name at least one module, or use 'all-linear'")
+        if ALL_LINEAR in keys:
+            raise ValueError(
+                f"'{ALL_LINEAR}' stands alone: it already takes every linear but the output head. "
+                f"Give '{ALL_LINEAR}' or a list of module names, not both (got {keys})"
+            )
         unmatched = [k for k in keys if not any(name_matches(n, k) for n, _ in candidates)]
         if unmatched:
+            linears = [n for n, m in candidates if _is_linear(m)]
+            example = f" (e.g. '{linears[0].rsplit('.', 1)[-1]}')" if linears else ""
             raise ValueError(
                 f"target(s) {unmatched} match no module of {type(model).__name__}; "
-                f"{_linear_names_summary(model)}. Use a qualified name or a dotted suffix of one "
-                f"(e.g. 'q_proj'), a list of them, '{ALL_LINEAR}', or a callable (name, module) -> bool."
+                f"{_linear_names_summary(model)}. Use a qualified name or a dotted suffix of one{example}, "
+                f"a list of them, '{ALL_LINEAR}', or a callable (name, module) -> bool."
             )
         chosen = [(n, m) for n, m in candidates if any(name_matches(n, k) for k in keys)]
     if not chosen:
@@ -245,6 +252,20 @@ def inject_lora(
         stray = [k for k in pattern if not any(name_matches(n, k) for n in names)]
         if stray:
             raise ValueError(f"{what} key(s) {stray} match none of the targeted modules {names}")
+    modules = dict(model.named_modules())
+    too_wide = {}
+    for n in names:
+        width = min(linear_shape(modules[n]))
+        if _pattern_value(rank_pattern, n, rank) > width:
+            too_wide[n] = width
+    if too_wide:
+        shown = fold_layer_names(too_wide)
+        warnings.warn(
+            f"LoRA rank above the layer width on {len(too_wide)} module(s) ({', '.join(shown[:6])}; the narrowest "
+            f"side is {min(too_wide.values())}): B @ A cannot have a rank above min(in, out), so the extra "
+            "parameters add no capacity",
+            stacklevel=2,
+        )
     plan = {
         n: LoRASettings(
             int(_pattern_value(rank_pattern, n, rank)),

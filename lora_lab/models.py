@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .gpt2 import GPT2_ALIASES, GPT2_CONFIGS, GPTModel
-from .gpt2_weights import is_path_like
+from .gpt2_weights import hub_files, is_path_like
 
 
 @dataclass(frozen=True)
@@ -108,21 +108,24 @@ def hf_model_class(config: object) -> type[nn.Module]:
     return transformers.AutoModel._model_mapping[type(config)]
 
 
-def _from_hf_config(name_or_path: str) -> Callable[[], nn.Module]:
+def _from_hf_config(name_or_path: str, hub: bool = False) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(name_or_path)
+        # A hub id: config.json from the cache, or one short try online (hub_files), not retries.
+        folder = hub_files(name_or_path, ["config.json"], None, False)[0].parent if hub else name_or_path
+        config = AutoConfig.from_pretrained(folder)
         return hf_model_class(config)(config)
 
     return build
 
 
-def _hf_config_dir(path: Path) -> Path:
-    """`path` if it is a directory holding config.json, else a FileNotFoundError that says what is missing."""
+def _hf_config_dir(name: str) -> Path:
+    """The directory `name` if it holds config.json, else a FileNotFoundError that says what is missing."""
+    path = Path(name).expanduser()
     if not path.exists():
         raise FileNotFoundError(
-            f"no such file or directory: {path}. Name a known model ({', '.join(MODELS)}) or a directory "
+            f"no such file or directory: {name}. Name a known model ({', '.join(MODELS)}) or a directory "
             "holding a Hugging Face config.json"
         )
     folder = path if path.is_dir() else path.parent
@@ -141,10 +144,10 @@ def model_spec(name_or_path: str) -> ModelSpec:
     if name in MODELS:
         return MODELS[name]
     if is_path_like(name_or_path):
-        folder = str(_hf_config_dir(Path(name_or_path).expanduser()))
+        folder = str(_hf_config_dir(name_or_path))
         return ModelSpec(folder, f"Hugging Face model from {folder}", _from_hf_config(folder))
     if "/" in name_or_path:
-        return ModelSpec(name_or_path, f"Hugging Face model {name_or_path}", _from_hf_config(name_or_path))
+        return ModelSpec(name_or_path, f"Hugging Face model {name_or_path}", _from_hf_config(name_or_path, hub=True))
     raise ValueError(
         f"unknown model {name_or_path!r}: use one of {sorted(MODELS)} (or {sorted(ALIASES)}), a "
         "local directory with a Hugging Face config.json, or a hub id such as 'openai-community/gpt2'"

@@ -8,7 +8,7 @@ Pure functions: they return numbers and rows; printing is left to the caller.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -189,13 +189,19 @@ def format_trainable(count: ParameterCount) -> str:
     )
 
 
+# Decimals that rank_report rounds its floats to: a percentage to 4, MiB to 2 (10 KB).
+REPORT_DECIMALS = {"trainable_pct": 4, "weights_mib": 2, "grads_mib": 2, "adamw_mib": 2}
+
+
 def rank_report(
     build: Callable[[], nn.Module], ranks: Iterable[int], targets: Targets = "all-linear"
 ) -> list[dict[str, float | int]]:
-    """For each rank: LoRA on `targets` of a model fresh from `build()`, everything else frozen,
-    and what that leaves to train. Build on the meta device to count models of any size."""
+    """For each rank (each once, in the order given): LoRA on `targets` of a model fresh from
+    `build()`, everything else frozen, and what that leaves to train. Counts are exact; the
+    percentage and MiB columns are rounded as `REPORT_DECIMALS` says. Build on the meta device to
+    count models of any size."""
     rows = []
-    for rank in ranks:
+    for rank in dict.fromkeys(ranks):
         model = build()
         names = inject_lora(model, targets, rank=rank, alpha=2 * rank)
         mark_only_lora_trainable(model)
@@ -212,20 +218,26 @@ def rank_report(
                 "adamw_mib": memory.optimizer / 2**20,
             }
         )
+        rows[-1].update({k: round(rows[-1][k], d) for k, d in REPORT_DECIMALS.items()})
     return rows
 
 
-def markdown_table(rows: list[dict[str, object]]) -> str:
-    """Rows of equal keys as a GitHub markdown table; ints get thousands separators."""
+def markdown_table(rows: list[dict[str, object]], decimals: Mapping[str, int] | None = None) -> str:
+    """Rows of equal keys as a GitHub markdown table; ints get thousands separators, float
+    columns the `decimals` given for them (else 4 below 10 and 1 above)."""
     if not rows:
         return ""
+    decimals = decimals or {}
 
-    def cell(v: object) -> str:
+    def cell(k: str, v: object) -> str:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return str(v)
-        return f"{v:,d}" if isinstance(v, int) else f"{v:,.4f}" if abs(v) < 10 else f"{v:,.1f}"
+        if isinstance(v, int):
+            return f"{v:,d}"
+        d = decimals.get(k, 4 if abs(v) < 10 else 1)
+        return f"{v:,.{d}f}"
 
     keys = list(rows[0])
     lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---:" for _ in keys) + "|"]
-    lines += ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(k, r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)

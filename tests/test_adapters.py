@@ -1,5 +1,6 @@
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -503,3 +504,18 @@ def test_peft_adapter_targeting_the_head_imports(tmp_path):
     other = tiny_llama(seed=9)  # another base: its head is not the one the adapter carries
     with pytest.raises(ValueError, match="carries its own base weight lm_head.base_layer.weight"):
         import_peft_adapter(other, tmp_path)
+
+
+def test_saving_warns_when_trained_parameters_would_be_left_out(tmp_path):
+    model = tiny_model()
+    model.out_head = nn.Linear(16, 3)  # a new head that trains
+    inject_lora(model, ["W_query"], rank=2)
+    mark_only_lora_trainable(model, train=["out_head"])
+    with pytest.warns(UserWarning, match=r"save_adapter leaves out the trainable parameters of 1 module.*out_head"):
+        save_adapter(model, tmp_path / "a.safetensors")
+    with pytest.warns(UserWarning, match=r"export_peft_adapter leaves out .*out_head"):
+        export_peft_adapter(model, tmp_path / "peft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        save_adapter(model, tmp_path / "a.safetensors", extra=["out_head"])
+        export_peft_adapter(model, tmp_path / "peft", extra=["out_head"])

@@ -52,3 +52,57 @@ def test_console_entry_point_runs():
     # GPT-2 124M, the six linears of each of 12 blocks: 4 x (768 -> 768), 768 -> 3072, 3072 -> 768
     trainable = 12 * 8 * (4 * (768 + 768) + 2 * (768 + 3072))
     assert f"| 8 | 72 | {trainable:,d} |" in proc.stdout
+
+
+def test_help_is_for_users(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "Parses arguments" not in text and "lora-lab report" in text
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 1,2,4,8,16,32,64)" in text and "instant" not in text
+
+
+def test_report_lists_in_either_form_and_rounded_csv(capsys):
+    assert main(["report", "--ranks", "8,16", "16", "4", "--targets", "W_query,W_value", "--format", "csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [int(r["rank"]) for r in rows] == [8, 16, 4]  # each rank once, in the order given
+    for row in rows:
+        assert int(row["trainable"]) == 12 * 2 * int(row["rank"]) * (768 + 768)
+        for key, decimals in (("trainable_pct", 4), ("weights_mib", 2), ("adamw_mib", 2)):
+            assert len(row[key].split(".")[-1]) <= decimals, (key, row[key])
+    assert main(["report", "--ranks", "8", "--targets", "W_query", "W_value"]) == 0
+    assert "LoRA on 24 modules" in capsys.readouterr().out
+    assert main(["report", "--ranks", "8", "--targets", "trf_blocks.0.att.W_query"]) == 0
+    assert "LoRA on 1 module " in capsys.readouterr().out
+
+
+def test_report_target_errors_and_warnings(capsys):
+    assert main(["report", "--targets", "all-linear", "W_query"]) == 2
+    assert "'all-linear' stands alone" in capsys.readouterr().err
+    assert main(["report", "--targets", "q_proj"]) == 2
+    err = capsys.readouterr().err
+    assert "(e.g. 'W_query')" in err and "e.g. 'q_proj'" not in err  # the example is a name of this model
+    assert main(["report", "--ranks", "1024", "--targets", "W_query"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "warning: LoRA rank above the layer width" in err
+    assert main(["report", "--ranks", "8,x"]) == 2
+    assert "--ranks takes whole numbers such as 8,16,64; got 'x'" in capsys.readouterr().err
+
+
+def test_missing_and_offline_models_are_one_line(tmp_path, capsys, monkeypatch):
+    import time
+
+    assert main(["report", "--model", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no such file or directory" in err
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("huggingface_hub.constants.ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    start = time.perf_counter()
+    assert main(["report", "--model", "someone/some-model"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the hub cannot be reached" in err
+    assert time.perf_counter() - start < 5  # no retries

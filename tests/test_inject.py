@@ -391,3 +391,12 @@ def test_all_linear_leaves_the_output_head_out_as_peft_does(name):
         n.removeprefix("base_model.model.").split(".lora_A")[0] for n, _ in theirs.named_parameters() if ".lora_A." in n
     )
     assert sorted(inject_lora(_tiny_hf(name), "all-linear", rank=2)) == expected
+
+
+def test_train_names_that_match_nothing_list_the_top_level_modules():
+    model = tiny_llama()
+    inject_lora(model, ["q_proj"])
+    with pytest.raises(
+        ValueError, match=r"train=\['classifier'\] match no module.*top-level modules are \['model', 'lm_head'\]"
+    ):
+        mark_only_lora_trainable(model, train=["classifier"])

@@ -71,7 +71,7 @@ def test_config_directory_builds_the_class_it_names(tmp_path, kind, architecture
 
 
 def test_path_like_models_get_path_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file or directory: missing"):
+    with pytest.raises(FileNotFoundError, match="no such file or directory: ./missing/"):
         model_spec("./missing/")
     with pytest.raises(FileNotFoundError, match="no such file or directory"):
         model_spec(str(tmp_path / "nope"))
