@@ -161,10 +161,10 @@ def _save_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
 def _adapter_file(path: str | os.PathLike) -> Path:
     """The file itself, if `path` names a ``.safetensors`` file or an existing file; otherwise
     `path` is a directory (made if need be) that holds ``adapter.safetensors``."""
-    path_ = Path(path)
-    if path_.is_file() or (path_.suffix == ".safetensors" and not str(path).endswith(("/", os.sep))):
-        return path_
-    return path_ / ADAPTER_FILE
+    file = Path(path)
+    if file.is_file() or (file.suffix == ".safetensors" and not os.fspath(path).endswith(("/", os.sep))):
+        return file
+    return file / ADAPTER_FILE
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike, extra: Iterable[str] = ()) -> Path:
@@ -448,7 +448,8 @@ def import_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[
             # PEFT saves the base weights of targeted embedding layers and heads too
             # (save_embedding_layers="auto"): fine when they are the model's own.
             plain = key.replace(".base_layer.", ".")
-            have = state.get(plain_state.get(plain, ""))
+            wrapped = key.replace(".base_layer.", ".base.")  # where it lives once we wrapped the layer
+            have = state.get(plain_state.get(plain) or plain_state.get(wrapped, ""))
             if have is None or have.shape != tensor.shape or not torch.equal(have.to(tensor.dtype), tensor):
                 raise ValueError(
                     f"{directory}: the adapter carries its own base weight {key}, which differs from the model's "

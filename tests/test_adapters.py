@@ -501,6 +501,9 @@ def test_peft_adapter_targeting_the_head_imports(tmp_path):
     import_peft_adapter(ours, tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(ours(LLAMA_TOKENS).logits, theirs(LLAMA_TOKENS).logits, atol=1e-5, rtol=0)
+    import_peft_adapter(ours, tmp_path)  # again, into the model that is wrapped now
+    with torch.no_grad():
+        torch.testing.assert_close(ours(LLAMA_TOKENS).logits, theirs(LLAMA_TOKENS).logits, atol=1e-5, rtol=0)
     other = tiny_llama(seed=9)  # another base: its head is not the one the adapter carries
     with pytest.raises(ValueError, match="carries its own base weight lm_head.base_layer.weight"):
         import_peft_adapter(other, tmp_path)
