@@ -8,6 +8,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
+from .inject import classifier_head_name
 from .models import MODELS, build_model, model_spec
 from .params import REPORT_DECIMALS, markdown_table, rank_report
 
@@ -50,9 +51,13 @@ def _report(args: argparse.Namespace) -> int:
         writer.writeheader()
         writer.writerows(rows)
         return 0
+    model = build_model(args.model, "meta")
+    head = classifier_head_name(model)
+    dtypes = ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))
     modules = _plural(int(rows[0]["lora_modules"]), "module")
-    print(f"{spec.description}: LoRA on {modules} (targets: {', '.join(targets)}), base frozen, counted on meta")
-    print("memory in MiB: weights as stored, gradients and AdamW state of the trainable ones\n")
+    frozen = f"base frozen but the classification head {head!r}, which trains whole" if head else "base frozen"
+    print(f"{spec.description}: LoRA on {modules} (targets: {', '.join(targets)}), {frozen}; counted on meta")
+    print(f"memory in MiB: weights as stored ({dtypes}), gradients and AdamW state of the trainable ones\n")
     print(markdown_table(rows, REPORT_DECIMALS))
     return 0
 

@@ -275,6 +275,8 @@ def generate(
         )
     if top_k is not None and top_k < 0:
         raise ValueError(f"top_k must be None, 0 (off) or a positive number of tokens, got {top_k}")
+    if context_size is not None and context_size <= 0:
+        raise ValueError(f"context_size must be a positive number of tokens, got {context_size}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
     cfg = getattr(model, "cfg", None)

@@ -22,7 +22,9 @@ from .lora import LinearWithLoRA, check_alpha, check_rank, linear_shape, lora_mo
 Targets = str | Sequence[str] | Callable[[str, nn.Module], bool]
 ALL_LINEAR = "all-linear"
 # Names under which models keep their output head, when `get_output_embeddings` does not say.
-HEAD_NAMES = ("out_head", "lm_head", "head", "classifier", "score")
+# Classification heads: new layers that train whole (PEFT's modules_to_save), never LoRA-wrapped.
+CLASSIFIER_NAMES = ("classifier", "score", "qa_outputs", "classification_head")
+HEAD_NAMES = ("out_head", "lm_head", "head", *CLASSIFIER_NAMES)
 # Parents that read a child linear's weight directly instead of calling the child, so a LoRA
 # wrapper there would never run: nn.MultiheadAttention hands out_proj.weight (and its own
 # in_proj_weight) to F.multi_head_attention_forward.
@@ -63,6 +65,12 @@ def output_head_name(model: nn.Module) -> str | None:
         if name in HEAD_NAMES and any(_is_linear(m) for m in module.modules()):
             return name
     return None
+
+
+def classifier_head_name(model: nn.Module) -> str | None:
+    """The model's output head if it is a classification head (`CLASSIFIER_NAMES`), else None."""
+    head = output_head_name(model)
+    return head if head in CLASSIFIER_NAMES else None
 
 
 def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

@@ -8,7 +8,7 @@ milliseconds. Any Hugging Face model can be named by a local directory holding i
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,21 +19,53 @@ from .gpt2 import GPT2_ALIASES, GPT2_CONFIGS, GPTModel
 from .gpt2_weights import hub_files, is_path_like
 
 
+@contextmanager
+def _no_weight_init() -> Iterator[None]:
+    """Skip torch.nn.init while building our own models on the meta device: there are no values to
+    initialise, and initialising meta tensors imports torch's compiler stack (about 1.5 s)."""
+    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
+    saved = {n: getattr(nn.init, n) for n in names}
+    try:
+        for n in names:
+            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(nn.init, n, f)
+
+
+def _hf_no_init() -> AbstractContextManager:
+    """transformers' own switch for skipping weight init (torch's and its own). Not ours: transformers
+    keeps the torch.nn.init functions it finds at import, and would keep our stand-ins for good."""
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4.x
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """A named model: what it is, and a function that builds it (random weights) on the
-    current default device."""
+    """A named model: what it is, a function that builds it (random weights) on the current
+    default device, and a context in which that build skips weight initialisation (for meta)."""
 
     name: str
     description: str
     build: Callable[[], nn.Module]
+    no_init: Callable[[], AbstractContextManager] = _hf_no_init
+
+
+def _hf_construct(cls: type[nn.Module], config: object) -> nn.Module:
+    model = cls(config)
+    model.tie_weights()  # no_init_weights skips transformers' init, and the tying that comes with it
+    return model
 
 
 def _hf(config_cls: str, model_cls: str, **config: object) -> Callable[[], nn.Module]:
     def build() -> nn.Module:
         import transformers
 
-        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**config))
+        return _hf_construct(getattr(transformers, model_cls), getattr(transformers, config_cls)(**config))
 
     return build
 
@@ -45,7 +77,10 @@ def _gpt2(name: str) -> Callable[[], nn.Module]:
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
     for spec in [
-        *(ModelSpec(name, f"GPT-2 {name[5:].upper()}, lora_lab's GPTModel", _gpt2(name)) for name in GPT2_CONFIGS),
+        *(
+            ModelSpec(name, f"GPT-2 {name[5:].upper()}, lora_lab's GPTModel", _gpt2(name), _no_weight_init)
+            for name in GPT2_CONFIGS
+        ),
         ModelSpec(
             "openllama-3b",
             "OpenLLaMA 3B (openlm-research/open_llama_3b)",
@@ -101,10 +136,16 @@ def hf_model_class(config: object) -> type[nn.Module]:
     else the bare model of its type (`AutoModel`: no head, never a causal-LM head on an encoder)."""
     import transformers
 
-    for arch in getattr(config, "architectures", None) or []:
+    named = getattr(config, "architectures", None) or []
+    for arch in named:
         cls = getattr(transformers, arch, None)
         if cls is not None:
             return cls
+    if named:
+        raise ValueError(
+            f"config.json names architectures {named}, which transformers {transformers.__version__} does not have: "
+            "upgrade transformers, or put the class name of the model in `architectures`"
+        )
     return transformers.AutoModel._model_mapping[type(config)]
 
 
@@ -115,7 +156,11 @@ def _from_hf_config(name_or_path: str, hub: bool = False) -> Callable[[], nn.Mod
         # A hub id: config.json from the cache, or one short try online (hub_files), not retries.
         folder = hub_files(name_or_path, ["config.json"], None, False)[0].parent if hub else name_or_path
         config = AutoConfig.from_pretrained(folder)
-        return hf_model_class(config)(config)
+        model = _hf_construct(hf_model_class(config), config)
+        # the dtype the checkpoint is stored in, as from_pretrained(dtype="auto") keeps it
+        dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+        dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        return model.to(dtype) if isinstance(dtype, torch.dtype) and dtype.is_floating_point else model
 
     return build
 
@@ -154,25 +199,10 @@ def model_spec(name_or_path: str) -> ModelSpec:
     )
 
 
-@contextmanager
-def _no_weight_init() -> Iterator[None]:
-    """Skip torch.nn.init while building on the meta device: there are no values to initialise,
-    and initialising meta tensors imports torch's compiler stack (about 1.5 s)."""
-    names = [n for n in dir(nn.init) if n.endswith("_") and not n.startswith("_")]
-    saved = {n: getattr(nn.init, n) for n in names}
-    try:
-        for n in names:
-            setattr(nn.init, n, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for n, f in saved.items():
-            setattr(nn.init, n, f)
-
-
 def build_model(name_or_path: str, device: str | torch.device = "meta") -> nn.Module:
     """Build the model with random weights on `device`; on "meta" nothing is allocated or
     initialised, which is all that parameter counts need."""
     spec = model_spec(name_or_path)
-    skip_init = _no_weight_init() if torch.device(device).type == "meta" else nullcontext()
+    skip_init = spec.no_init() if torch.device(device).type == "meta" else nullcontext()
     with torch.device(device), skip_init:
         return spec.build()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .inject import Targets, inject_lora, mark_only_lora_trainable, output_head_name
+from .inject import Targets, classifier_head_name, inject_lora, mark_only_lora_trainable, output_head_name
 from .lora import LoRALayer
 
 GROUPS = ("embedding", "attention", "feed-forward", "norm", "head", "LoRA", "other")
@@ -28,7 +28,8 @@ _ATTENTION = re.compile(
     re.IGNORECASE,
 )
 _FEED_FORWARD = re.compile(
-    r"(^|\.)(ff|ffn|mlp|feed_forward|intermediate|output|fc1|fc2|c_fc|gate_proj|up_proj|down_proj|densereludense"
+    r"(^|\.)(ff|ffn|ffn_output|mlp|feed_forward|intermediate|output|fc1|fc2|c_fc|gate_proj|up_proj|down_proj"
+    r"|densereludense"
     r"|wi|wo)(\.|$)",
     re.IGNORECASE,
 )
@@ -197,14 +198,16 @@ def rank_report(
     build: Callable[[], nn.Module], ranks: Iterable[int], targets: Targets = "all-linear"
 ) -> list[dict[str, float | int]]:
     """For each rank (each once, in the order given): LoRA on `targets` of a model fresh from
-    `build()`, everything else frozen, and what that leaves to train. Counts are exact; the
+    `build()`, everything else frozen but a classification head (`classifier`, `score`, ...), which
+    trains whole as PEFT's modules_to_save do, and what that leaves to train. Counts are exact; the
     percentage and MiB columns are rounded as `REPORT_DECIMALS` says. Build on the meta device to
     count models of any size."""
     rows = []
     for rank in dict.fromkeys(ranks):
         model = build()
+        head = classifier_head_name(model)
         names = inject_lora(model, targets, rank=rank, alpha=2 * rank)
-        mark_only_lora_trainable(model)
+        mark_only_lora_trainable(model, train=[head] if head else [])
         count, memory = count_parameters(model), memory_estimate(model)
         rows.append(
             {

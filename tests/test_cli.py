@@ -106,3 +106,13 @@ def test_missing_and_offline_models_are_one_line(tmp_path, capsys, monkeypatch):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the hub cannot be reached" in err
     assert time.perf_counter() - start < 5  # no retries
+
+
+def test_report_header_names_dtype_and_classifier(tmp_path, capsys):
+    from transformers import BertConfig
+
+    BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+               architectures=["BertForSequenceClassification"], dtype="bfloat16").save_pretrained(tmp_path)  # fmt: skip
+    assert main(["report", "--model", str(tmp_path), "--ranks", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "classification head 'classifier', which trains whole" in out and "weights as stored (bfloat16)" in out

@@ -303,6 +303,8 @@ def test_generate_arguments():
         generate(model, prompt, max_new_tokens=5, top_k=-1)
     with pytest.raises(ValueError, match="at least one token.*end-of-text"):
         generate(model, prompt[:, :0], max_new_tokens=5)
+    with pytest.raises(ValueError, match="context_size must be a positive number of tokens, got 0"):
+        generate(model, prompt, max_new_tokens=2, context_size=0)
     with pytest.raises(ValueError, match="pad prompts on the left"):
         generate(model, prompt, max_new_tokens=2, attention_mask=torch.tensor([[1, 1, 0, 0]]))
 

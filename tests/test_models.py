@@ -89,3 +89,32 @@ def test_building_on_meta_does_not_initialise_weights():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # initialising meta tensors would import torch's compiler (~1.5 s)
+
+
+def test_a_meta_build_leaves_weight_init_alone(tmp_path):
+    """The first transformers model of a process built on meta must not leave later models
+    uninitialised (transformers keeps the torch.nn.init functions it first sees)."""
+    import subprocess
+    import sys
+
+    _config("Bert", architectures=["BertForSequenceClassification"]).save_pretrained(tmp_path)
+    code = (
+        "import torch; from lora_lab import build_model, GPTModel, GPT2_CONFIGS; "
+        f"build_model({str(tmp_path)!r}); build_model('gpt2-124m'); build_model('minilm-l6'); "
+        "from transformers import BertConfig, BertForSequenceClassification; "
+        "m = BertForSequenceClassification(BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=1, "
+        "num_attention_heads=2, intermediate_size=64)); "
+        "print(round(m.bert.embeddings.word_embeddings.weight.std().item(), 3), m.classifier.bias.abs().max().item(), "
+        "round(torch.nn.Linear(64, 64).weight.std().item(), 2))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out[:2] == ["0.02", "0.0"]  # initializer_range 0.02, zero biases: transformers' own init ran
+    assert 0.05 < float(out[2]) < 0.1  # torch's kaiming-uniform for a 64-wide linear: std 1/sqrt(3*64) = 0.072
+
+
+def test_unknown_architecture_is_refused_and_config_dtype_kept(tmp_path):
+    _config("Bert", architectures=["BertForMaskedLMv2"]).save_pretrained(tmp_path / "typo")
+    with pytest.raises(ValueError, match=r"names architectures \['BertForMaskedLMv2'\], which transformers"):
+        build_model(str(tmp_path / "typo"))
+    _config("Bert", architectures=["BertModel"], dtype="bfloat16").save_pretrained(tmp_path / "bf16")
+    assert {p.dtype for p in build_model(str(tmp_path / "bf16")).parameters()} == {torch.bfloat16}

@@ -199,3 +199,24 @@ def test_report_sorts_every_block(name):
                 expected[group] = expected.get(group, 0) + param.numel()
     got = {r.group: r.parameters for r in parameter_report(model)}
     assert got == expected
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "llama"])
+def test_rank_report_trains_a_classifier_head_as_peft_does(name):
+    """PEFT with task_type SEQ_CLS trains the classification head whole (modules_to_save): the
+    report counts it as trainable too (RoBERTa's classifier holds two linears)."""
+    peft = pytest.importorskip("peft")
+    import transformers as T
+
+    small = dict(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    cls = {"bert": (T.BertConfig, T.BertForSequenceClassification),
+           "roberta": (T.RobertaConfig, T.RobertaForSequenceClassification),
+           "llama": (T.LlamaConfig, T.LlamaForSequenceClassification)}[name]  # fmt: skip
+
+    def build():
+        torch.manual_seed(0)
+        return cls[1](cls[0](**small, pad_token_id=0))
+
+    row = rank_report(build, [8])[0]
+    theirs = peft.get_peft_model(build(), peft.LoraConfig(r=8, target_modules="all-linear", task_type="SEQ_CLS"))
+    assert row["trainable"] == theirs.get_nb_trainable_parameters()[0]
