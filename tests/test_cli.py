@@ -116,3 +116,18 @@ def test_report_header_names_dtype_and_classifier(tmp_path, capsys):
     assert main(["report", "--model", str(tmp_path), "--ranks", "4"]) == 0
     out = capsys.readouterr().out
     assert "classification head 'classifier', which trains whole" in out and "weights as stored (bfloat16)" in out
+
+
+def test_train_bad_input_is_one_line(tmp_path, capsys):
+    cases = [
+        (["--dataset", "imdb"], "unknown dataset 'imdb'"),
+        (["--dataset", f"csv:{tmp_path / 'none.csv'}"], "no such file"),
+        (["--dataset", "sms-spam", "--data-path", str(tmp_path / "none.tsv")], "none.tsv not found"),
+    ]
+    table = tmp_path / "t.csv"
+    table.write_text("review,stars\n" + "".join(f"text {i},{i % 2}\n" for i in range(30)))
+    cases.append((["--dataset", f"csv:{table}"], r"has no column(s) ['text', 'label']"))
+    for args, message in cases:
+        assert main(["train", *args, "--out", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err

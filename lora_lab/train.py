@@ -1,0 +1,436 @@
+"""Fine-tuning with LoRA: one plain loop, two tasks.
+
+Classification: the model's logits for the whole text (our GPTModel: the last real token's
+logits, as in the book's chapter 6; a Hugging Face model: its sequence-classification head), and
+cross-entropy against the label (optionally class-weighted). Causal LM (instruction tuning): the
+logits at every position, and cross-entropy against the next token, where the targets are -100
+(skipped) on padding and on the prompt, so the model learns the responses.
+
+The loop reads top to bottom: forward, loss, backward, clip, step, schedule, log; an evaluation
+at the end of every epoch; a checkpoint after it. A run is a directory:
+
+    config.json      exactly what ran (TrainConfig)
+    checkpoint.pt    trainable tensors, optimizer, schedule, history, RNG: resumes after the last epoch
+    adapter.safetensors, peft/   the adapter with the trained head, and its PEFT export
+    metrics.json     final metrics; history.csv and history.png; confusion.png (classification)
+
+A run started again with the same config continues after its last finished epoch; a finished run
+is not trained again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+import resource
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data as D
+from .adapters import export_peft_adapter, save_adapter
+from .files import atomic_path, write_text
+from .inject import inject_lora, mark_only_lora_trainable
+from .params import count_parameters
+
+CONFIG, CHECKPOINT, METRICS, HISTORY = "config.json", "checkpoint.pt", "metrics.json", "history.csv"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a run. Saved as config.json; resuming needs the same values."""
+
+    model: str = "gpt2-124m"
+    dataset: str = "sms-spam"
+    data_path: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    balanced: bool = True  # sms-spam: the book's balanced 747 + 747
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    use_rslora: bool = False
+    targets: list[str] | str = "all-linear"
+    epochs: int = 3
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 5e-4
+    weight_decay: float = 0.01
+    schedule: str = "cosine"  # cosine | linear | constant, after a linear warmup
+    warmup: float = 0.05  # fraction of the optimizer steps
+    clip: float = 1.0  # max gradient norm; 0 turns clipping off
+    class_weights: list[float] | None = None
+    seed: int = 123
+    max_length: int | None = None  # tokens per example; default: the model's context
+    pooling: str = "last-token"  # GPTModel classification: last-token (masked) or last-position (the book's)
+    pad_to: int | None = None  # classification: pad every batch to this length (the book: 120), else the longest
+    train_head: bool = True  # classification: the new head trains whole (False: it is frozen or LoRA-targeted)
+    mask_prompt: bool = True  # instruction tuning: learn the response only
+    template: str = "alpaca"  # instruction prompt: alpaca, or chat (the model's chat template)
+    bf16: bool = False  # autocast to bfloat16 (GPU)
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    max_steps: int | None = None  # stop after this many optimizer steps (quick checks)
+
+    def task(self) -> str:
+        return "causal-lm" if self.dataset == "instructions" else "classification"
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss); nothing broken was saved."""
+
+
+# ---- what a batch means for each kind of model ----------------------------------------------
+
+
+def forward_logits(
+    model: nn.Module, batch: dict[str, torch.Tensor], kind: str, task: str, pooling: str
+) -> torch.Tensor:
+    """Classification: (B, classes); causal LM: (B, T, vocab)."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    if kind == "hf":
+        return model(input_ids=ids, attention_mask=mask).logits
+    if task == "causal-lm":
+        return model(ids)  # right padding: causal attention never looks at it
+    if pooling == "last-position":  # the book: no mask, the last position (padding included)
+        return model(ids)[:, -1, :]
+    logits = model(ids, attention_mask=mask)  # (B, T, classes)
+    last = mask.sum(dim=1) - 1  # index of each row's last real token
+    return logits[torch.arange(len(ids), device=ids.device), last]
+
+
+def batch_loss(logits: torch.Tensor, labels: torch.Tensor, task: str, weights: torch.Tensor | None) -> torch.Tensor:
+    if task == "causal-lm":
+        return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=D.IGNORE_INDEX)
+    return F.cross_entropy(logits.float(), labels, weight=weights)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Learning-rate multiplier at optimizer step `step` of `total`: linear warmup, then
+    cosine or linear decay to 0, or constant."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else max(0.0, 1 - progress)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, batches: Sequence[dict], kind: str, task: str, pooling: str, device: torch.device
+) -> dict:
+    """Mean loss over `batches`; for classification also the predictions and the labels."""
+    was_training = model.training
+    model.eval()
+    total, count, preds, labels = 0.0, 0, [], []
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = forward_logits(model, batch, kind, task, pooling)
+        n = int((batch["labels"] != D.IGNORE_INDEX).sum()) if task == "causal-lm" else len(batch["labels"])
+        total += batch_loss(logits, batch["labels"], task, None).item() * n
+        count += n
+        if task == "classification":
+            preds += logits.argmax(dim=-1).tolist()
+            labels += batch["labels"].tolist()
+    model.train(was_training)
+    out = {"loss": total / max(count, 1)}
+    if task == "classification":
+        out.update(
+            preds=preds,
+            labels=labels,
+            accuracy=sum(p == y for p, y in zip(preds, labels, strict=True)) / max(len(labels), 1),
+        )
+    return out
+
+
+def classification_metrics(labels: Sequence[int], preds: Sequence[int], names: Sequence[str]) -> dict:
+    """Accuracy; precision, recall and F1 of the positive class (label 1) and macro; the confusion
+    matrix (rows: true label, columns: predicted). scikit-learn's definitions."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
+
+    classes = list(range(len(names)))
+    p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=classes, zero_division=0)
+    mp, mr, mf, _ = precision_recall_fscore_support(labels, preds, labels=classes, average="macro", zero_division=0)
+    positive = 1 if len(names) > 1 else 0
+    return {
+        "accuracy": float(accuracy_score(labels, preds)),
+        "precision": float(p[positive]),
+        "recall": float(r[positive]),
+        "f1": float(f[positive]),
+        "positive_class": names[positive],
+        "macro_precision": float(mp),
+        "macro_recall": float(mr),
+        "macro_f1": float(mf),
+        "confusion_matrix": confusion_matrix(labels, preds, labels=classes).tolist(),
+    }
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory of this run: the accelerator's allocations, or the process's resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+
+# ---- the loop --------------------------------------------------------------------------------
+
+
+@dataclass
+class Fitted:
+    """What `fit` leaves: the history of every epoch and the training throughput."""
+
+    history: list[dict]
+    steps: int
+    tokens: int
+    seconds: float
+    step_losses: list[float]  # the mean training loss of each optimizer step, this call's steps
+
+
+def fit(
+    model: nn.Module,
+    train_rows: Sequence,
+    collate: Callable[[Sequence], dict],
+    val_batches: Sequence[dict],
+    cfg: TrainConfig,
+    kind: str,
+    device: torch.device,
+    on_epoch_end: Callable[..., None] | None = None,
+    resume: dict | None = None,
+) -> Fitted:
+    """Train the parameters of `model` that require grad (LoRA, a head) for `cfg.epochs` over
+    `train_rows`, batches drawn in an order fixed by `cfg.seed` and the epoch. `resume` is a
+    checkpoint from an earlier call with the same settings: training goes on after its epoch."""
+    task = cfg.task()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: no parameter requires grad (inject LoRA or name a head to train)")
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    per_epoch = math.ceil(math.ceil(len(train_rows) / cfg.batch_size) / cfg.grad_accum)
+    total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+    warmup = int(cfg.warmup * total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, cfg.schedule))
+    weights = torch.tensor(cfg.class_weights, device=device) if cfg.class_weights else None
+    history, start, step, tokens, seconds, step_losses = [], 0, 0, 0, 0.0, []
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        history, start, step = resume["history"], resume["epoch"] + 1, resume["step"]
+        tokens, seconds = resume["tokens"], resume["seconds"]
+        torch.set_rng_state(resume["rng"])
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    model.train()
+    for epoch in range(start, cfg.epochs):
+        if cfg.max_steps is not None and step >= cfg.max_steps:
+            break
+        epoch_batches = D.batches(train_rows, cfg.batch_size, collate, shuffle=True, seed=cfg.seed + epoch)
+        running, seen, started, accumulated = 0.0, 0, time.perf_counter(), []
+        bar = tqdm(epoch_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
+        for index, batch in enumerate(bar):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast:
+                logits = forward_logits(model, batch, kind, task, cfg.pooling)
+            loss = batch_loss(logits, batch["labels"], task, weights)
+            if not torch.isfinite(loss):
+                raise TrainingError(
+                    f"the loss is {loss.item()} at optimizer step {step + 1} (epoch {epoch + 1}, batch {index + 1}): "
+                    f"training diverged. Lower --lr (now {cfg.lr}) or check the data; nothing of this epoch was saved"
+                    + (f", the checkpoint of epoch {epoch} stands" if epoch else "")
+                )
+            (loss / cfg.grad_accum).backward()
+            running += loss.item()
+            accumulated.append(loss.item())
+            seen += 1
+            tokens += int(batch["attention_mask"].sum())
+            if (index + 1) % cfg.grad_accum == 0 or index + 1 == len(epoch_batches):
+                if cfg.clip:
+                    torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                step_losses.append(sum(accumulated) / len(accumulated))
+                accumulated = []
+                bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+                if cfg.max_steps is not None and step >= cfg.max_steps:
+                    break
+        seconds += time.perf_counter() - started
+        val = evaluate(model, val_batches, kind, task, cfg.pooling, device)
+        row = {"epoch": epoch + 1, "step": step, "train_loss": running / max(seen, 1), "val_loss": val["loss"]}
+        if task == "classification":
+            row["val_accuracy"] = val["accuracy"]
+        history.append(row)
+        tqdm.write(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, history, optimizer, scheduler, step, tokens, seconds)
+    return Fitted(history, step, tokens, seconds, step_losses)
+
+
+# ---- a run directory -------------------------------------------------------------------------
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(run: Path, model, epoch, history, optimizer, scheduler, step, tokens, seconds) -> None:
+    state = {
+        "epoch": epoch,
+        "step": step,
+        "tokens": tokens,
+        "seconds": seconds,
+        "history": history,
+        "trainable": _trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+    }
+    with atomic_path(run / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+
+
+def prepare(cfg: TrainConfig):
+    """The dataset, the pretrained model with LoRA injected (and its head set to train), the
+    tokenizer, and the batches' collate: everything `train` needs."""
+    from .models import load_pretrained
+
+    dataset = D.load_dataset(cfg.dataset, cfg.data_path, cfg.seed, cfg.text_column, cfg.label_column, cfg.balanced)
+    num_labels = len(dataset.labels) if isinstance(dataset, D.ClassificationData) else 0
+    torch.manual_seed(cfg.seed)  # the new head's initial weights
+    loaded = load_pretrained(cfg.model, cfg.task(), num_labels=num_labels, max_length=cfg.max_length)
+    torch.manual_seed(cfg.seed)  # LoRA's initial A
+    targets = cfg.targets if cfg.targets == "all-linear" or isinstance(cfg.targets, str) else list(cfg.targets)
+    inject_lora(loaded.model, targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora)
+    mark_only_lora_trainable(loaded.model, train=_whole(cfg, loaded))
+    if cfg.gradient_checkpointing:
+        if not hasattr(loaded.model, "gradient_checkpointing_enable"):
+            raise ValueError(f"{cfg.model}: gradient checkpointing is offered for Hugging Face models, not GPTModel")
+        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.class_weights is not None and len(cfg.class_weights) != num_labels:
+        raise ValueError(f"{len(cfg.class_weights)} class weights for {num_labels} classes {dataset.labels}")
+    return dataset, loaded
+
+
+def _whole(cfg: TrainConfig, loaded) -> list[str]:
+    """The modules that train whole next to LoRA (and are saved with the adapter): the new head."""
+    return [loaded.head] if loaded.head and cfg.train_head else []
+
+
+def collate_for(cfg: TrainConfig, tok: D.Tokenizer) -> Callable[[Sequence], dict]:
+    if cfg.task() == "causal-lm":
+        return lambda rows: D.causal_lm_batch(rows, tok, cfg.mask_prompt, cfg.template)
+    return lambda rows: D.classification_batch(rows, tok, cfg.pad_to)
+
+
+def train(cfg: TrainConfig, out: str | Path) -> dict:
+    """Run `cfg` into the directory `out` (made if need be) and return its metrics. A directory
+    that holds a checkpoint of the same config resumes; one of another config is refused."""
+    from .plots import plot_confusion, plot_history
+
+    run = Path(out)
+    config_text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
+    resume = None
+    if (run / CONFIG).is_file():
+        if json.loads((run / CONFIG).read_text()) != json.loads(config_text):
+            raise ValueError(
+                f"{run} holds a run of another config ({run / CONFIG}); give another --out, or delete it to start over"
+            )
+        if (run / METRICS).is_file():
+            return json.loads((run / METRICS).read_text())  # finished already
+        if (run / CHECKPOINT).is_file():
+            resume = torch.load(run / CHECKPOINT, weights_only=False)
+    random.seed(cfg.seed)
+    device = _device(cfg.device)
+    dataset, loaded = prepare(cfg)
+    model, tok, task = loaded.model.to(device), loaded.tokenizer, cfg.task()
+    if resume is not None:
+        missing = set(resume["trainable"]) - {n for n, p in model.named_parameters() if p.requires_grad}
+        if missing:
+            raise ValueError(f"{run / CHECKPOINT} does not fit this model (no trainable {sorted(missing)[:3]})")
+        model.load_state_dict(resume["trainable"], strict=False)
+        tqdm.write(f"resuming {run} after epoch {resume['epoch'] + 1}")
+    write_text(run / CONFIG, config_text)
+    collate = collate_for(cfg, tok)
+    val_batches = D.batches(dataset.val, cfg.batch_size, collate, shuffle=False)
+
+    def on_epoch_end(epoch, history, optimizer, scheduler, step, tokens, seconds) -> None:
+        _save_checkpoint(run, model, epoch, history, optimizer, scheduler, step, tokens, seconds)
+
+    if resume is None:  # where training starts from, for the before-and-after in metrics.json
+        initial = evaluate(model, val_batches, loaded.kind, task, cfg.pooling, device)
+        write_text(run / "initial.json", json.dumps({k: v for k, v in initial.items() if k in ("loss", "accuracy")}))
+    fitted = fit(model, dataset.train, collate, val_batches, cfg, loaded.kind, device, on_epoch_end, resume)
+    count = count_parameters(model)
+    metrics: dict = {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "task": task,
+        "trainable_params": count.trainable,
+        "total_params": count.total,
+        "epochs": len(fitted.history),
+        "steps": fitted.steps,
+        "train_seconds": round(fitted.seconds, 2),
+        "tokens_per_second": round(fitted.tokens / fitted.seconds, 1) if fitted.seconds else None,
+        "peak_memory_mib": round(peak_memory_mib(device), 1),
+        "device": str(device),
+        "final_train_loss": fitted.history[-1]["train_loss"] if fitted.history else None,
+        "final_val_loss": fitted.history[-1]["val_loss"] if fitted.history else None,
+        "initial_val_loss": json.loads((run / "initial.json").read_text())["loss"],
+    }
+    test_batches = D.batches(dataset.test, cfg.batch_size, collate, shuffle=False)
+    test = evaluate(model, test_batches, loaded.kind, task, cfg.pooling, device)
+    metrics["test_loss"] = test["loss"]
+    if task == "classification":
+        metrics["labels"] = dataset.labels
+        train_eval = evaluate(model, D.batches(dataset.train, cfg.batch_size, collate, False), loaded.kind, task,
+                              cfg.pooling, device)  # fmt: skip
+        metrics["train_accuracy"] = train_eval["accuracy"]
+        metrics["val_accuracy"] = fitted.history[-1]["val_accuracy"] if fitted.history else None
+        metrics["test"] = classification_metrics(test["labels"], test["preds"], dataset.labels)
+        metrics["test_accuracy"] = metrics["test"]["accuracy"]
+        plot_confusion(metrics["test"]["confusion_matrix"], dataset.labels, run / "confusion.png")
+    else:
+        metrics["test_perplexity"] = math.exp(min(test["loss"], 50))
+    extra = _whole(cfg, loaded)
+    save_adapter(model, run / "adapter.safetensors", extra=extra)
+    export_peft_adapter(model, run / "peft", base_model_name_or_path=loaded.source, extra=extra)
+    lines = [",".join(fitted.history[0])] + [",".join(str(v) for v in row.values()) for row in fitted.history]
+    write_text(run / HISTORY, "\n".join(lines) + "\n")
+    plot_history(fitted.history, run / "history.png", title=f"{cfg.model} on {cfg.dataset}, LoRA r={cfg.rank}")
+    write_text(run / METRICS, json.dumps(metrics, indent=2) + "\n")
+    (run / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the adapter and metrics hold it
+    return metrics
+
+
+def load_run(run: str | Path):
+    """The config of a finished run and its model with the run's adapter loaded, in eval mode."""
+    from .adapters import load_adapter
+    from .models import load_pretrained
+
+    run = Path(run)
+    if not (run / CONFIG).is_file() or not (run / "adapter.safetensors").is_file():
+        raise FileNotFoundError(f"{run} is not a finished lora-lab train run (no config.json and adapter.safetensors)")
+    cfg = TrainConfig(**json.loads((run / CONFIG).read_text()))
+    metrics = json.loads((run / METRICS).read_text()) if (run / METRICS).is_file() else {}
+    labels = metrics.get("labels") or ([] if cfg.task() == "causal-lm" else ["0", "1"])
+    torch.manual_seed(cfg.seed)  # as `prepare` did: a head that was not saved (frozen) comes back the same
+    loaded = load_pretrained(cfg.model, cfg.task(), num_labels=len(labels), max_length=cfg.max_length)
+    load_adapter(loaded.model, run / "adapter.safetensors")
+    loaded.model.eval()
+    return cfg, loaded, labels

@@ -1,0 +1,115 @@
+import hashlib
+
+import pytest
+from conftest import shared_file
+
+from lora_lab import data as D
+
+
+def test_sms_spam_book_split(tmp_path):
+    path = shared_file("sms_spam/SMSSpamCollection")
+    rows = D.read_sms_spam(path)
+    assert len(rows) == 5574 and sum(y for _, y in rows) == 747  # pandas' default quoting would give 5,572
+    data = D.sms_spam(path)
+    assert (len(data.train), len(data.val), len(data.test)) == (1045, 149, 300)
+    assert sum(y for split in (data.train, data.val, data.test) for _, y in split) == 747
+    assert sum(c["spam"] for c in data.counts().values()) == 747 == sum(c["ham"] for c in data.counts().values())
+    # the packaged copy is the same file, so the default job needs no download
+    packaged = (D.PACKAGED / "SMSSpamCollection").read_bytes()
+    assert hashlib.sha256(packaged).digest() == hashlib.sha256(path.read_bytes()).digest()
+    assert D.sms_spam().train == data.train
+
+
+def test_sms_spam_full_split_is_stratified():
+    data = D.sms_spam(balanced=False, seed=1)
+    sizes = [len(data.train), len(data.val), len(data.test)]
+    assert sum(sizes) == 5574 and sizes[0] == int(0.7 * 4827) + int(0.7 * 747)
+    for split in ("train", "val", "test"):
+        counts = data.counts()[split]
+        assert abs(counts["spam"] / (counts["spam"] + counts["ham"]) - 747 / 5574) < 0.01
+
+
+def test_sms_spam_errors(tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("ham\tfine\nspamm\toops\n")
+    with pytest.raises(ValueError, match="bad.tsv, line 2: expected 'ham' or 'spam'"):
+        D.read_sms_spam(bad)
+    with pytest.raises(FileNotFoundError, match="missing.tsv not found"):
+        D.read_sms_spam(tmp_path / "missing.tsv")
+
+
+def test_sentiment_reads_cp1252_line_by_line():
+    folder = shared_file("sentiment/rt-polarity.pos").parent
+    data = D.sentiment(folder)
+    rows = data.train + data.val + data.test
+    assert len(rows) == 2 * 5331 and sum(y for _, y in rows) == 5331
+    assert any("…" in text for text, _ in rows)  # byte 0x85 in cp1252, not a line break
+    assert data.labels == ["negative", "positive"]
+
+
+def test_csv_dataset(tmp_path):
+    path = tmp_path / "reviews.tsv"
+    lines = ["review\tstars"] + [f"text number {i}\t{'good' if i % 3 else 'bad'}" for i in range(40)]
+    path.write_text("\n".join(lines) + "\n")
+    data = D.load_dataset(f"csv:{path}", text_column="review", label_column="stars")
+    assert data.labels == ["bad", "good"] and len(data.train) + len(data.val) + len(data.test) == 40
+    with pytest.raises(
+        ValueError, match=r"has no column\(s\) \['text', 'label'\]; its columns are \['review', 'stars'\]"
+    ):
+        D.load_dataset(f"csv:{path}")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        D.load_dataset(f"csv:{tmp_path / 'none.csv'}")
+    with pytest.raises(ValueError, match="unknown dataset 'imdb'"):
+        D.load_dataset("imdb")
+    tiny = tmp_path / "tiny.csv"
+    tiny.write_text("text,label\na,0\nb,1\n")
+    with pytest.raises(ValueError, match="the train split is empty; give more examples"):
+        D.load_dataset(f"csv:{tiny}")
+
+
+def test_instructions_book_split():
+    data = D.instructions(shared_file("instruction/instruction-data.json"))
+    assert (len(data.train), len(data.val), len(data.test)) == (935, 55, 110)
+    prompt = D.alpaca_prompt({"instruction": "Add 2 and 3.", "input": "", "output": "5"})
+    assert prompt.endswith("### Instruction:\nAdd 2 and 3.\n\n### Response:\n") and "### Input" not in prompt
+
+
+def _char_tokenizer(max_length: int = 32) -> D.Tokenizer:
+    """One id per character (ord % 90 + 1); pad 0, end 99."""
+    return D.Tokenizer(
+        encode=lambda t: [ord(c) % 90 + 1 for c in t], decode=lambda ids: "", pad_id=0, eos_id=99,
+        max_length=max_length,
+    )  # fmt: skip
+
+
+def test_classification_batch_pads_truncates_and_masks():
+    tok = _char_tokenizer(max_length=6)
+    batch = D.classification_batch([("abc", 1), ("abcdefghij", 0)], tok)
+    assert batch["input_ids"].shape == (2, 6)  # truncated to the model's length
+    assert batch["input_ids"][0, 3:].tolist() == [0, 0, 0]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0], [1] * 6]
+    assert batch["labels"].tolist() == [1, 0]
+    fixed = D.classification_batch([("ab", 0)], _char_tokenizer(), pad_to=5)  # the book's fixed length
+    assert fixed["input_ids"].shape == (1, 5)
+
+
+def test_causal_lm_batch_masks_padding_and_prompt():
+    tok = _char_tokenizer(max_length=400)
+    entries = [{"instruction": "x", "input": "", "output": "yz"}, {"instruction": "xx", "input": "w", "output": "y"}]
+    batch = D.causal_lm_batch(entries, tok, mask_prompt=True)
+    ids, labels = batch["input_ids"], batch["labels"]
+    for row, entry in enumerate(entries):
+        full, n_prompt = D.instruction_tokens(entry, tok)
+        n = len(full) - 1
+        assert (
+            ids[row, :n].tolist() == full[:-1]
+            and labels[row, n - len(entry["output"]) - 1 : n].tolist() == (full[n_prompt:])
+        )  # the response and the end token are the targets
+        assert (labels[row, : n_prompt - 1] == D.IGNORE_INDEX).all()  # the prompt is not learned
+        assert (labels[row, n:] == D.IGNORE_INDEX).all() and (ids[row, n:] == 0).all()  # padding
+    unmasked = D.causal_lm_batch(entries, tok, mask_prompt=False)
+    for row, entry in enumerate(entries):
+        full, _ = D.instruction_tokens(entry, tok)
+        assert unmasked["labels"][row, : len(full) - 1].tolist() == full[1:]  # every next token, prompt too
+    short = D.causal_lm_batch(entries, _char_tokenizer(max_length=20))
+    assert short["input_ids"].shape[1] == 19  # truncated to the context

