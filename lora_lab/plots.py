@@ -23,23 +23,32 @@ def _save(fig, path: str | os.PathLike) -> None:
         fig.savefig(tmp, format=Path(path).suffix.lstrip(".") or "png", dpi=120, bbox_inches="tight")
 
 
-def plot_history(history: Sequence[dict], path: str | os.PathLike, title: str = "") -> None:
-    """Train and validation loss per epoch, and validation accuracy when there is one."""
+def plot_history(
+    history: Sequence[dict], path: str | os.PathLike, title: str = "", initial: dict | None = None
+) -> None:
+    """Train and validation loss per epoch, and validation accuracy when there is one; `initial`
+    (the validation loss and accuracy before training) is drawn at epoch 0."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in history]
     has_acc = any("val_accuracy" in row for row in history)
+    start = [0] if initial else []
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5.5, 3.8), squeeze=False)
     ax = axes[0][0]
-    ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train (mean over the epoch)")
-    ax.plot(epochs, [r["val_loss"] for r in history], "s-", label="validation (end of epoch)")
+    ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train (epoch mean)")
+    val = ([initial["loss"]] if initial else []) + [r["val_loss"] for r in history]
+    ax.plot(start + epochs, val, "s-", label="validation (0: before training)")
     ax.set(xlabel="epoch", ylabel="cross-entropy loss", title="loss")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="upper right")
     if has_acc:
         ax = axes[0][1]
-        ax.plot(epochs, [100 * r["val_accuracy"] for r in history], "s-", color="tab:green")
+        acc = ([initial["accuracy"]] if initial and "accuracy" in initial else []) + [
+            r["val_accuracy"] for r in history
+        ]
+        ax.plot((start if len(acc) > len(epochs) else []) + epochs, [100 * a for a in acc], "s-", color="tab:green")
         ax.set(xlabel="epoch", ylabel="accuracy (%)", title="validation accuracy")
+        ax.set_ylim(max(0.0, 100 * min(acc) - 5), 100.5)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     if title:

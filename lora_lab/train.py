@@ -375,6 +375,7 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
     if resume is None:  # where training starts from, for the before-and-after in metrics.json
         initial = evaluate(model, val_batches, loaded.kind, task, cfg.pooling, device)
         write_text(run / "initial.json", json.dumps({k: v for k, v in initial.items() if k in ("loss", "accuracy")}))
+        torch.manual_seed(cfg.seed)  # dropout masks from here on (a resumed run restores its RNG state)
     fitted = fit(model, dataset.train, collate, val_batches, cfg, loaded.kind, device, on_epoch_end, resume)
     count = count_parameters(model)
     metrics: dict = {
@@ -392,6 +393,7 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
         "final_train_loss": fitted.history[-1]["train_loss"] if fitted.history else None,
         "final_val_loss": fitted.history[-1]["val_loss"] if fitted.history else None,
         "initial_val_loss": json.loads((run / "initial.json").read_text())["loss"],
+        "initial_val_accuracy": json.loads((run / "initial.json").read_text()).get("accuracy"),
     }
     test_batches = D.batches(dataset.test, cfg.batch_size, collate, shuffle=False)
     test = evaluate(model, test_batches, loaded.kind, task, cfg.pooling, device)
@@ -412,7 +414,8 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
     export_peft_adapter(model, run / "peft", base_model_name_or_path=loaded.source, extra=extra)
     lines = [",".join(fitted.history[0])] + [",".join(str(v) for v in row.values()) for row in fitted.history]
     write_text(run / HISTORY, "\n".join(lines) + "\n")
-    plot_history(fitted.history, run / "history.png", title=f"{cfg.model} on {cfg.dataset}, LoRA r={cfg.rank}")
+    initial = json.loads((run / "initial.json").read_text())
+    plot_history(fitted.history, run / "history.png", f"{cfg.model} on {cfg.dataset}, LoRA r={cfg.rank}", initial)
     write_text(run / METRICS, json.dumps(metrics, indent=2) + "\n")
     (run / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the adapter and metrics hold it
     return metrics
