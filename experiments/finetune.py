@@ -91,10 +91,9 @@ def peft_same_settings(cfg: TrainConfig) -> dict:
             model.base_model.model.get_submodule(name).lora_A["default"].weight.copy_(w.lora.A)
     collate = lambda rows: D.classification_batch(rows, loaded.tokenizer)  # noqa: E731
     val = D.batches(dataset.val, cfg.batch_size, collate, shuffle=False)
-    start = time.perf_counter()
     torch.manual_seed(cfg.seed)  # the same dropout masks as lora_lab's run
     fitted = fit(model, dataset.train, collate, val, cfg, "hf", torch.device("cpu"))
-    seconds = time.perf_counter() - start
+    seconds = fitted.seconds  # training alone, as lora_lab's train_seconds
     test = evaluate(model, D.batches(dataset.test, cfg.batch_size, collate, False), "hf", "classification", "", "cpu")
     trainable, _ = model.get_nb_trainable_parameters()
     return {"trainable_params": trainable, "train_seconds": seconds, "history": fitted.history,

@@ -119,15 +119,18 @@ def _train(args: argparse.Namespace) -> int:
 def _classify(args: argparse.Namespace) -> int:
     import torch
 
-    from .data import classification_batch
-    from .train import forward_logits, load_run
+    from .train import collate_for, forward_logits, load_run
 
-    cfg, loaded, labels = load_run(args.run)
-    if cfg.task() != "classification":
-        raise ValueError(f"{args.run} is an instruction-tuning run: use lora-lab generate")
-    batch = classification_batch([(text, 0) for text in args.texts], loaded.tokenizer)
+    cfg, loaded, labels = load_run(args.run, task="classification")
+    collate = collate_for(cfg, loaded.tokenizer)  # as in training: same padding, same pooling
+    rows = [(text, 0) for text in args.texts]
+    # The book's last-position pooling reads whatever the last position holds: without a fixed
+    # length (pad_to) that depends on the other texts of the batch, so each text goes alone.
+    groups = [[row] for row in rows] if cfg.pooling == "last-position" and not cfg.pad_to else [rows]
     with torch.no_grad():
-        probs = forward_logits(loaded.model, batch, loaded.kind, "classification", cfg.pooling).softmax(-1)
+        probs = torch.cat(
+            [forward_logits(loaded.model, collate(g), loaded.kind, "classification", cfg.pooling) for g in groups]
+        ).softmax(-1)
     for text, p in zip(args.texts, probs, strict=True):
         best = int(p.argmax())
         print(f"{labels[best]}\t{p[best]:.3f}\t{text}")
@@ -137,9 +140,7 @@ def _classify(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from .train import load_run
 
-    cfg, loaded, _ = load_run(args.run)
-    if cfg.task() != "causal-lm":
-        raise ValueError(f"{args.run} is a classification run: use lora-lab classify")
+    cfg, loaded, _ = load_run(args.run, task="causal-lm")
     for instruction in args.instructions:
         print(answer(loaded, cfg.template, instruction, args.input, args.max_new_tokens))
     return 0
@@ -152,8 +153,11 @@ def answer(loaded, template: str, instruction: str, context: str = "", max_new_t
     from .gpt2 import generate
 
     tok = loaded.tokenizer
+    room = tok.max_length - max_new_tokens  # what the prompt may take of the context
+    if room < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in {tok.max_length} tokens")
     prompt = tok.encode(tok.prompt({"instruction": instruction, "input": context}, template))
-    ids = torch.tensor([prompt[-(tok.max_length - max_new_tokens) :]])
+    ids = torch.tensor([prompt[-room:]])  # a prompt too long keeps its end, where the response starts
     with torch.no_grad():
         if loaded.kind == "gpt":
             out = generate(loaded.model, ids, max_new_tokens=max_new_tokens, eos_id=tok.eos_id)

@@ -203,7 +203,7 @@ def csv_dataset(
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path} (csv:PATH needs a CSV or TSV file with a header row)")
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    with open(path, encoding="utf-8", newline="") as f:
+    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
         reader = csv.DictReader(f, delimiter=delimiter)
         columns = reader.fieldnames or []
         missing = [c for c in (text_column, label_column) if c not in columns]
@@ -213,6 +213,11 @@ def csv_dataset(
                 "--text-column and --label-column"
             )
         raw = [(row[text_column] or "", (row[label_column] or "").strip()) for row in reader]
+    empty = [number for number, (_, label) in enumerate(raw, start=2) if not label]
+    if empty:
+        raise ValueError(
+            f"{path}: {len(empty)} row(s) have no {label_column!r} (first on line {empty[0]}): label or remove them"
+        )
     names = sorted(
         {label for _, label in raw},
         key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v),
@@ -321,7 +326,8 @@ def hf_text_tokenizer(tok: object, max_length: int) -> Tokenizer:
         )
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
     return Tokenizer(
-        encode=lambda text: tok(text, add_special_tokens=True)["input_ids"],
+        # truncated by the tokenizer, which keeps the closing special token ([SEP])
+        encode=lambda text: tok(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"],
         decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
         pad_id=pad,
         eos_id=eos if eos is not None else pad,

@@ -127,9 +127,16 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, batches: Sequence[dict], kind: str, task: str, pooling: str, device: torch.device
+    model: nn.Module,
+    batches: Sequence[dict],
+    kind: str,
+    task: str,
+    pooling: str,
+    device: torch.device,
+    weights: torch.Tensor | None = None,
 ) -> dict:
-    """Mean loss over `batches`; for classification also the predictions and the labels."""
+    """Mean loss over `batches` (class-weighted as in training when `weights` are given); for
+    classification also the predictions and the labels."""
     was_training = model.training
     model.eval()
     total, count, preds, labels = 0.0, 0, [], []
@@ -137,7 +144,8 @@ def evaluate(
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = forward_logits(model, batch, kind, task, pooling)
         n = int((batch["labels"] != D.IGNORE_INDEX).sum()) if task == "causal-lm" else len(batch["labels"])
-        total += batch_loss(logits, batch["labels"], task, None).item() * n
+        if n:  # a batch whose responses were all cut off has nothing to score
+            total += batch_loss(logits, batch["labels"], task, weights).item() * n
         count += n
         if task == "classification":
             preds += logits.argmax(dim=-1).tolist()
@@ -154,20 +162,24 @@ def evaluate(
 
 
 def classification_metrics(labels: Sequence[int], preds: Sequence[int], names: Sequence[str]) -> dict:
-    """Accuracy; precision, recall and F1 of the positive class (label 1) and macro; the confusion
-    matrix (rows: true label, columns: predicted). scikit-learn's definitions."""
+    """Accuracy; precision, recall and F1 of the positive class (label 1) for two classes, the macro
+    means for more; macro means and every class's; the confusion matrix (rows: true label,
+    columns: predicted). scikit-learn's definitions."""
     from sklearn.metrics import accuracy_score, confusion_matrix, precision_recall_fscore_support
 
     classes = list(range(len(names)))
     p, r, f, _ = precision_recall_fscore_support(labels, preds, labels=classes, zero_division=0)
     mp, mr, mf, _ = precision_recall_fscore_support(labels, preds, labels=classes, average="macro", zero_division=0)
-    positive = 1 if len(names) > 1 else 0
+    binary = len(names) == 2  # the positive class is label 1; with more classes, the headline is the macro mean
     return {
         "accuracy": float(accuracy_score(labels, preds)),
-        "precision": float(p[positive]),
-        "recall": float(r[positive]),
-        "f1": float(f[positive]),
-        "positive_class": names[positive],
+        "precision": float(p[1] if binary else mp),
+        "recall": float(r[1] if binary else mr),
+        "f1": float(f[1] if binary else mf),
+        "positive_class": names[1] if binary else "macro",
+        "per_class": {
+            name: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i])} for i, name in enumerate(names)
+        },
         "macro_precision": float(mp),
         "macro_recall": float(mr),
         "macro_f1": float(mf),
@@ -218,7 +230,7 @@ def fit(
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(math.ceil(len(train_rows) / cfg.batch_size) / cfg.grad_accum)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
-    warmup = int(cfg.warmup * total)
+    warmup = math.ceil(cfg.warmup * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, cfg.schedule))
     weights = torch.tensor(cfg.class_weights, device=device) if cfg.class_weights else None
     history, start, step, tokens, seconds, step_losses = [], 0, 0, 0, 0.0, []
@@ -228,16 +240,24 @@ def fit(
         history, start, step = resume["history"], resume["epoch"] + 1, resume["step"]
         tokens, seconds = resume["tokens"], resume["seconds"]
         torch.set_rng_state(resume["rng"])
+        if resume.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(resume["cuda_rng"])
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     model.train()
     for epoch in range(start, cfg.epochs):
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
         epoch_batches = D.batches(train_rows, cfg.batch_size, collate, shuffle=True, seed=cfg.seed + epoch)
-        running, seen, started, accumulated = 0.0, 0, time.perf_counter(), []
+        running, seen, started, accumulated, skipped, group = 0.0, 0, time.perf_counter(), [], 0, 1
         bar = tqdm(epoch_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
         for index, batch in enumerate(bar):
             batch = {k: v.to(device) for k, v in batch.items()}
+            if index % cfg.grad_accum == 0:  # the batches of this optimizer step (fewer at the end of an epoch)
+                group = min(cfg.grad_accum, len(epoch_batches) - index)
+            if task == "causal-lm" and not (batch["labels"] != D.IGNORE_INDEX).any():
+                group -= 1  # every response cut off by --max-length: nothing to learn from this batch
+                skipped += 1
+                continue
             with autocast:
                 logits = forward_logits(model, batch, kind, task, cfg.pooling)
             loss = batch_loss(logits, batch["labels"], task, weights)
@@ -247,12 +267,12 @@ def fit(
                     f"training diverged. Lower --lr (now {cfg.lr}) or check the data; nothing of this epoch was saved"
                     + (f", the checkpoint of epoch {epoch} stands" if epoch else "")
                 )
-            (loss / cfg.grad_accum).backward()
+            (loss / max(group, 1)).backward()
             running += loss.item()
             accumulated.append(loss.item())
             seen += 1
             tokens += int(batch["attention_mask"].sum())
-            if (index + 1) % cfg.grad_accum == 0 or index + 1 == len(epoch_batches):
+            if ((index + 1) % cfg.grad_accum == 0 or index + 1 == len(epoch_batches)) and accumulated:
                 if cfg.clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.clip)
                 optimizer.step()
@@ -265,7 +285,15 @@ def fit(
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     break
         seconds += time.perf_counter() - started
-        val = evaluate(model, val_batches, kind, task, cfg.pooling, device)
+        if skipped:
+            tqdm.write(f"epoch {epoch + 1}: skipped {skipped} batch(es) whose responses --max-length cut off entirely")
+        val = evaluate(model, val_batches, kind, task, cfg.pooling, device, weights)
+        if val_batches and not math.isfinite(val["loss"]):
+            raise TrainingError(
+                f"the validation loss is {val['loss']} after epoch {epoch + 1} (optimizer step {step}): training "
+                f"diverged. Lower --lr (now {cfg.lr}); nothing of this epoch was saved"
+                + (f", the checkpoint of epoch {epoch} stands" if epoch else "")
+            )
         row = {"epoch": epoch + 1, "step": step, "train_loss": running / max(seen, 1), "val_loss": val["loss"]}
         if task == "classification":
             row["val_accuracy"] = val["accuracy"]
@@ -300,6 +328,7 @@ def _save_checkpoint(run: Path, model, epoch, history, optimizer, scheduler, ste
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
     }
     with atomic_path(run / CHECKPOINT) as tmp:
         torch.save(state, tmp)
@@ -421,8 +450,9 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
     return metrics
 
 
-def load_run(run: str | Path):
-    """The config of a finished run and its model with the run's adapter loaded, in eval mode."""
+def load_run(run: str | Path, task: str | None = None):
+    """The config of a finished run and its model with the run's adapter loaded, in eval mode;
+    refused before anything loads if the run is not of `task`."""
     from .adapters import load_adapter
     from .models import load_pretrained
 
@@ -430,6 +460,9 @@ def load_run(run: str | Path):
     if not (run / CONFIG).is_file() or not (run / "adapter.safetensors").is_file():
         raise FileNotFoundError(f"{run} is not a finished lora-lab train run (no config.json and adapter.safetensors)")
     cfg = TrainConfig(**json.loads((run / CONFIG).read_text()))
+    if task is not None and cfg.task() != task:
+        use = "lora-lab generate" if cfg.task() == "causal-lm" else "lora-lab classify"
+        raise ValueError(f"{run} is a {cfg.task()} run ({cfg.dataset}), not {task}: use {use}")
     metrics = json.loads((run / METRICS).read_text()) if (run / METRICS).is_file() else {}
     labels = metrics.get("labels") or ([] if cfg.task() == "causal-lm" else ["0", "1"])
     torch.manual_seed(cfg.seed)  # as `prepare` did: a head that was not saved (frozen) comes back the same

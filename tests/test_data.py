@@ -113,3 +113,12 @@ def test_causal_lm_batch_masks_padding_and_prompt():
         assert unmasked["labels"][row, : len(full) - 1].tolist() == full[1:]  # every next token, prompt too
     short = D.causal_lm_batch(entries, _char_tokenizer(max_length=20))
     assert short["input_ids"].shape[1] == 19  # truncated to the context
+
+
+def test_csv_with_a_bom_and_empty_labels(tmp_path):
+    path = tmp_path / "excel.csv"
+    path.write_text("\ufefftext,label\n" + "".join(f"t{i},{i % 2}\n" for i in range(30)), encoding="utf-8")
+    assert D.load_dataset(f"csv:{path}").labels == ["0", "1"]
+    path.write_text("text,label\n" + "".join(f"t{i},{'' if i == 3 else i % 2}\n" for i in range(30)))
+    with pytest.raises(ValueError, match=r"1 row\(s\) have no 'label' \(first on line 5\)"):
+        D.load_dataset(f"csv:{path}")

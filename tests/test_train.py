@@ -213,7 +213,8 @@ def test_classify_a_trained_run(spam_run, capsys):
     assert lines[0].startswith("spam\t") and lines[0].endswith(spam)
     assert lines[1].startswith("ham\t") and lines[1].endswith(ham)
     assert main(["generate", "--run", str(run), "Say hi."]) == 2
-    assert "is a classification run: use lora-lab classify" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a classification run (sms-spam), not causal-lm: use lora-lab classify" in err
     assert main(["classify", "--run", str(run.parent), "text"]) == 2
     assert "is not a finished lora-lab train run" in capsys.readouterr().err
 
@@ -249,3 +250,51 @@ def test_readme_sms_spam_figures(tmp_path):
                       "dense"], epochs=3, batch_size=16, lr=1e-3, max_length=128)  # fmt: skip
     metrics = train(cfg, tmp_path / "run")
     assert metrics["test"]["accuracy"] >= 0.97 and metrics["test"]["f1"] >= 0.96, metrics["test"]
+
+
+def test_classify_reads_texts_as_training_did(tiny_runs, tmp_path, capsys):
+    """The book's last-position pooling with a fixed length: a text gets the same label alone
+    or among others, as in training."""
+    cfg = TrainConfig(**{**vars(tiny_runs), "pooling": "last-position", "pad_to": 16})
+    train(cfg, tmp_path / "run")
+    capsys.readouterr()  # the training log
+    texts = [t for t, _ in _learnable_rows(12, seed=7)]
+    assert main(["classify", "--run", str(tmp_path / "run"), *texts]) == 0
+    together = [line.split("\t")[:2] for line in capsys.readouterr().out.splitlines()]
+    alone = []
+    for text in texts:
+        assert main(["classify", "--run", str(tmp_path / "run"), text]) == 0
+        alone.append(capsys.readouterr().out.split("\t")[:2])
+    assert together == alone
+
+
+def test_divergence_after_the_last_step_saves_nothing(tiny_runs, tmp_path):
+    """One batch an epoch: the loss is finite before the only step; the step itself diverges."""
+    cfg = TrainConfig(**{**vars(tiny_runs), "epochs": 1, "batch_size": 200, "lr": 1e30, "clip": 0.0})
+    with pytest.raises(TrainingError, match="the validation loss is nan after epoch 1"):
+        train(cfg, tmp_path / "run")
+    assert not {"adapter.safetensors", "metrics.json", "checkpoint.pt"} & {p.name for p in (tmp_path / "run").iterdir()}
+
+
+def test_responses_cut_off_entirely_are_skipped(bpe_file):
+    tok = D.gpt2_text_tokenizer(max_length=40, bpe_file=bpe_file)  # the Alpaca header alone is ~30 tokens
+    entries = [{"instruction": "word " * 30, "input": "", "output": "An answer."}] * 4
+    collate = lambda r: D.causal_lm_batch(r, tok)  # noqa: E731
+    model = tiny_gpt(vocab_size=50257, context_length=40)
+    inject_lora(model, "all-linear", rank=2)
+    mark_only_lora_trainable(model)
+    batches = D.batches(entries, 4, collate, shuffle=False)
+    assert not (batches[0]["labels"] != D.IGNORE_INDEX).any()
+    cfg = TrainConfig(dataset="instructions", epochs=1, batch_size=4)
+    fitted = fit(model, entries, collate, batches, cfg, "gpt", CPU)  # no NaN, no "diverged"
+    assert fitted.steps == 0 and fitted.history[0]["val_loss"] == 0.0
+
+
+def test_multi_class_headline_is_macro():
+    from lora_lab.train import classification_metrics
+
+    m = classification_metrics([0, 1, 2, 2, 1], [0, 2, 2, 2, 1], ["neg", "neutral", "pos"])
+    assert m["positive_class"] == "macro" and m["f1"] == m["macro_f1"]
+    assert m["per_class"]["neutral"]["recall"] == 0.5
+    binary = classification_metrics([0, 1, 1, 0], [0, 1, 0, 0], ["ham", "spam"])
+    assert binary["positive_class"] == "spam" and binary["recall"] == 0.5 and binary["precision"] == 1.0
