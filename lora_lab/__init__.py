@@ -19,7 +19,7 @@ from .inject import (
     unmerge_lora,
 )
 from .lora import LinearWithLoRA, LoRALayer
-from .models import build_model
+from .models import build_model, load_pretrained
 from .params import (
     MemoryEstimate,
     ParameterCount,
@@ -30,6 +30,7 @@ from .params import (
     parameter_report,
 )
 from .tokenizer import gpt2_tokenizer
+from .train import TrainConfig, TrainingError, load_run, train
 
 __version__ = "0.1.0"
 
@@ -56,6 +57,11 @@ __all__ = [
     "memory_estimate",
     "format_trainable",
     "build_model",
+    "load_pretrained",
+    "TrainConfig",
+    "TrainingError",
+    "train",
+    "load_run",
     "GPTConfig",
     "GPT2_CONFIGS",
     "GPTModel",
