@@ -7,6 +7,7 @@ import csv
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from .inject import classifier_head_name
 from .models import MODELS, build_model, model_spec
@@ -40,63 +41,90 @@ def _plural(n: int, word: str) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
-    spec = model_spec(args.model)
-    targets = _items(args.targets)
-    rows = rank_report(
-        lambda: build_model(args.model, "meta"),
-        _ranks(args.ranks),
-        "all-linear" if targets == ["all-linear"] else targets,
-    )
+    models = _items(args.model)
+    sets = [_items(t) for t in args.targets or [["all-linear"]]]
+    rows = []
+    for name in models:
+        spec = model_spec(name)
+        for targets in sets:
+            rows += rank_report(
+                lambda spec=spec: build_model(spec.name, "meta"),
+                _ranks(args.ranks),
+                "all-linear" if targets == ["all-linear"] else targets,
+                model_name=name,
+            )
+    if args.out:
+        from .params import write_report
+
+        written = write_report(rows, args.out)
+        print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     if args.format == "csv":
         writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
         return 0
-    model = build_model(args.model, "meta")
-    head = classifier_head_name(model)
-    dtypes = ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))
-    modules = _plural(int(rows[0]["lora_modules"]), "module")
-    frozen = f"base frozen but the classification head {head!r}, which trains whole" if head else "base frozen"
-    print(f"{spec.description}: LoRA on {modules} (targets: {', '.join(targets)}), {frozen}; counted on meta")
-    print(f"memory in MiB: weights as stored ({dtypes}), gradients and AdamW state of the trainable ones\n")
+    for name in models:
+        model = build_model(name, "meta")
+        head = classifier_head_name(model)
+        dtypes = ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))
+        modules = ", ".join(sorted({_plural(int(r["lora_modules"]), "module") for r in rows if r["model"] == name}))
+        frozen = f"base frozen but the classification head {head!r}, which trains whole" if head else "base frozen"
+        print(f"{model_spec(name).description} ({dtypes}): LoRA on {modules}, {frozen}; counted on meta")
+    print(f"training memory in MiB: weights, gradients and AdamW state (no activations). {MEMORY_NOTE}\n")
     print(markdown_table(rows, REPORT_DECIMALS))
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
+MEMORY_NOTE = (
+    "lora_*: LoRA in fp32 over a frozen base in fp32 or bf16; qlora_nf4: the base's linears in 4-bit NF4 "
+    "(double quantization), the rest in bf16; full_*: every weight trained, in fp32 or in bf16 (bf16 AdamW state)."
+)
+
+
+def _train_config(args: argparse.Namespace, **point: object):
+    """The TrainConfig the options of `train` (and `sweep`, which sets the point's fields) describe."""
     from .data import DATASETS
-    from .train import TrainConfig, TrainingError, train
+    from .train import TrainConfig
 
     if not (args.dataset in DATASETS or args.dataset.startswith("csv:")):
         raise ValueError(f"unknown dataset {args.dataset!r}: use one of {', '.join(DATASETS)}")
-    targets = _items(args.targets)
-    defaults = TrainConfig()
-    cfg = TrainConfig(
-        model=args.model,
+    return TrainConfig(
         dataset=args.dataset,
         data_path=args.data_path,
         text_column=args.text_column,
         label_column=args.label_column,
         balanced=not args.full,
-        rank=args.rank,
-        alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
         dropout=args.dropout,
-        use_rslora=args.rslora,
-        targets="all-linear" if targets == ["all-linear"] else targets,
         epochs=args.epochs,
         batch_size=args.batch_size,
         grad_accum=args.grad_accum,
-        lr=args.lr if args.lr is not None else defaults.lr,
+        lr=args.lr,
         schedule=args.schedule,
         warmup=args.warmup,
-        seed=args.seed,
         max_length=args.max_length,
         template=args.template,
         bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing,
-        device=args.device,
+        quantize=args.quantize,
         max_steps=args.max_steps,
         class_weights=[float(w) for w in _items(args.class_weights)] if args.class_weights else None,
+        **point,
+    )
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import TrainingError, train
+
+    targets = _items(args.targets)
+    cfg = _train_config(
+        args,
+        model=args.model,
+        rank=args.rank,
+        alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+        use_rslora=args.rslora,
+        targets="all-linear" if targets == ["all-linear"] else targets,
+        seed=args.seed,
+        device=args.device,
     )
     try:
         metrics = train(cfg, args.out)
@@ -113,6 +141,38 @@ def _train(args: argparse.Namespace) -> int:
     else:
         print(f"test loss {metrics['test_loss']:.4f} (perplexity {metrics['test_perplexity']:.2f})")
     print(", ".join(f"{k} {v}" for k, v in shown.items()) + f"; run in {args.out}")
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    import os
+
+    import torch
+
+    from .sweep import CSV_NAME, PLOT, SUMMARY, grid, run_sweep, shard_from_env, target_set
+
+    models = _items(args.model)
+    for name in models:
+        model_spec(name)  # an unknown model fails now, not after the first points trained
+    points = grid(
+        models,
+        _ranks(args.ranks),
+        alphas=[float(a) for a in _items(args.alphas)] if args.alphas else None,
+        alpha_ratio=args.alpha_ratio,
+        scalings=_items(args.scalings),
+        target_sets=[target_set(_items(t)) for t in args.targets or [["all-linear"]]],
+        seeds=[int(s) for s in _items(args.seeds)],
+    )
+    device = args.device
+    if device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one point per GPU
+    stats = run_sweep(_train_config(args, device=device), points, args.out, shard_from_env(args.shard))
+    out = Path(args.out)
+    if stats["summary"]:
+        print((out / SUMMARY).read_text().split("![")[0].rstrip())
+        print(f"\nCSV {out / CSV_NAME}, plot {out / PLOT}, summary {out / SUMMARY}, runs under {out / 'runs'}")
+    else:
+        print(f"{stats['trained']} points trained here; the summary comes when the last point of {out} is done")
     return 0
 
 
@@ -169,6 +229,35 @@ def answer(loaded, template: str, instruction: str, context: str = "", max_new_t
     return tok.decode(out[0, ids.shape[1] :].tolist()).strip()
 
 
+def _training_options(parser: argparse.ArgumentParser) -> None:
+    """The options `train` and `sweep` share: data, optimisation, precision, device."""
+    parser.add_argument("--dataset", default="sms-spam", help="sms-spam, sentiment, instructions or csv:PATH "
+                        "(default: sms-spam)")  # fmt: skip
+    parser.add_argument("--data-path", help="a local copy of the dataset (default: packaged or downloaded)")
+    parser.add_argument("--text-column", default="text", help="csv: the text column (default: text)")
+    parser.add_argument("--label-column", default="label", help="csv: the label column (default: label)")
+    parser.add_argument("--full", action="store_true", help="sms-spam: all 5,574 messages, not the book's 747 + 747")
+    parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input (default: 0)")
+    parser.add_argument("--epochs", type=int, default=3, help="(default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
+    parser.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step (default: 1)")
+    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default: %(default)s)")
+    parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
+                        help="after a linear warmup (default: cosine)")  # fmt: skip
+    parser.add_argument("--warmup", type=float, default=0.05, help="warmup, a fraction of the steps (default: 0.05)")
+    parser.add_argument("--max-length", type=int, help="tokens per example, longer ones cut (default: %(default)s; "
+                        "None: the model's context)")  # fmt: skip
+    parser.add_argument("--template", choices=["alpaca", "chat"], default="alpaca",
+                        help="instructions: Alpaca prompt or the model chat template (default: alpaca)")  # fmt: skip
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
+    parser.add_argument("--quantize", choices=["nf4", "int8"], help="QLoRA: the frozen base in 4-bit NF4 or 8-bit "
+                        "through bitsandbytes (pip install bitsandbytes); LoRA stays in full precision")  # fmt: skip
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if there is one)")
+    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (a quick check)")
+    parser.add_argument("--class-weights", nargs="+", metavar="W", help="loss weight of each class, as 1,3")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-lab", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -179,9 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
         "The model is built on the meta device: nothing is allocated or downloaded, a 3B model takes seconds.",
     )
     report.add_argument(
+        "--models",
         "--model",
-        default="gpt2-124m",
-        help=f"one of {', '.join(MODELS)}, or a directory holding a Hugging Face config.json (default: gpt2-124m)",
+        dest="model",
+        nargs="+",
+        default=["gpt2-124m"],
+        metavar="NAME",
+        help=f"one or more of {', '.join(MODELS)}, or directories holding a Hugging Face config.json "
+        "(default: gpt2-124m)",
     )
     report.add_argument(
         "--ranks",
@@ -193,11 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument(
         "--targets",
         nargs="+",
-        default=["all-linear"],
+        action="append",
         metavar="NAME",
         help="module names or dotted suffixes (q_proj,v_proj), or all-linear: every linear but the output head "
-        "(default: all-linear)",
+        "(default: all-linear); repeat --targets to compare target sets",
     )
+    report.add_argument("--out", help="also write DIR/param_report.csv, .md and .png (a plot against the rank)")
     report.add_argument("--format", choices=["table", "csv"], default="table", help="markdown table (default) or CSV")
     report.set_defaults(handler=_report)
 
@@ -211,36 +306,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--model", default="gpt2-124m", help="any name lora-lab report knows, a local Hugging Face "
                        "directory or a hub id (default: gpt2-124m)")  # fmt: skip
-    train.add_argument("--dataset", default="sms-spam", help="sms-spam, sentiment, instructions or csv:PATH "
-                       "(default: sms-spam)")  # fmt: skip
-    train.add_argument("--data-path", help="a local copy of the dataset (default: packaged or downloaded)")
-    train.add_argument("--text-column", default="text", help="csv: the text column (default: text)")
-    train.add_argument("--label-column", default="label", help="csv: the label column (default: label)")
-    train.add_argument("--full", action="store_true", help="sms-spam: all 5,574 messages, not the book's 747 + 747")
     train.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
     train.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 x rank)")
-    train.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input (default: 0)")
     train.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(rank) (rsLoRA)")
     train.add_argument("--targets", nargs="+", default=["all-linear"], metavar="NAME",
                        help="modules to adapt (default: all-linear: every linear but the output head)")  # fmt: skip
-    train.add_argument("--epochs", type=int, default=3, help="(default: 3)")
-    train.add_argument("--batch-size", type=int, default=8, help="(default: 8)")
-    train.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step (default: 1)")
-    train.add_argument("--lr", type=float, help="peak learning rate (default: 5e-4)")
-    train.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
-                       help="after a linear warmup (default: cosine)")  # fmt: skip
-    train.add_argument("--warmup", type=float, default=0.05, help="warmup, a fraction of the steps (default: 0.05)")
     train.add_argument("--seed", type=int, default=123, help="(default: 123)")
-    train.add_argument("--max-length", type=int, help="tokens per example (default: the model's context)")
-    train.add_argument("--template", choices=["alpaca", "chat"], default="alpaca",
-                       help="instructions: Alpaca prompt or the model chat template (default: alpaca)")  # fmt: skip
-    train.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
-    train.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
-    train.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if there is one)")
-    train.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (a quick check)")
-    train.add_argument("--class-weights", nargs="+", metavar="W", help="loss weight of each class, as 1,3")
+    _training_options(train)
     train.add_argument("--out", required=True, help="the run directory")
     train.set_defaults(handler=_train)
+
+    sweep = sub.add_parser(
+        "sweep",
+        help="train one LoRA run per rank (and alpha, scaling, targets, seed, model); CSV, plot, summary",
+        description="A rank sweep: one `lora-lab train` run per point of the grid (the product of the lists), each "
+        "finished point a row of DIR/sweep.csv; then DIR/summary.md (the best rank, chosen on validation) and "
+        "DIR/sweep.png. Run it again to resume: finished points are skipped. Spread the points over processes with "
+        "torchrun (`torchrun --nproc_per_node 4 -m lora_lab.cli sweep ...`: one point per GPU) or --shard I/N. "
+        "With no options: all-MiniLM-L6-v2 on the packaged SMS spam data, ranks 1,4,16, a few minutes on a laptop.",
+    )
+    sweep.add_argument("--model", nargs="+", default=["minilm-l6"], metavar="NAME",
+                       help="one or more models, as for train (default: minilm-l6)")  # fmt: skip
+    sweep.add_argument("--ranks", nargs="+", default=["1,4,16"], metavar="R", help="(default: 1,4,16)")
+    alpha = sweep.add_mutually_exclusive_group()
+    alpha.add_argument("--alphas", nargs="+", metavar="A", help="LoRA alphas to cross with the ranks")
+    alpha.add_argument("--alpha-ratio", type=float, default=2.0, help="alpha = ratio x rank (default: 2)")
+    sweep.add_argument("--scalings", nargs="+", default=["standard"], metavar="S",
+                       help="standard (alpha / r), rslora (alpha / sqrt(r)), or both (default: standard)")  # fmt: skip
+    sweep.add_argument("--targets", nargs="+", action="append", metavar="NAME",
+                       help="a target set, as for train; repeat --targets for several sets "
+                       "(default: all-linear)")  # fmt: skip
+    sweep.add_argument("--seeds", nargs="+", default=["123"], metavar="S", help="(default: 123)")
+    _training_options(sweep)
+    sweep.add_argument("--shard", metavar="I/N", help="train only points i, i+N, i+2N ... (job arrays; torchrun "
+                       "sets this from RANK and WORLD_SIZE)")  # fmt: skip
+    sweep.add_argument("--out", default="lora-lab-sweep", help="the sweep directory (default: lora-lab-sweep)")
+    sweep.set_defaults(handler=_sweep, epochs=2, batch_size=16, lr=1e-3, max_length=128)
 
     classify = sub.add_parser("classify", help="label texts with a trained classification run")
     classify.add_argument("--run", required=True, help="a lora-lab train run directory")

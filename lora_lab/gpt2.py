@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 
@@ -198,6 +199,12 @@ class GPTModel(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
+        self.gradient_checkpointing = False  # True: blocks recompute their activations in backward (less memory)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each block's activations in the backward pass (non-reentrant torch checkpointing),
+        as Hugging Face models' method of the same name does."""
+        self.gradient_checkpointing = True
 
     def forward(
         self,
@@ -222,7 +229,10 @@ class GPTModel(nn.Module):
             itself = torch.eye(t, dtype=torch.bool, device=in_idx.device)
             mask = (causal & attention_mask.bool()[:, None, None, :]) | itself  # (B, 1, T, T)
         for block in self.trf_blocks:
-            x = block(x, mask)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, mask, use_reentrant=False)
+            else:
+                x = block(x, mask)
         return self.out_head(self.final_norm(x))  # (B, T, vocab)
 
 

@@ -268,14 +268,89 @@ def hf_weights_location(name_or_path: str) -> tuple[str, str | None]:
     )
 
 
-def load_pretrained(name_or_path: str, task: str, num_labels: int = 2, max_length: int | None = None) -> Pretrained:
-    """`name_or_path` with its public weights, for `task` "classification" (a new head with
-    `num_labels` outputs, trained whole) or "causal-lm". GPT-2 names load our GPTModel (the book's
-    chapter 6 puts a new `out_head` on it); anything else loads a Hugging Face model."""
+QUANTIZE = ("nf4", "int8")
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ImportError(
+            "--quantize needs bitsandbytes: pip install bitsandbytes (or pip install -e '.[quant]')"
+        ) from err
+    return bitsandbytes
+
+
+def quantize_linears(
+    model: nn.Module,
+    quantize: str,
+    skip: tuple[str, ...] = (),
+    device: torch.device | str = "cpu",
+    compute_dtype: torch.dtype = torch.float32,
+) -> list[str]:
+    """Replace every `nn.Linear` of `model` (but those named in `skip` and what they hold) with a
+    frozen bitsandbytes layer holding the same weights: 4-bit NF4 with double quantization (QLoRA),
+    or 8-bit (LLM.int8()); quantized as they move to `device`. Returns the names replaced."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantization {quantize!r}: use {' or '.join(QUANTIZE)}")
+    bnb = _bitsandbytes()
+    names = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if quantize == "nf4":
+            new = bnb.nn.Linear4bit(
+                module.in_features, module.out_features, module.bias is not None, compute_dtype=compute_dtype,
+                compress_statistics=True, quant_type="nf4",
+            )  # fmt: skip
+        else:
+            new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, module.bias is not None,
+                                      has_fp16_weights=False, threshold=6.0)  # fmt: skip
+        new.load_state_dict(module.state_dict())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new.to(device))  # .to quantizes
+        names.append(name)
+    model.to(device)  # the rest (embeddings, norms, the head) stays in full precision
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return names
+
+
+def _bnb_config(quantize: str, skip: list[str], compute_dtype: torch.dtype):
+    from transformers import BitsAndBytesConfig
+
+    _bitsandbytes()
+    if quantize == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip,
+        )  # fmt: skip
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    raise ValueError(f"unknown quantization {quantize!r}: use {' or '.join(QUANTIZE)}")
+
+
+def load_pretrained(
+    name_or_path: str,
+    task: str,
+    num_labels: int = 2,
+    max_length: int | None = None,
+    quantize: str | None = None,
+    device: torch.device | str = "cpu",
+    compute_dtype: torch.dtype = torch.float32,
+) -> Pretrained:
+    """`name_or_path` with its public weights on `device`, for `task` "classification" (a new head
+    with `num_labels` outputs, trained whole) or "causal-lm". GPT-2 names load our GPTModel (the
+    book's chapter 6 puts a new `out_head` on it); anything else loads a Hugging Face model.
+    `quantize` "nf4" or "int8" stores the frozen base's linears (not the head) through
+    bitsandbytes, computing in `compute_dtype`: transformers' BitsAndBytesConfig for Hugging Face
+    checkpoints, `quantize_linears` for GPTModel and GGUF files."""
     from . import data
 
     if task not in ("classification", "causal-lm"):
         raise ValueError(f"unknown task {task!r}: classification or causal-lm")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantization {quantize!r}: use {' or '.join(QUANTIZE)}")
     name = ALIASES.get(name_or_path, name_or_path)
     if name in GPT2_CONFIGS:
         from .gpt2_weights import load_gpt2
@@ -286,8 +361,13 @@ def load_pretrained(name_or_path: str, task: str, num_labels: int = 2, max_lengt
         if task == "classification":
             model.out_head = nn.Linear(model.cfg.emb_dim, num_labels)
             head = "out_head"
-        return Pretrained(model, tok, "gpt", head, HUB_IDS[name])
+        if quantize:
+            quantize_linears(model, quantize, ("out_head",), device, compute_dtype)
+            _keep_training_layout(model)
+        return Pretrained(model.to(device), tok, "gpt", head, HUB_IDS[name])
     import transformers
+
+    from .inject import CLASSIFIER_NAMES
 
     directory, gguf = hf_weights_location(name_or_path)
     extra = {"gguf_file": gguf} if gguf else {}
@@ -295,13 +375,47 @@ def load_pretrained(name_or_path: str, task: str, num_labels: int = 2, max_lengt
     limit = getattr(hf_tok, "model_max_length", None)
     limit = limit if isinstance(limit, int) and limit < 1_000_000 else 2048
     tok = data.hf_text_tokenizer(hf_tok, min(max_length or limit, limit))
-    if task == "classification":
-        model = transformers.AutoModelForSequenceClassification.from_pretrained(
-            directory, num_labels=num_labels, pad_token_id=tok.pad_id, dtype=torch.float32, **extra
-        )
-    else:
-        model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **extra)
+    skip = [*CLASSIFIER_NAMES, "lm_head"]  # the head stays in full precision (a new one trains whole)
+    if quantize and not gguf:
+        extra.update(quantization_config=_bnb_config(quantize, skip, compute_dtype), device_map={"": str(device)})
+    auto = transformers.AutoModelForSequenceClassification if task == "classification" else None
+    with _quiet_transformers():  # the new head's "newly initialized" report is expected
+        if auto is not None:
+            model = auto.from_pretrained(
+                directory, num_labels=num_labels, pad_token_id=tok.pad_id, dtype=torch.float32, **extra
+            )
+        else:
+            model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **extra)
+    if quantize and gguf:  # GGUF files load dequantized; bitsandbytes quantizes them again here
+        quantize_linears(model, quantize, tuple(skip), device, compute_dtype)
+    elif not quantize:
+        model.to(device)
+    if quantize:
+        _keep_training_layout(model)
     from .inject import classifier_head_name
 
     head = classifier_head_name(model) if task == "classification" else None
     return Pretrained(model, tok, "hf", head, directory + (f"/{gguf}" if gguf else ""))
+
+
+def _keep_training_layout(model: nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into an inference layout at the
+    first forward without gradients (an evaluation) and keeps it, and its training forward then fails
+    in that layout (bitsandbytes 0.50). A model that trains and evaluates in turn keeps one layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
+        logging.enable_progress_bar()

@@ -7,9 +7,11 @@ Pure functions: they return numbers and rows; printing is left to the caller.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -190,38 +192,82 @@ def format_trainable(count: ParameterCount) -> str:
     )
 
 
-# Decimals that rank_report rounds its floats to: a percentage to 4, MiB to 2 (10 KB).
-REPORT_DECIMALS = {"trainable_pct": 4, "weights_mib": 2, "grads_mib": 2, "adamw_mib": 2}
+def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int:
+    """Bytes of a weight of `numel` values in bitsandbytes' 4-bit NF4, as QLoRA stores it: two values
+    per byte, one absmax per block of `blocksize` (fp32; with double quantization 8-bit, plus an
+    fp32 absmax per 256 blocks, their 256-entry code book and offset) and the 16-entry NF4 code."""
+    blocks = -(-numel // blocksize)
+    size = -(-numel // 2) + 16 * 4
+    if not double_quant:
+        return size + 4 * blocks
+    return size + blocks + 4 * -(-blocks // 256) + 256 * 4 + 4
+
+
+# How a training step keeps each kind of parameter, in bytes per parameter (weight, gradient, and
+# AdamW's two moments): LoRA (and a trained head) in fp32 over a frozen base in fp32, bf16 or
+# NF4 (QLoRA: linears in NF4, the rest in bf16), against full fine-tuning in fp32 or in bf16.
+MEMORY_SETTINGS = ("lora_fp32", "lora_bf16", "qlora_nf4", "full_fp32", "full_bf16")
+
+
+def training_memory(model: nn.Module, setting: str, quantizable: set[int] = frozenset()) -> int:
+    """Bytes of weights, gradients and AdamW state for training `model` (LoRA injected, trainable
+    flags set) in `setting` (one of MEMORY_SETTINGS). `quantizable`: the ids of the frozen weights
+    QLoRA stores in NF4 (the linears'); "full_*" settings train every parameter but LoRA's."""
+    if setting not in MEMORY_SETTINGS:
+        raise ValueError(f"unknown memory setting {setting!r}: use one of {MEMORY_SETTINGS}")
+    total = 0
+    for _, module, param in _named_unique_parameters(model):
+        n = parameter_numel(param)
+        if setting.startswith("full"):
+            total += 0 if isinstance(module, LoRALayer) else n * (16 if setting == "full_fp32" else 8)
+        elif param.requires_grad:
+            total += 16 * n  # fp32 weight, gradient and two AdamW moments
+        elif setting == "qlora_nf4" and id(param) in quantizable:
+            total += nf4_bytes(n)
+        else:
+            total += n * (4 if setting == "lora_fp32" else 2)
+    return total
+
+
+# Decimals that rank_report rounds its floats to: the fraction to 8 (a percentage to 6), MiB to 1.
+REPORT_DECIMALS = {"trainable_fraction": 8, **{f"{s}_mib": 1 for s in MEMORY_SETTINGS}}
 
 
 def rank_report(
-    build: Callable[[], nn.Module], ranks: Iterable[int], targets: Targets = "all-linear"
-) -> list[dict[str, float | int]]:
+    build: Callable[[], nn.Module],
+    ranks: Iterable[int],
+    targets: Targets = "all-linear",
+    model_name: str = "",
+) -> list[dict[str, float | int | str]]:
     """For each rank (each once, in the order given): LoRA on `targets` of a model fresh from
     `build()`, everything else frozen but a classification head (`classifier`, `score`, ...), which
-    trains whole as PEFT's modules_to_save do, and what that leaves to train. Counts are exact; the
-    percentage and MiB columns are rounded as `REPORT_DECIMALS` says. Build on the meta device to
-    count models of any size."""
+    trains whole as PEFT's modules_to_save do: what that leaves to train, and the training memory
+    (weights, gradients, AdamW; no activations) over an fp32, bf16 or NF4 base next to full
+    fine-tuning. Counts are exact; fractions and MiB are rounded as `REPORT_DECIMALS` says. Build on
+    the meta device to count models of any size."""
+    from .inject import find_targets
+
     rows = []
+    label = targets if isinstance(targets, str) else "+".join(targets) if not callable(targets) else "callable"
     for rank in dict.fromkeys(ranks):
         model = build()
         head = classifier_head_name(model)
+        linears = find_targets(model, "all-linear")  # what QLoRA quantizes: every linear but the head
+        quantizable = {id(model.get_submodule(n).weight) for n in linears}
         names = inject_lora(model, targets, rank=rank, alpha=2 * rank)
         mark_only_lora_trainable(model, train=[head] if head else [])
-        count, memory = count_parameters(model), memory_estimate(model)
-        rows.append(
-            {
-                "rank": rank,
-                "lora_modules": len(names),
-                "trainable": count.trainable,
-                "total": count.total,
-                "trainable_pct": 100 * count.fraction,
-                "weights_mib": memory.weights / 2**20,
-                "grads_mib": memory.gradients / 2**20,
-                "adamw_mib": memory.optimizer / 2**20,
-            }
+        count = count_parameters(model)
+        row: dict[str, float | int | str] = {"model": model_name, "targets": label} if model_name else {}
+        row.update(
+            rank=rank,
+            lora_modules=len(names),
+            total_params=count.total,
+            trainable_params=count.trainable,
+            trainable_fraction=count.fraction,
         )
-        rows[-1].update({k: round(rows[-1][k], d) for k, d in REPORT_DECIMALS.items()})
+        for setting in MEMORY_SETTINGS:
+            row[f"{setting}_mib"] = training_memory(model, setting, quantizable) / 2**20
+        rows.append({k: round(v, REPORT_DECIMALS[k]) if k in REPORT_DECIMALS else v for k, v in row.items()})
     return rows
 
 
@@ -244,3 +290,24 @@ def markdown_table(rows: list[dict[str, object]], decimals: Mapping[str, int] | 
     lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---:" for _ in keys) + "|"]
     lines += ["| " + " | ".join(cell(k, r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def write_report(rows: list[dict], out: str | os.PathLike) -> list[Path]:
+    """DIR/param_report.csv, .md (the table) and .png (trainable parameters and training memory
+    against the rank); returns the paths written."""
+    import csv
+    import io
+
+    from .files import write_text
+    from .plots import plot_param_report
+
+    out = Path(out)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    paths = [out / "param_report.csv", out / "param_report.md", out / "param_report.png"]
+    write_text(paths[0], buffer.getvalue())
+    write_text(paths[1], markdown_table(rows, REPORT_DECIMALS) + "\n")
+    plot_param_report(rows, paths[2])
+    return paths

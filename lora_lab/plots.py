@@ -73,3 +73,86 @@ def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], path:
             ax.text(j, i, str(matrix[i][j]), ha="center", va="center", color=color, fontsize=12)
     _save(fig, path)
     plt.close(fig)
+
+
+_LABELS = {
+    "test_accuracy": "test accuracy (%)",
+    "val_accuracy": "validation accuracy (%)",
+    "final_val_loss": "validation loss",
+    "test_loss": "test loss",
+}
+
+
+def _log2_ranks(ax, ranks: Sequence[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(sorted(set(ranks)), [str(r) for r in sorted(set(ranks))])
+    ax.minorticks_off()
+    ax.set_xlabel("LoRA rank r (log scale)")
+    ax.grid(alpha=0.3)
+
+
+def plot_sweep(table: Sequence[dict], path: str | os.PathLike, chosen: str, reported: str) -> None:
+    """A sweep at a glance, one line per series (model, scaling, targets): the reported metric
+    (the best rank starred, error bars over seeds), trainable parameters and seconds per point, all
+    against the rank on a log axis."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    series = list(dict.fromkeys(line["series"] for line in table))
+    percent = reported.endswith("accuracy")
+    scale = 100.0 if percent else 1.0
+    for name in series:
+        lines = [line for line in table if line["series"] == name]
+        ranks = [line["rank"] for line in lines]
+        values = [scale * line[reported] for line in lines]
+        sd = [scale * line.get(f"{reported}_sd", 0.0) for line in lines]
+        (drawn,) = axes[0].plot(ranks, values, "o-", label=name)
+        if any(sd):
+            axes[0].errorbar(ranks, values, yerr=sd, fmt="none", ecolor=drawn.get_color(), capsize=3)
+        for line in lines:
+            if line.get("best"):
+                axes[0].plot(line["rank"], scale * line[reported], "*", ms=16, color=drawn.get_color(),
+                             markeredgecolor="black", zorder=5)  # fmt: skip
+        axes[1].plot(ranks, [line["trainable_params"] for line in lines], "o-", color=drawn.get_color(), label=name)
+        axes[2].plot(ranks, [line["seconds"] for line in lines], "o-", color=drawn.get_color(), label=name)
+    all_ranks = [line["rank"] for line in table]
+    label = _LABELS.get(reported, reported)
+    axes[0].set(ylabel=label, title=f"{label} (star: best {_LABELS.get(chosen, chosen)})")
+    axes[1].set(ylabel="trainable parameters (log scale)", yscale="log", title="trainable parameters")
+    axes[2].set(ylabel="seconds", title="training time per point")
+    for ax in axes:
+        _log2_ranks(ax, all_ranks)
+    axes[0].legend(loc="best", fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_param_report(rows: Sequence[dict], path: str | os.PathLike) -> None:
+    """Trainable parameters, and training memory (LoRA over a bf16 base, QLoRA over NF4, and full
+    fine-tuning in bf16 for reference), against the rank: one colour per model (and target set),
+    log axes."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
+    series = list(dict.fromkeys((row["model"], row["targets"]) for row in rows))
+    several_sets = len({t for _, t in series}) > 1
+    styles = {"lora_bf16_mib": ("-", "LoRA, bf16 base"), "qlora_nf4_mib": ("--", "QLoRA, NF4 base"),
+              "full_bf16_mib": (":", "full fine-tuning, bf16")}  # fmt: skip
+    for model, targets in series:
+        lines = [row for row in rows if (row["model"], row["targets"]) == (model, targets)]
+        ranks = [row["rank"] for row in lines]
+        name = f"{model} ({targets})" if several_sets else model
+        (drawn,) = axes[0].plot(ranks, [row["trainable_params"] for row in lines], "o-", label=name)
+        for key, (style, _) in styles.items():
+            axes[1].plot(ranks, [row[key] / 1024 for row in lines], style, marker="o" if style != ":" else None,
+                         color=drawn.get_color(), ms=4)  # fmt: skip
+    axes[0].set(ylabel="trainable parameters (log scale)", yscale="log", title="trainable parameters")
+    axes[1].set(ylabel="GiB (log scale)", yscale="log",
+                title="training memory: weights + gradients + AdamW (no activations)")  # fmt: skip
+    for ax in axes:
+        _log2_ranks(ax, [row["rank"] for row in rows])
+    axes[0].legend(loc="best", fontsize=8, title="model")
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color="gray", linestyle=style, label=label) for style, label in styles.values()]
+    axes[1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    _save(fig, path)
+    plt.close(fig)

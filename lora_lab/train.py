@@ -78,6 +78,7 @@ class TrainConfig:
     template: str = "alpaca"  # instruction prompt: alpaca, or chat (the model's chat template)
     bf16: bool = False  # autocast to bfloat16 (GPU)
     gradient_checkpointing: bool = False
+    quantize: str | None = None  # QLoRA: the frozen base in nf4 or int8 (bitsandbytes)
     device: str = "auto"
     max_steps: int | None = None  # stop after this many optimizer steps (quick checks)
 
@@ -187,12 +188,29 @@ def classification_metrics(labels: Sequence[int], preds: Sequence[int], names: S
     }
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting the peak afresh (each point of a sweep in one process has its own): the
+    accelerator's peak allocation, or on Linux the process's peak resident set (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current resident set
+    except OSError:
+        pass  # elsewhere the figure is the process's peak so far
+
+
 def peak_memory_mib(device: torch.device) -> float:
-    """Peak memory of this run: the accelerator's allocations, or the process's resident set on CPU."""
+    """Peak memory since `reset_peak_memory`: the accelerator's allocations, or the process's
+    resident set on CPU (on Linux; elsewhere since the process started)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 2**10  # KiB
+    except (OSError, IndexError, ValueError):
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
 
 
 # ---- the loop --------------------------------------------------------------------------------
@@ -334,22 +352,23 @@ def _save_checkpoint(run: Path, model, epoch, history, optimizer, scheduler, ste
         torch.save(state, tmp)
 
 
-def prepare(cfg: TrainConfig):
-    """The dataset, the pretrained model with LoRA injected (and its head set to train), the
-    tokenizer, and the batches' collate: everything `train` needs."""
+def prepare(cfg: TrainConfig, device: torch.device | str = "cpu"):
+    """The dataset, and the pretrained model on `device` (its base quantized if `cfg.quantize`)
+    with LoRA injected and its head set to train, with its tokenizer: what `train` needs."""
     from .models import load_pretrained
 
     dataset = D.load_dataset(cfg.dataset, cfg.data_path, cfg.seed, cfg.text_column, cfg.label_column, cfg.balanced)
     num_labels = len(dataset.labels) if isinstance(dataset, D.ClassificationData) else 0
     torch.manual_seed(cfg.seed)  # the new head's initial weights
-    loaded = load_pretrained(cfg.model, cfg.task(), num_labels=num_labels, max_length=cfg.max_length)
+    loaded = load_pretrained(
+        cfg.model, cfg.task(), num_labels=num_labels, max_length=cfg.max_length, quantize=cfg.quantize,
+        device=device, compute_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+    )  # fmt: skip
     torch.manual_seed(cfg.seed)  # LoRA's initial A
     targets = cfg.targets if cfg.targets == "all-linear" or isinstance(cfg.targets, str) else list(cfg.targets)
     inject_lora(loaded.model, targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora)
     mark_only_lora_trainable(loaded.model, train=_whole(cfg, loaded))
     if cfg.gradient_checkpointing:
-        if not hasattr(loaded.model, "gradient_checkpointing_enable"):
-            raise ValueError(f"{cfg.model}: gradient checkpointing is offered for Hugging Face models, not GPTModel")
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.class_weights is not None and len(cfg.class_weights) != num_labels:
         raise ValueError(f"{len(cfg.class_weights)} class weights for {num_labels} classes {dataset.labels}")
@@ -386,8 +405,9 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
             resume = torch.load(run / CHECKPOINT, weights_only=False)
     random.seed(cfg.seed)
     device = _device(cfg.device)
-    dataset, loaded = prepare(cfg)
-    model, tok, task = loaded.model.to(device), loaded.tokenizer, cfg.task()
+    reset_peak_memory(device)
+    dataset, loaded = prepare(cfg, device)
+    model, tok, task = loaded.model, loaded.tokenizer, cfg.task()
     if resume is not None:
         missing = set(resume["trainable"]) - {n for n, p in model.named_parameters() if p.requires_grad}
         if missing:
@@ -466,7 +486,8 @@ def load_run(run: str | Path, task: str | None = None):
     metrics = json.loads((run / METRICS).read_text()) if (run / METRICS).is_file() else {}
     labels = metrics.get("labels") or ([] if cfg.task() == "causal-lm" else ["0", "1"])
     torch.manual_seed(cfg.seed)  # as `prepare` did: a head that was not saved (frozen) comes back the same
-    loaded = load_pretrained(cfg.model, cfg.task(), num_labels=len(labels), max_length=cfg.max_length)
+    loaded = load_pretrained(cfg.model, cfg.task(), num_labels=len(labels), max_length=cfg.max_length,
+                             quantize=cfg.quantize)  # fmt: skip
     load_adapter(loaded.model, run / "adapter.safetensors")
     loaded.model.eval()
     return cfg, loaded, labels

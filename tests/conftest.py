@@ -120,3 +120,48 @@ def tiny_llama(seed: int = 0, tie: bool = False):
         tie_word_embeddings=tie,
     )
     return LlamaForCausalLM(cfg).eval()
+
+
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def save_tiny_bert(folder: Path, seed: int = 0) -> Path:
+    """A two-layer BERT (hidden 64) with a word-piece vocabulary of single letters, saved as a Hugging Face
+    checkpoint (config, safetensors, tokenizer): a model `--model DIR` loads in a subprocess."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *LETTERS]) + "\n")
+    BertTokenizerFast(vocab_file=str(vocab), model_max_length=32).save_pretrained(folder)
+    torch.manual_seed(seed)
+    # widths of 64 and 128: bitsandbytes' CPU inference kernels take 4-bit layers of 64 inputs or more
+    cfg = BertConfig(vocab_size=31, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
+                     max_position_embeddings=32)  # fmt: skip
+    BertModel(cfg).save_pretrained(folder)
+    return folder
+
+
+def letters_csv(path: Path, n: int = 96, seed: int = 0) -> Path:
+    """Texts of 3 to 10 space-separated letters, label 1 when the last is 'z': learnable by a tiny
+    model in a few epochs."""
+    g = torch.Generator().manual_seed(seed)
+    lines = ["text,label"]
+    for i in range(n):
+        length = int(torch.randint(3, 11, (1,), generator=g))
+        letters = [LETTERS[int(k)] for k in torch.randint(0, 20, (length,), generator=g)]
+        if i % 2:
+            letters[-1] = "z"
+        lines.append(f"{' '.join(letters)},{i % 2}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def letters_data(tmp_path_factory) -> Path:
+    return letters_csv(tmp_path_factory.mktemp("letters") / "letters.csv")

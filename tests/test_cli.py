@@ -25,13 +25,14 @@ def test_report_table_matches_peft(capsys):
     out = capsys.readouterr().out
     for rank in (4, 16):
         trainable, total = _peft_count(rank)
-        assert f"| {rank} | 72 | {trainable:,d} | {total:,d} |" in out
+        assert f"| gpt2-124m | all-linear | {rank} | 72 | {total:,d} | {trainable:,d} |" in out
 
 
 def test_report_csv(capsys):
     assert main(["report", "--ranks", "8", "--targets", "W_query", "W_value", "--format", "csv"]) == 0
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
-    assert len(rows) == 1 and int(rows[0]["trainable"]) == 12 * 2 * 8 * (768 + 768)
+    assert len(rows) == 1 and int(rows[0]["trainable_params"]) == 12 * 2 * 8 * (768 + 768)
+    assert rows[0]["targets"] == "W_query+W_value"
 
 
 def test_report_errors_are_one_clear_line(capsys):
@@ -51,7 +52,7 @@ def test_console_entry_point_runs():
     assert proc.returncode == 0, proc.stderr
     # GPT-2 124M, the six linears of each of 12 blocks: 4 x (768 -> 768), 768 -> 3072, 3072 -> 768
     trainable = 12 * 8 * (4 * (768 + 768) + 2 * (768 + 3072))
-    assert f"| 8 | 72 | {trainable:,d} |" in proc.stdout
+    assert f"| 8 | 72 | {124_439_808 + trainable:,d} | {trainable:,d} |" in proc.stdout
 
 
 def test_help_is_for_users(capsys):
@@ -70,13 +71,13 @@ def test_report_lists_in_either_form_and_rounded_csv(capsys):
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [int(r["rank"]) for r in rows] == [8, 16, 4]  # each rank once, in the order given
     for row in rows:
-        assert int(row["trainable"]) == 12 * 2 * int(row["rank"]) * (768 + 768)
-        for key, decimals in (("trainable_pct", 4), ("weights_mib", 2), ("adamw_mib", 2)):
+        assert int(row["trainable_params"]) == 12 * 2 * int(row["rank"]) * (768 + 768)
+        for key, decimals in (("trainable_fraction", 8), ("lora_fp32_mib", 1), ("qlora_nf4_mib", 1)):
             assert len(row[key].split(".")[-1]) <= decimals, (key, row[key])
     assert main(["report", "--ranks", "8", "--targets", "W_query", "W_value"]) == 0
     assert "LoRA on 24 modules" in capsys.readouterr().out
     assert main(["report", "--ranks", "8", "--targets", "trf_blocks.0.att.W_query"]) == 0
-    assert "LoRA on 1 module " in capsys.readouterr().out
+    assert "LoRA on 1 module, " in capsys.readouterr().out
 
 
 def test_report_target_errors_and_warnings(capsys):
@@ -115,7 +116,7 @@ def test_report_header_names_dtype_and_classifier(tmp_path, capsys):
                architectures=["BertForSequenceClassification"], dtype="bfloat16").save_pretrained(tmp_path)  # fmt: skip
     assert main(["report", "--model", str(tmp_path), "--ranks", "4"]) == 0
     out = capsys.readouterr().out
-    assert "classification head 'classifier', which trains whole" in out and "weights as stored (bfloat16)" in out
+    assert "classification head 'classifier', which trains whole" in out and "(bfloat16): LoRA on 7 modules" in out
 
 
 def test_train_bad_input_is_one_line(tmp_path, capsys):
@@ -131,3 +132,24 @@ def test_train_bad_input_is_one_line(tmp_path, capsys):
         assert main(["train", *args, "--out", str(tmp_path / "run")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_report_of_several_models_and_target_sets_writes_csv_table_and_plot(tmp_path, capsys):
+    out = tmp_path / "report"
+    args = ["report", "--models", "gpt2-124m,openllama-3b", "--ranks", "8,64", "--targets", "all-linear",
+            "--targets", "q_proj,v_proj", "W_query,W_value", "--out", str(out)]  # fmt: skip
+    assert main(args) == 2  # q_proj exists only in OpenLLaMA, W_query only in GPTModel: named, not guessed
+    assert "target" in capsys.readouterr().err
+    args = ["report", "--models", "gpt2-124m", "openllama-3b", "--ranks", "8,64", "--targets", "all-linear",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    rows = list(csv.DictReader(io.StringIO((out / "param_report.csv").read_text())))
+    assert [(r["model"], r["rank"]) for r in rows] == [("gpt2-124m", "8"), ("gpt2-124m", "64"),
+                                                       ("openllama-3b", "8"), ("openllama-3b", "64")]  # fmt: skip
+    assert {"model", "rank", "targets", "total_params", "trainable_params", "trainable_fraction"} <= set(rows[0])
+    assert int(rows[2]["trainable_params"]) == 12_712_960
+    for r in rows:  # QLoRA < LoRA over bf16 < over fp32, and all below full fine-tuning
+        mib = {k: float(v) for k, v in r.items() if k.endswith("_mib")}
+        assert mib["qlora_nf4_mib"] < mib["lora_bf16_mib"] < mib["lora_fp32_mib"] < mib["full_fp32_mib"]
+    assert "| openllama-3b | all-linear | 8 |" in (out / "param_report.md").read_text()
+    assert (out / "param_report.png").stat().st_size > 20_000

@@ -118,3 +118,47 @@ def test_unknown_architecture_is_refused_and_config_dtype_kept(tmp_path):
         build_model(str(tmp_path / "typo"))
     _config("Bert", architectures=["BertModel"], dtype="bfloat16").save_pretrained(tmp_path / "bf16")
     assert {p.dtype for p in build_model(str(tmp_path / "bf16")).parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("quantize", ["nf4", "int8"])
+def test_a_qlora_step_changes_only_lora(quantize):
+    """GPTModel with its block linears in bitsandbytes 4-bit (or 8-bit): the base stays frozen and
+    byte for byte the same through a training step; LoRA's A and B move; the output is the full-precision
+    model's within quantization error."""
+    pytest.importorskip("bitsandbytes")
+    from conftest import tiny_gpt
+
+    from lora_lab import inject_lora, mark_only_lora_trainable
+    from lora_lab.models import quantize_linears
+
+    reference = tiny_gpt(emb_dim=64, n_heads=4)
+    model = tiny_gpt(emb_dim=64, n_heads=4)
+    names = quantize_linears(model, quantize, skip=("out_head",))
+    assert len(names) == 2 * 6 and all(type(model.get_submodule(n)).__name__.startswith("Linear") for n in names)
+    assert type(model.out_head) is torch.nn.Linear
+    ids = torch.randint(0, 50, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        error = (model(ids) - reference(ids)).abs().mean() / reference(ids).abs().mean()
+    assert error < (0.15 if quantize == "nf4" else 0.05), error
+    inject_lora(model, "all-linear", rank=4, alpha=8)
+    mark_only_lora_trainable(model)
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):  # B leaves zero at the first step; A moves at the second
+        model(ids).logsumexp(-1).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    after = model.state_dict()
+    changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    assert changed and all(".lora.A" in k or ".lora.B" in k for k in changed), sorted(changed)[:5]
+    assert len(changed) == 2 * len(names)
+
+
+def test_unknown_quantization_is_refused():
+    from lora_lab.models import load_pretrained, quantize_linears
+
+    with pytest.raises(ValueError, match="unknown quantization 'fp4': use nf4 or int8"):
+        load_pretrained("gpt2-124m", "causal-lm", quantize="fp4")
+    with pytest.raises(ValueError, match="unknown quantization"):
+        quantize_linears(torch.nn.Linear(2, 2), "int4")

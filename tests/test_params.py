@@ -14,7 +14,7 @@ from lora_lab import (
     memory_estimate,
     parameter_report,
 )
-from lora_lab.params import markdown_table, rank_report
+from lora_lab.params import markdown_table, nf4_bytes, rank_report, stored_bytes, training_memory
 
 peft = pytest.importorskip("peft")
 
@@ -35,7 +35,9 @@ def test_counts_tied_tensors_once_on_meta(tie, expected):
     assert count.trainable == count.total and count.fraction == 1.0
 
 
-@pytest.mark.parametrize("model_name", ["gpt2-124m", "openllama-3b", "smollm2-135m"])
+@pytest.mark.parametrize(
+    "model_name", ["gpt2-124m", "gpt2-355m", "gpt2-774m", "gpt2-1558m", "openllama-3b", "smollm2-135m"]
+)
 @pytest.mark.parametrize("rank", [1, 8, 64])
 def test_lora_counts_match_peft_on_meta(model_name, rank):
     row = rank_report(lambda: build_model(model_name), [rank])[0]
@@ -44,7 +46,7 @@ def test_lora_counts_match_peft_on_meta(model_name, rank):
     targets = targets if model_name.startswith("gpt2") else "all-linear"
     theirs = peft.get_peft_model(build_model(model_name), peft.LoraConfig(r=rank, target_modules=targets))
     trainable, total = theirs.get_nb_trainable_parameters()
-    assert (row["trainable"], row["total"]) == (trainable, total)
+    assert (row["trainable_params"], row["total_params"]) == (trainable, total)
 
 
 def test_openllama_3b_closed_form():
@@ -219,4 +221,46 @@ def test_rank_report_trains_a_classifier_head_as_peft_does(name):
 
     row = rank_report(build, [8])[0]
     theirs = peft.get_peft_model(build(), peft.LoraConfig(r=8, target_modules="all-linear", task_type="SEQ_CLS"))
-    assert row["trainable"] == theirs.get_nb_trainable_parameters()[0]
+    assert row["trainable_params"] == theirs.get_nb_trainable_parameters()[0]
+
+
+def test_openllama_3b_query_value_closed_form_and_peft():
+    """q_proj and v_proj of the 26 layers, r=8: 26 * 2 * 8 * (3200 + 3200) = 2,662,400, as PEFT counts."""
+    row = rank_report(lambda: build_model("openllama-3b"), [8], ["q_proj", "v_proj"], "openllama-3b")[0]
+    theirs = peft.get_peft_model(build_model("openllama-3b"), peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+    assert row["trainable_params"] == 26 * 2 * 8 * (3200 + 3200) == 2_662_400 == theirs.get_nb_trainable_parameters()[0]
+    assert row["total_params"] == 3_426_473_600 + 2_662_400 and row["targets"] == "q_proj+v_proj"
+
+
+@pytest.mark.parametrize("shape", [(1024, 1024), (100, 37), (3200, 8640)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_nf4_closed_form_is_what_bitsandbytes_stores(shape, double_quant):
+    bnb = pytest.importorskip("bitsandbytes")
+    layer = bnb.nn.Linear4bit(*shape, bias=False, compress_statistics=double_quant, quant_type="nf4").to("cpu")
+    assert nf4_bytes(shape[0] * shape[1], double_quant=double_quant) == stored_bytes(layer, layer.weight)
+
+
+def test_qlora_memory_is_that_of_a_really_quantized_model():
+    """The report's QLoRA estimate (linears in NF4, the rest as the setting says) equals what a
+    model quantized by bitsandbytes holds, byte for byte; full fine-tuning is 16 bytes a weight."""
+    pytest.importorskip("bitsandbytes")
+    from conftest import tiny_gpt
+
+    from lora_lab.inject import find_targets
+    from lora_lab.models import quantize_linears
+
+    model = tiny_gpt(emb_dim=64, n_heads=4)
+    quantizable = {id(model.get_submodule(n).weight) for n in find_targets(model, "all-linear")}
+    inject_lora(model, "all-linear", rank=4)
+    mark_only_lora_trainable(model)
+    estimate = training_memory(model.to(torch.bfloat16), "qlora_nf4", quantizable)
+    for lora in (m for m in model.modules() if type(m).__name__ == "LoRALayer"):
+        lora.float()  # LoRA stays in fp32 over the bf16 rest
+    real = tiny_gpt(emb_dim=64, n_heads=4)
+    quantize_linears(real, "nf4", skip=("out_head",))
+    real.to(torch.bfloat16)
+    inject_lora(real, "all-linear", rank=4)
+    mark_only_lora_trainable(real)
+    assert estimate == memory_estimate(real).total
+    base = count_parameters(tiny_gpt(emb_dim=64, n_heads=4)).total
+    assert training_memory(model, "full_fp32") == 16 * base and training_memory(model, "full_bf16") == 8 * base

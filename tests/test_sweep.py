@@ -1,0 +1,143 @@
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lora_lab.cli import main
+from lora_lab.sweep import Point, grid, read_rows, row_key, shard_from_env, summarize
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _sweep_args(model: Path, data: Path, out: Path, ranks: str = "1,2,4", epochs: int = 2) -> list[str]:
+    return [
+        "sweep", "--model", str(model), "--dataset", f"csv:{data}", "--ranks", ranks, "--epochs", str(epochs),
+        "--batch-size", "8", "--lr", "1e-2", "--max-length", "16", "--device", "cpu", "--out", str(out),
+    ]  # fmt: skip
+
+
+def _keys(out: Path) -> list[tuple[str, ...]]:
+    return [row_key(r) for r in read_rows(out)]
+
+
+def test_grid_is_the_product_of_the_lists():
+    points = grid(["a", "b"], [8, 4, 8], scalings=["standard", "rslora"], target_sets=["q+v", "all-linear"],
+                  seeds=[1, 2])  # fmt: skip
+    assert len(points) == 2 * 2 * 2 * 2 * 2 and len(set(points)) == len(points)
+    assert [p.rank for p in points[:4]] == [8, 8, 4, 4] and {p.alpha / p.rank for p in points} == {2.0}
+    crossed = grid(["a"], [4, 8], alphas=[16, 32])
+    assert [(p.rank, p.alpha) for p in crossed] == [(4, 16.0), (4, 32.0), (8, 16.0), (8, 32.0)]
+    assert Point("a", 8, 16.0, "standard", "all-linear", 1).key() == ("a", "8", "16", "standard", "all-linear", "1")
+    for bad, message in [({"ranks": [0]}, "positive"), ({"scalings": ["dora"]}, "unknown scaling"),
+                         ({"alphas": [-1]}, "alphas must be positive")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            grid(["a"], **{"ranks": [4], **bad})
+
+
+def test_shards(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    assert shard_from_env() == (1, 3)
+    assert shard_from_env("2/4") == (2, 4)
+    for bad in ("4/4", "1", "a/b"):
+        with pytest.raises(ValueError, match="--shard takes I/N"):
+            shard_from_env(bad)
+
+
+def test_a_three_point_sweep_writes_csv_plot_and_summary(tiny_bert_dir, letters_data, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert main(_sweep_args(tiny_bert_dir, letters_data, out)) == 0
+    printed = capsys.readouterr().out
+    rows = read_rows(out)
+    assert [int(r["rank"]) for r in rows] == [1, 2, 4] and all(r["status"] == "ok" for r in rows)
+    assert [float(r["alpha"]) for r in rows] == [2.0, 4.0, 8.0]
+    # each point's run directory holds its adapter and metrics; its trainable count is the CSV's
+    for r in rows:
+        run = out / r["run"]
+        assert (run / "adapter.safetensors").is_file() and (run / "metrics.json").is_file()
+    counts = [int(r["trainable_params"]) for r in rows]
+    assert counts[1] - counts[0] == counts[0] - 130 > 0  # LoRA grows linearly in r; the 2-class head (130) does not
+    assert (out / "sweep.png").stat().st_size > 10_000
+    summary = (out / "summary.md").read_text()
+    best = [line for line in summarize(rows, "classification")[0] if line["best"]]
+    assert len(best) == 1 and f"best rank r={best[0]['rank']}" in summary and "best rank" in printed
+    # run again: nothing trains, nothing changes
+    before = (out / "sweep.csv").read_text()
+    assert main(_sweep_args(tiny_bert_dir, letters_data, out)) == 0
+    assert "3 finished already" in capsys.readouterr().out and (out / "sweep.csv").read_text() == before
+    # more ranks extend the same sweep; other settings are refused
+    assert main(_sweep_args(tiny_bert_dir, letters_data, out, ranks="1,2,4,8")) == 0
+    assert [int(r["rank"]) for r in read_rows(out)] == [1, 2, 4, 8]
+    assert main([*_sweep_args(tiny_bert_dir, letters_data, out), "--lr", "0.1"]) == 2
+    assert "holds a sweep with other settings (lr 0.01 -> 0.1)" in capsys.readouterr().err
+
+
+def test_best_rank_ties_go_to_fewer_parameters():
+    def row(rank, val, params):
+        return dict(model="m", rank=str(rank), alpha=str(2 * rank), scaling="standard", targets="all-linear",
+                    seed="1", status="ok", trainable_params=str(params), val_accuracy=str(val), test_accuracy="0.9",
+                    test_f1="0.9", seconds="1", peak_memory_mib="1")  # fmt: skip
+
+    table, best = summarize([row(4, 0.95, 400), row(2, 0.95, 200), row(8, 0.94, 800)], "classification")
+    assert [line["rank"] for line in table if line["best"]] == [2] and "best rank r=2" in best[0]
+
+
+def _run_cli(args: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "lora_lab.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)  # fmt: skip
+
+
+def test_a_sweep_killed_mid_point_resumes_with_one_row_per_point(tiny_bert_dir, letters_data, tmp_path):
+    out = tmp_path / "sweep"
+    args = _sweep_args(tiny_bert_dir, letters_data, out, ranks="1,2,4", epochs=6)
+    proc = _run_cli(args)
+    deadline = time.time() + 120
+    killed_in = None
+    while time.time() < deadline and proc.poll() is None:
+        checkpoints = list((out / "runs").glob("*/r2-*/checkpoint.pt")) if (out / "runs").is_dir() else []
+        if checkpoints:  # point 2 has finished an epoch and not its run: kill it there
+            proc.send_signal(signal.SIGKILL)
+            killed_in = checkpoints[0].parent
+            break
+        time.sleep(0.005)
+    proc.wait(timeout=30)
+    assert killed_in is not None, "the sweep ended before it could be killed mid-point"
+    assert [int(k[1]) for k in _keys(out)] == [1]  # only point 1 finished
+    assert not (killed_in / "metrics.json").exists()
+    resumed = _run_cli(args)
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    assert "1 finished already" in log and "resuming" in log  # point 2 goes on from its checkpoint
+    keys = _keys(out)
+    assert [int(k[1]) for k in keys] == [1, 2, 4] and len(set(keys)) == 3
+    assert (out / "summary.md").is_file()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_ranks_split_the_points_into_one_csv(tiny_bert_dir, letters_data, tmp_path):
+    out = tmp_path / "sweep"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+        "-m", "lora_lab.cli", *_sweep_args(tiny_bert_dir, letters_data, out, ranks="1,2,4,8", epochs=1),
+    ]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    log = done.stdout + done.stderr
+    assert "(shard 0/2): 4 points, 2 here" in log and "(shard 1/2): 4 points, 2 here" in log
+    rows = read_rows(out)
+    assert sorted(int(r["rank"]) for r in rows) == [1, 2, 4, 8] and len(set(map(row_key, rows))) == 4
+    assert (out / "summary.md").is_file() and (out / "sweep.png").is_file()
+    assert len((out / "sweep.csv").read_text().splitlines()) == 5  # the header and four rows, nothing interleaved
+    assert not list(out.glob(".sweep.csv.*"))  # no temporary file left behind
