@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--shard", metavar="I/N", help="train only points i, i+N, i+2N ... (job arrays; torchrun "
                        "sets this from RANK and WORLD_SIZE)")  # fmt: skip
     sweep.add_argument("--out", default="lora-lab-sweep", help="the sweep directory (default: lora-lab-sweep)")
-    sweep.set_defaults(handler=_sweep, epochs=2, batch_size=16, lr=1e-3, max_length=128)
+    sweep.set_defaults(handler=_sweep, epochs=2, batch_size=16, lr=5e-4, max_length=128)
 
     classify = sub.add_parser("classify", help="label texts with a trained classification run")
     classify.add_argument("--run", required=True, help="a lora-lab train run directory")
