@@ -17,7 +17,8 @@ DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64)
 DESCRIPTION = (
     "lora_lab: LoRA fine-tuning you can read, cross-checked against Hugging Face PEFT. `lora-lab report` counts "
     "what LoRA trains and the memory it takes, at every rank, for any model; `lora-lab train` fine-tunes; "
-    "`classify` and `generate` use a trained run."
+    "`sweep` trains one run per rank and summarises, `analyze` reads what the adapters learned; `classify` and "
+    "`generate` use a trained run."
 )
 
 
@@ -173,6 +174,18 @@ def _sweep(args: argparse.Namespace) -> int:
         print(f"\nCSV {out / CSV_NAME}, plot {out / PLOT}, summary {out / SUMMARY}, runs under {out / 'runs'}")
     else:
         print(f"{stats['trained']} points trained here; the summary comes when the last point of {out} is done")
+    return 0
+
+
+def _analyze(args: argparse.Namespace) -> int:
+    from .analyze import analyze_sweep
+
+    analyze_sweep(args.dir)
+    out = Path(args.dir)
+    text = (out / "analysis.md").read_text()
+    print("\n".join(line for line in text.splitlines() if line.startswith("- ")))
+    print(f"\ntables in {out / 'analysis.md'}; CSV {out / 'analysis_spectra.csv'}, {out / 'analysis_similarity.csv'}; "
+          f"plots {out / 'analysis_spectra.png'}, {out}/analysis_similarity_*.png")  # fmt: skip
     return 0
 
 
@@ -342,6 +355,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "sets this from RANK and WORLD_SIZE)")  # fmt: skip
     sweep.add_argument("--out", default="lora-lab-sweep", help="the sweep directory (default: lora-lab-sweep)")
     sweep.set_defaults(handler=_sweep, epochs=2, batch_size=16, lr=5e-4, max_length=128)
+
+    analyze = sub.add_parser(
+        "analyze",
+        help="what a sweep's adapters learned: spectra of dW = B A, subspace similarity between ranks, a rank",
+        description="For every adapter a sweep saved: the singular values of dW = scaling * B A with its effective "
+        "rank (exp of the entropy of the normalised singular values), stable rank and the rank holding 90%% of the "
+        "energy; the subspace similarity phi(i, j) between ranks (LoRA paper, section 7) over A and over dW; and a "
+        "recommended rank: the smallest within the noise of the best validation metric whose top direction the "
+        "larger ranks share. Writes DIR/analysis.md, analysis_*.csv and heatmaps.",
+    )
+    analyze.add_argument("dir", metavar="DIR", help="a lora-lab sweep directory")
+    analyze.set_defaults(handler=_analyze)
 
     classify = sub.add_parser("classify", help="label texts with a trained classification run")
     classify.add_argument("--run", required=True, help="a lora-lab train run directory")

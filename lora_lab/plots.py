@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,6 +84,22 @@ _LABELS = {
 }
 
 
+def _human(value: float, _position: object = None) -> str:
+    for size, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= size:
+            return f"{value / size:g}{suffix}"
+    return f"{value:g}"
+
+
+def _human_ticks(ax) -> None:
+    """A log axis labelled at 1, 2 and 5 of each decade, as 50k, 1M, 2B."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.yaxis.set_major_formatter(FuncFormatter(_human))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, p: ""))
+
+
 def _log2_ranks(ax, ranks: Sequence[int]) -> None:
     ax.set_xscale("log", base=2)
     ax.set_xticks(sorted(set(ranks)), [str(r) for r in sorted(set(ranks))])
@@ -105,7 +122,11 @@ def plot_sweep(table: Sequence[dict], path: str | os.PathLike, chosen: str, repo
         ranks = [line["rank"] for line in lines]
         values = [scale * line[reported] for line in lines]
         sd = [scale * line.get(f"{reported}_sd", 0.0) for line in lines]
-        (drawn,) = axes[0].plot(ranks, values, "o-", label=name)
+        (drawn,) = axes[0].plot(ranks, values, "o-", label=f"{name}: {_LABELS.get(reported, reported).split(' (')[0]}")
+        chosen_values = [scale * line[chosen] for line in lines]
+        if chosen != reported and not any(math.isnan(v) for v in chosen_values):
+            axes[0].plot(ranks, chosen_values, "s--", color=drawn.get_color(), alpha=0.6, ms=4,
+                         label=f"{name}: {_LABELS.get(chosen, chosen).split(' (')[0]}")  # fmt: skip
         if any(sd):
             axes[0].errorbar(ranks, values, yerr=sd, fmt="none", ecolor=drawn.get_color(), capsize=3)
         for line in lines:
@@ -115,9 +136,11 @@ def plot_sweep(table: Sequence[dict], path: str | os.PathLike, chosen: str, repo
         axes[1].plot(ranks, [line["trainable_params"] for line in lines], "o-", color=drawn.get_color(), label=name)
         axes[2].plot(ranks, [line["seconds"] for line in lines], "o-", color=drawn.get_color(), label=name)
     all_ranks = [line["rank"] for line in table]
-    label = _LABELS.get(reported, reported)
-    axes[0].set(ylabel=label, title=f"{label} (star: best {_LABELS.get(chosen, chosen)})")
+    unit = " (%)" if percent else ""
+    what = "accuracy" if percent else "loss"
+    axes[0].set(ylabel=f"{what}{unit}", title=f"{what} (star: the best rank, chosen on validation)")
     axes[1].set(ylabel="trainable parameters (log scale)", yscale="log", title="trainable parameters")
+    _human_ticks(axes[1])
     axes[2].set(ylabel="seconds", title="training time per point")
     for ax in axes:
         _log2_ranks(ax, all_ranks)
@@ -154,5 +177,69 @@ def plot_param_report(rows: Sequence[dict], path: str | os.PathLike) -> None:
 
     handles = [Line2D([], [], color="gray", linestyle=style, label=label) for style, label in styles.values()]
     axes[1].legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_spectra(spectra: Sequence[dict], path: str | os.PathLike) -> None:
+    """Effective rank of the learned updates against the LoRA rank, one line per module type (mean
+    over layers), with y = r, the most an update of rank r can use."""
+    plt = _pyplot()
+    models = list(dict.fromkeys(row["model"] for row in spectra))
+    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.3), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        rows = [row for row in spectra if row["model"] == model]
+        ranks = sorted({int(row["rank"]) for row in rows})
+        for kind in dict.fromkeys(row["type"] for row in rows):
+            means = []
+            for r in ranks:
+                values = [float(x["effective_rank"]) for x in rows if x["type"] == kind and int(x["rank"]) == r]
+                means.append(sum(values) / len(values) if values else float("nan"))
+            ax.plot(ranks, means, "o-", label=kind, ms=4)
+        ax.plot(ranks, ranks, ":", color="gray", label="y = r (all directions equal)")
+        _log2_ranks(ax, ranks)
+        ax.set_yscale("log", base=2)
+        ax.set(ylabel="effective rank of dW (log scale)", title=f"{model}: how many directions the update uses")
+        ax.legend(loc="upper left", fontsize=7)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_similarity(matrices: dict, r1: int, r2: int, path: str | os.PathLike, title: str = "") -> None:
+    """phi(i, j) between the ranks r1 and r2 (the LoRA paper's figure 3) for every adapted module:
+    rows are module types, columns layers; each cell a heatmap, i down (top directions of r1),
+    j across (top directions of r2)."""
+    from .analyze import module_kind
+
+    plt = _pyplot()
+    names = [name for (a, b, name) in matrices if (a, b) == (r1, r2)]
+    kinds = list(dict.fromkeys(module_kind(n)[0] for n in names))
+    layers = sorted({module_kind(n)[1] for n in names}, key=lambda x: math.inf if x is None else x)
+    present = {module_kind(n) for n in names}
+    fig, axes = plt.subplots(len(kinds), len(layers), figsize=(1.9 * len(layers) + 1.5, 1.4 * len(kinds) + 1.2),
+                             squeeze=False)  # fmt: skip
+    image = None
+    for name in names:
+        kind, layer = module_kind(name)
+        ax = axes[kinds.index(kind)][layers.index(layer)]
+        image = ax.imshow(matrices[(r1, r2, name)].numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto",
+                          extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5))  # fmt: skip
+    for row, kind in enumerate(kinds):
+        for col, layer in enumerate(layers):
+            ax = axes[row][col]
+            ax.set_xticks([1, r2])
+            ax.set_yticks([1, r1])
+            ax.tick_params(labelsize=6)
+            if row == 0:
+                ax.set_title("no layer" if layer is None else f"layer {layer}", fontsize=8)
+            if layer == next(x for x in layers if (kind, x) in present):  # the row's first heatmap
+                ax.set_ylabel(f"{kind}\ni (r={r1})", fontsize=7)
+            if row == len(kinds) - 1 or (kinds[row + 1], layer) not in present:
+                ax.set_xlabel(f"j (r={r2})", fontsize=7)
+            if (kind, layer) not in present:
+                ax.axis("off")
+    fig.suptitle(f"subspace similarity phi(i, j) of A, r={r1} vs r={r2}" + (f": {title}" if title else ""))
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.6, label="phi")
     _save(fig, path)
     plt.close(fig)

@@ -439,6 +439,7 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
         "tokens_per_second": round(fitted.tokens / fitted.seconds, 1) if fitted.seconds else None,
         "peak_memory_mib": round(peak_memory_mib(device), 1),
         "device": str(device),
+        "val_examples": len(dataset.val),
         "final_train_loss": fitted.history[-1]["train_loss"] if fitted.history else None,
         "final_val_loss": fitted.history[-1]["val_loss"] if fitted.history else None,
         "initial_val_loss": json.loads((run / "initial.json").read_text())["loss"],

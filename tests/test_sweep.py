@@ -1,3 +1,4 @@
+import csv
 import os
 import signal
 import socket
@@ -66,6 +67,14 @@ def test_a_three_point_sweep_writes_csv_plot_and_summary(tiny_bert_dir, letters_
     summary = (out / "summary.md").read_text()
     best = [line for line in summarize(rows, "classification")[0] if line["best"]]
     assert len(best) == 1 and f"best rank r={best[0]['rank']}" in summary and "best rank" in printed
+    # what the adapters learned: spectra, similarities between the ranks, a recommended rank
+    assert main(["analyze", str(out)]) == 0
+    assert "recommended rank **r=" in capsys.readouterr().out
+    spectra = list(csv.DictReader(open(out / "analysis_spectra.csv")))
+    assert len(spectra) == 3 * 13  # 3 points x 13 adapted linears (2 layers x 6 and the pooler)
+    assert all(float(s["effective_rank"]) <= int(s["rank"]) + 1e-6 for s in spectra)
+    assert len(list(csv.DictReader(open(out / "analysis_similarity.csv")))) == 3 * 13  # pairs (1,2), (1,4), (2,4)
+    assert (out / "analysis_similarity_r1_r4.png").is_file() and (out / "analysis_spectra.png").is_file()
     # run again: nothing trains, nothing changes
     before = (out / "sweep.csv").read_text()
     assert main(_sweep_args(tiny_bert_dir, letters_data, out)) == 0

@@ -1,0 +1,109 @@
+import math
+
+import pytest
+import torch
+from conftest import tiny_model
+
+from lora_lab import inject_lora, mark_only_lora_trainable, save_adapter
+from lora_lab.analyze import (
+    read_adapter,
+    recommend,
+    right_singular_vectors,
+    similarity_rows,
+    spectrum_of,
+    subspace_similarity,
+    update_right_vectors,
+    update_spectrum,
+)
+from lora_lab.lora import lora_modules
+
+
+def _random_lora(A_shape, B_shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(A_shape, generator=g), torch.randn(B_shape, generator=g)
+
+
+def test_spectrum_of_the_update_is_that_of_the_dense_product():
+    A, B = _random_lora((8, 96), (64, 8), 0)
+    spec = update_spectrum(A, B, scaling=0.5)
+    dense = torch.linalg.svdvals((0.5 * B @ A).double())[:8]
+    torch.testing.assert_close(torch.tensor(spec.singular_values, dtype=torch.float64), dense)
+    p = dense / dense.sum()
+    assert spec.effective_rank == pytest.approx(math.exp(-(p * p.log()).sum().item()))
+    assert spec.stable_rank == pytest.approx(((dense**2).sum() / dense[0] ** 2).item())
+
+
+def test_effective_stable_and_90_percent_ranks_in_closed_form():
+    flat = spectrum_of(torch.ones(8))  # eight equal directions
+    assert flat.effective_rank == pytest.approx(8) and flat.stable_rank == pytest.approx(8) and flat.rank90 == 8
+    one = spectrum_of(torch.tensor([3.0, 0, 0, 0]))
+    assert one.effective_rank == pytest.approx(1) and one.stable_rank == 1 and one.rank90 == 1
+    # energies 9, 4, 1 of 14: the first two hold 92.9%
+    assert spectrum_of(torch.tensor([3.0, 2.0, 1.0])).rank90 == 2
+    untrained = update_spectrum(torch.randn(4, 16), torch.zeros(8, 4))
+    assert untrained.effective_rank == 0 and untrained.rank90 == 0
+
+
+def test_update_directions_are_the_right_singular_vectors_of_dw():
+    A, B = _random_lora((6, 40), (30, 6), 1)
+    U = update_right_vectors(A, B)
+    torch.testing.assert_close(U.T @ U, torch.eye(6, dtype=torch.float64))
+    Vh = torch.linalg.svd(B.double() @ A.double(), full_matrices=False).Vh[:6]
+    torch.testing.assert_close((U.T @ Vh.T).abs(), torch.eye(6, dtype=torch.float64), atol=1e-8, rtol=0)
+
+
+def _saved_adapter(path, seed, rank=8, width=256):
+    model = tiny_model(seed, d=width)
+    inject_lora(model, ["W_query", "W_key", "W_value", "out_proj"], rank=rank, alpha=2 * rank)
+    mark_only_lora_trainable(model)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for _, w in lora_modules(model):
+            w.lora.A.copy_(torch.randn(w.lora.A.shape, generator=g))
+            w.lora.B.copy_(torch.randn(w.lora.B.shape, generator=g))
+    save_adapter(model, path)
+    return read_adapter(path)
+
+
+def test_similarity_of_saved_adapters_is_one_for_identical_and_near_zero_for_independent(tmp_path):
+    same = _saved_adapter(tmp_path / "a.safetensors", seed=0)
+    twin = _saved_adapter(tmp_path / "b.safetensors", seed=0)
+    rows, matrices = similarity_rows({8: same, 16: twin})  # the same update saved twice, read as two ranks
+    assert rows and all(r["phi_A_top"] == r["phi_A_all"] == r["phi_dW_top"] == r["phi_dW_all"] == 1 for r in rows)
+    for phi in matrices.values():
+        torch.testing.assert_close(phi, torch.ones_like(phi))
+    other = _saved_adapter(tmp_path / "c.safetensors", seed=1, rank=64)
+    rows, matrices = similarity_rows({8: same, 64: other})
+    width = 256
+    assert len(rows) == 2 * 4
+    for r in rows:  # random subspaces of inputs of width 256: phi(1, 1) ~ 1 / in, phi(8, 64) ~ 64 / in
+        assert r["phi_A_top"] < 0.05 and r["phi_dW_top"] < 0.05, r
+        assert r["phi_A_all"] == pytest.approx(64 / width, abs=0.06), r
+        assert r["shared_directions"] == 0
+
+
+def test_subspace_similarity_matches_the_paper_definition():
+    U1 = right_singular_vectors(torch.randn(4, 32, generator=torch.Generator().manual_seed(0)))
+    U2 = right_singular_vectors(torch.randn(6, 32, generator=torch.Generator().manual_seed(1)))
+    phi = subspace_similarity(U1, U2)
+    for i in range(1, 5):
+        for j in range(1, 7):
+            expected = torch.linalg.matrix_norm(U1[:, :i].T @ U2[:, :j]) ** 2 / min(i, j)
+            assert phi[i - 1, j - 1].item() == pytest.approx(expected.item())
+    with pytest.raises(ValueError, match="different input widths"):
+        subspace_similarity(U1, torch.eye(16, 2, dtype=torch.float64))
+
+
+def test_recommended_rank():
+    sims = [{"rank_a": a, "rank_b": b, "phi_dW_top_in_b": v} for a, b, v in [(2, 4, 0.9), (2, 8, 0.8), (4, 8, 0.9),
+                                                                              (1, 4, 0.1), (1, 8, 0.1)]]  # fmt: skip
+    metrics = {1: [0.95], 2: [0.97], 4: [0.975], 8: [0.97]}
+    rank, why = recommend(metrics, True, noise=0.01, sim_rows=sims)
+    assert rank == 2 and "every larger rank" in why  # within 0.01 of 0.975 and its top direction is shared
+    rank, why = recommend(metrics, True, noise=0.001, sim_rows=sims)
+    assert rank == 4 and "no other rank" in why
+    unshared = [dict(s, phi_dW_top_in_b=0.1) for s in sims]
+    rank, why = recommend(metrics, True, noise=0.01, sim_rows=unshared)
+    assert rank == 2 and "metric alone decides" in why
+    losses = {4: [1.0], 8: [0.9], 16: [0.905]}
+    assert recommend(losses, False, noise=0.01, sim_rows=[])[0] == 8
