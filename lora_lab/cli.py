@@ -166,8 +166,11 @@ def _sweep(args: argparse.Namespace) -> int:
     )
     device = args.device
     if device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one point per GPU
-    stats = run_sweep(_train_config(args, device=device), points, args.out, shard_from_env(args.shard))
+        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU per process
+    if args.ddp and args.shard:
+        raise ValueError("--ddp trains every point on all processes together; it does not take --shard")
+    shard = (0, 1) if args.ddp else shard_from_env(args.shard)
+    stats = run_sweep(_train_config(args, device=device), points, args.out, shard, ddp=args.ddp)
     out = Path(args.out)
     if stats["summary"]:
         print((out / SUMMARY).read_text().split("![")[0].rstrip())
@@ -353,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
     _training_options(sweep)
     sweep.add_argument("--shard", metavar="I/N", help="train only points i, i+N, i+2N ... (job arrays; torchrun "
                        "sets this from RANK and WORLD_SIZE)")  # fmt: skip
+    sweep.add_argument("--ddp", action="store_true", help="under torchrun: train each point on all processes "
+                       "together (DistributedDataParallel) instead of one point per process")  # fmt: skip
     sweep.add_argument("--out", default="lora-lab-sweep", help="the sweep directory (default: lora-lab-sweep)")
     sweep.set_defaults(handler=_sweep, epochs=2, batch_size=16, lr=5e-4, max_length=128)
 

@@ -14,6 +14,8 @@ adds one row to `DIR/sweep.csv`. A point is finished exactly when its row is in 
 Points are independent, so processes split them: process i of n takes the points whose index in
 the grid is i modulo n. n and i come from `--shard I/N` (job arrays) or from torchrun's RANK and
 WORLD_SIZE. The process that adds the last row writes the summary (`summary.md`, `sweep.png`).
+A point too slow for one GPU goes the other way (`--ddp` under torchrun): every process trains
+every point together, with DistributedDataParallel, and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -246,18 +248,25 @@ def check_settings(out: Path, base) -> None:
         write_text(path, json.dumps(settings, indent=2) + "\n")
 
 
-def run_sweep(base, points: Sequence[Point], out: str | Path, shard: tuple[int, int] = (0, 1), log=print) -> dict:
+def run_sweep(
+    base, points: Sequence[Point], out: str | Path, shard: tuple[int, int] = (0, 1), ddp: bool = False, log=print
+) -> dict:
     """Train this process's share of `points` (those not finished yet) into `out`; the process that
-    finishes the last point writes the summary. Returns counts: trained, skipped, diverged, and
-    whether this process wrote the summary."""
+    finishes the last point writes the summary. With `ddp` (under torchrun) every process trains
+    every point together instead (DistributedDataParallel) and rank 0 keeps the books. Returns
+    counts: trained, skipped, diverged, and whether this process wrote the summary."""
     from tqdm.auto import tqdm
 
-    from .train import TrainingError, train
+    from .train import TrainingError, init_distributed, train
 
     out = Path(out)
+    writes = True
+    if ddp:
+        writes, shard = init_distributed()[0] == 0, (0, 1)
     index, count = shard
     with locked(out):
-        check_settings(out, base)
+        if writes:
+            check_settings(out, base)
         done = {row_key(r) for r in read_rows(out)}
     mine = [p for i, p in enumerate(points) if i % count == index]
     todo = [p for p in mine if p.key() not in done]
@@ -269,14 +278,17 @@ def run_sweep(base, points: Sequence[Point], out: str | Path, shard: tuple[int, 
         log(f"point {point.model} r={point.rank} alpha={_number(point.alpha)} {point.scaling} {point.targets} "
             f"seed {point.seed} -> {run}")  # fmt: skip
         try:
-            metrics, error = train(point_config(base, point), run), None
+            metrics, error = train(point_config(base, point), run, distributed=ddp), None
         except TrainingError as err:
             metrics, error = None, str(err).split(":")[0]
             stats["diverged"] += 1
             log(f"point diverged: {err}")
-        with locked(out):
-            append_row(out, result_row(point, metrics, str(run.relative_to(out)), error))
+        if writes:
+            with locked(out):
+                append_row(out, result_row(point, metrics, str(run.relative_to(out)), error))
         stats["trained"] += 1
+    if not writes:
+        return stats
     with locked(out):
         rows = read_rows(out)
         if {p.key() for p in points} <= {row_key(r) for r in rows}:

@@ -245,8 +245,14 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad (inject LoRA or name a head to train)")
+    rank, size = world()
+    trained = model
+    if size > 1:  # data parallel: each process takes every size-th batch; gradients are averaged
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    per_epoch = math.ceil(math.ceil(len(train_rows) / cfg.batch_size) / cfg.grad_accum)
+    per_epoch = math.ceil(math.ceil(len(train_rows) / cfg.batch_size) // size / cfg.grad_accum)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
     warmup = math.ceil(cfg.warmup * total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, cfg.schedule))
@@ -266,6 +272,8 @@ def fit(
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
         epoch_batches = D.batches(train_rows, cfg.batch_size, collate, shuffle=True, seed=cfg.seed + epoch)
+        if size > 1:  # as many batches on every process (the last few of an epoch may go unused)
+            epoch_batches = epoch_batches[: len(epoch_batches) // size * size][rank::size]
         running, seen, started, accumulated, skipped, group = 0.0, 0, time.perf_counter(), [], 0, 1
         bar = tqdm(epoch_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
         for index, batch in enumerate(bar):
@@ -277,9 +285,9 @@ def fit(
                 skipped += 1
                 continue
             with autocast:
-                logits = forward_logits(model, batch, kind, task, cfg.pooling)
+                logits = forward_logits(trained, batch, kind, task, cfg.pooling)
             loss = batch_loss(logits, batch["labels"], task, weights)
-            if not torch.isfinite(loss):
+            if not _finite_everywhere(loss, size):
                 raise TrainingError(
                     f"the loss is {loss.item()} at optimizer step {step + 1} (epoch {epoch + 1}, batch {index + 1}): "
                     f"training diverged. Lower --lr (now {cfg.lr}) or check the data; nothing of this epoch was saved"
@@ -319,15 +327,63 @@ def fit(
         tqdm.write(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         if on_epoch_end is not None:
             on_epoch_end(epoch, history, optimizer, scheduler, step, tokens, seconds)
+    if size > 1:  # tokens of every process
+        import torch.distributed as dist
+
+        total_tokens = torch.tensor([tokens], dtype=torch.float64, device=device)
+        dist.all_reduce(total_tokens)
+        tokens = int(total_tokens.item())
     return Fitted(history, step, tokens, seconds, step_losses)
+
+
+def _finite_everywhere(loss: torch.Tensor, size: int) -> bool:
+    """Whether the loss is finite on every process (all stop together, or none does)."""
+    finite = torch.isfinite(loss.detach()).float()
+    if size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 # ---- a run directory -------------------------------------------------------------------------
 
 
+def world() -> tuple[int, int]:
+    """(rank, world size) of this process in a torch.distributed group, else (0, 1)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs) once.
+    Returns (rank, world size)."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return world()
+
+
+def _barrier() -> None:
+    if world()[1] > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
 def _device(name: str) -> torch.device:
+    import os
+
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if world()[1] > 1 else "cuda")
     return torch.device(name)
 
 
@@ -386,13 +442,19 @@ def collate_for(cfg: TrainConfig, tok: D.Tokenizer) -> Callable[[Sequence], dict
     return lambda rows: D.classification_batch(rows, tok, cfg.pad_to)
 
 
-def train(cfg: TrainConfig, out: str | Path) -> dict:
+def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) -> dict:
     """Run `cfg` into the directory `out` (made if need be) and return its metrics. A directory
-    that holds a checkpoint of the same config resumes; one of another config is refused."""
-    from .plots import plot_confusion, plot_history
-
+    that holds a checkpoint of the same config resumes; one of another config is refused. Under
+    torchrun (or with `distributed` True) every process trains this run together
+    (DistributedDataParallel: each takes every n-th batch, so a step's batch is n x batch_size) and
+    rank 0 writes the files; `distributed` False trains in this process alone."""
     run = Path(out)
     config_text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
+    import os
+
+    if distributed is None:
+        distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    main_process = init_distributed()[0] == 0 if distributed else True
     resume = None
     if (run / CONFIG).is_file():
         if json.loads((run / CONFIG).read_text()) != json.loads(config_text):
@@ -414,17 +476,23 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
             raise ValueError(f"{run / CHECKPOINT} does not fit this model (no trainable {sorted(missing)[:3]})")
         model.load_state_dict(resume["trainable"], strict=False)
         tqdm.write(f"resuming {run} after epoch {resume['epoch'] + 1}")
-    write_text(run / CONFIG, config_text)
+    if main_process:
+        write_text(run / CONFIG, config_text)
     collate = collate_for(cfg, tok)
     val_batches = D.batches(dataset.val, cfg.batch_size, collate, shuffle=False)
 
     def on_epoch_end(epoch, history, optimizer, scheduler, step, tokens, seconds) -> None:
-        _save_checkpoint(run, model, epoch, history, optimizer, scheduler, step, tokens, seconds)
+        if main_process:
+            _save_checkpoint(run, model, epoch, history, optimizer, scheduler, step, tokens, seconds)
 
     if resume is None:  # where training starts from, for the before-and-after in metrics.json
         initial = evaluate(model, val_batches, loaded.kind, task, cfg.pooling, device)
-        write_text(run / "initial.json", json.dumps({k: v for k, v in initial.items() if k in ("loss", "accuracy")}))
+        initial = {k: v for k, v in initial.items() if k in ("loss", "accuracy")}
+        if main_process:
+            write_text(run / "initial.json", json.dumps(initial))
         torch.manual_seed(cfg.seed)  # dropout masks from here on (a resumed run restores its RNG state)
+    else:
+        initial = json.loads((run / "initial.json").read_text())
     fitted = fit(model, dataset.train, collate, val_batches, cfg, loaded.kind, device, on_epoch_end, resume)
     count = count_parameters(model)
     metrics: dict = {
@@ -442,8 +510,8 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
         "val_examples": len(dataset.val),
         "final_train_loss": fitted.history[-1]["train_loss"] if fitted.history else None,
         "final_val_loss": fitted.history[-1]["val_loss"] if fitted.history else None,
-        "initial_val_loss": json.loads((run / "initial.json").read_text())["loss"],
-        "initial_val_accuracy": json.loads((run / "initial.json").read_text()).get("accuracy"),
+        "initial_val_loss": initial["loss"],
+        "initial_val_accuracy": initial.get("accuracy"),
     }
     test_batches = D.batches(dataset.test, cfg.batch_size, collate, shuffle=False)
     test = evaluate(model, test_batches, loaded.kind, task, cfg.pooling, device)
@@ -456,19 +524,29 @@ def train(cfg: TrainConfig, out: str | Path) -> dict:
         metrics["val_accuracy"] = fitted.history[-1]["val_accuracy"] if fitted.history else None
         metrics["test"] = classification_metrics(test["labels"], test["preds"], dataset.labels)
         metrics["test_accuracy"] = metrics["test"]["accuracy"]
-        plot_confusion(metrics["test"]["confusion_matrix"], dataset.labels, run / "confusion.png")
     else:
         metrics["test_perplexity"] = math.exp(min(test["loss"], 50))
+    if main_process:
+        _write_run(run, cfg, loaded, model, fitted, metrics, initial)
+    _barrier()  # every process returns once the run is on disk
+    return metrics
+
+
+def _write_run(run: Path, cfg: TrainConfig, loaded, model: nn.Module, fitted: Fitted, metrics: dict, initial: dict):
+    """A finished run's files: the adapter (and its PEFT export), the history and its plot, the
+    confusion matrix, the metrics last (a run with metrics.json is complete); the checkpoint goes."""
+    from .plots import plot_confusion, plot_history
+
+    if "test" in metrics:
+        plot_confusion(metrics["test"]["confusion_matrix"], metrics["labels"], run / "confusion.png")
     extra = _whole(cfg, loaded)
     save_adapter(model, run / "adapter.safetensors", extra=extra)
     export_peft_adapter(model, run / "peft", base_model_name_or_path=loaded.source, extra=extra)
     lines = [",".join(fitted.history[0])] + [",".join(str(v) for v in row.values()) for row in fitted.history]
     write_text(run / HISTORY, "\n".join(lines) + "\n")
-    initial = json.loads((run / "initial.json").read_text())
     plot_history(fitted.history, run / "history.png", f"{cfg.model} on {cfg.dataset}, LoRA r={cfg.rank}", initial)
     write_text(run / METRICS, json.dumps(metrics, indent=2) + "\n")
     (run / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the adapter and metrics hold it
-    return metrics
 
 
 def load_run(run: str | Path, task: str | None = None):

@@ -137,7 +137,7 @@ def save_tiny_bert(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     # widths of 64 and 128: bitsandbytes' CPU inference kernels take 4-bit layers of 64 inputs or more
     cfg = BertConfig(vocab_size=31, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-                     max_position_embeddings=32)  # fmt: skip
+                     max_position_embeddings=32, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # fmt: skip
     BertModel(cfg).save_pretrained(folder)
     return folder
 
