@@ -5,6 +5,8 @@
         # SmolLM2-135M instruction tuning, r = 4 ... 32 (CPU, ~25 min)
     python experiments/rank_sweep.py gpt2-sms              # GPT-2 124M ... 1558M on SMS spam (needs the hub weights)
     python experiments/rank_sweep.py openllama-instructions # OpenLLaMA 3B, QLoRA, instruction tuning (GPU, hub weights)
+    python experiments/rank_sweep.py openllama-instructions --random-init   # without the weights: memory and
+        # tokens/s of LoRA and QLoRA on the same architecture, PEFT side by side (experiments/qlora_3b.py)
 
 Extra arguments go to `lora-lab sweep` (say --ranks 4,8 or --seeds 1,2,3). Whole sweeps (run directories,
 adapters) stay under experiments/runs/sweep-<case>/; the CSV, summary, plots and analysis are copied to
@@ -84,4 +86,11 @@ if __name__ == "__main__":
     if len(sys.argv) < 2 or sys.argv[1] not in CASES:
         print(__doc__)
         raise SystemExit(2)
+    if "--random-init" in sys.argv[2:]:
+        if sys.argv[1] != "openllama-instructions":
+            raise SystemExit("--random-init is for openllama-instructions (memory and speed without the weights)")
+        import qlora_3b
+
+        sys.argv = [sys.argv[0], *[a for a in sys.argv[2:] if a != "--random-init"]]
+        raise SystemExit(qlora_3b.main())
     raise SystemExit(run(sys.argv[1], sys.argv[2:]))
