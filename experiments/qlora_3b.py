@@ -48,6 +48,7 @@ def build(config: dict, device: torch.device, quantize: str | None) -> torch.nn.
     from transformers import LlamaConfig, LlamaForCausalLM
 
     default = torch.get_default_dtype()
+    torch.manual_seed(0)  # every variant starts from the same random base
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device(device):

@@ -238,12 +238,21 @@ def analyze_sweep(out: str | Path) -> dict[str, object]:
     from .files import write_text
     from .params import markdown_table
     from .plots import plot_similarity, plot_spectra
-    from .sweep import metric_for, read_rows, series_name
+    from .sweep import metric_for, read_rows, series_columns, series_name
 
     out = Path(out)
-    rows = [r for r in read_rows(out) if r["status"] == "ok"]
+    if not (out / "sweep.csv").is_file() or not (out / "sweep.json").is_file():
+        raise FileNotFoundError(f"{out} is not a lora-lab sweep directory (no sweep.csv and sweep.json in it)")
+    every = read_rows(out)
+    rows = [r for r in every if r["status"] == "ok"]
     if not rows:
-        raise FileNotFoundError(f"{out / 'sweep.csv'} has no finished point: run `lora-lab sweep --out {out}` first")
+        raise ValueError(f"no point of {out} finished ({len(every)} failed): nothing to analyze")
+    for r in rows:
+        if not (out / r["run"] / "adapter.safetensors").is_file():
+            raise FileNotFoundError(
+                f"{out / r['run']} (rank {r['rank']}, seed {r['seed']}) holds no adapter, though sweep.csv lists it: "
+                "delete its row from sweep.csv and run the sweep again to train it anew"
+            )
     settings = json.loads((out / "sweep.json").read_text())
     task = "causal-lm" if settings["dataset"] == "instructions" else "classification"
 
@@ -259,14 +268,15 @@ def analyze_sweep(out: str | Path) -> dict[str, object]:
             return None
 
     chosen, _, higher = metric_for(task)
-    series_cols = [k for k in ("model", "scaling", "targets") if len({r[k] for r in rows}) > 1]
-    all_spectra, all_sims, lines, recommendations = [], [], [], {}
-    for key in dict.fromkeys(tuple(r[k] for k in ("model", "scaling", "targets")) for r in rows):
-        series = [r for r in rows if (r["model"], r["scaling"], r["targets"]) == key]
-        name = series_name(series[0], series_cols)
+    columns, varied = series_columns(rows)
+    several_seeds = len({r["seed"] for r in rows}) > 1
+    all_spectra, all_sims, lines, recommendations, figures = [], [], [], {}, []
+    for key in dict.fromkeys(tuple(r[k] for k in columns) for r in rows):
+        series = [r for r in rows if tuple(r[k] for k in columns) == key]
+        name = series_name(series[0], varied)
         adapters = {id(r): read_adapter(out / r["run"] / "adapter.safetensors") for r in series}
-        run_metrics = {id(r): json.loads((out / r["run"] / "metrics.json").read_text()) for r in series}
-        all_spectra += spectra_rows([(r, adapters[id(r)]) for r in series])
+        run_metrics = {id(r): _json_or_empty(out / r["run"] / "metrics.json") for r in series}
+        all_spectra += [{"series": name, **row} for row in spectra_rows([(r, adapters[id(r)]) for r in series])]
         sims = []
         for seed in dict.fromkeys(r["seed"] for r in series):
             by_rank = {int(r["rank"]): adapters[id(r)] for r in series if r["seed"] == seed}
@@ -275,9 +285,10 @@ def analyze_sweep(out: str | Path) -> dict[str, object]:
             ranks = sorted(by_rank)
             pairs = {(ranks[0], ranks[-1])} | ({(8, 64)} if {8, 64} <= set(ranks) else set())
             for r1, r2 in sorted(p for p in pairs if p[0] != p[1]):
-                suffix = "" if len(series_cols) == 0 else "_" + re.sub(r"[^A-Za-z0-9]+", "-", name)
-                plot_similarity(matrices, r1, r2, out / f"analysis_similarity_r{r1}_r{r2}{suffix}.png",
-                                f"{name}, seed {seed}")  # fmt: skip
+                suffix = ("_" + re.sub(r"[^A-Za-z0-9]+", "-", name) if varied else "") + (
+                    f"_seed{seed}" if several_seeds else "")  # fmt: skip
+                figures.append(out / f"analysis_similarity_r{r1}_r{r2}{suffix}.png")
+                plot_similarity(matrices, r1, r2, figures[-1], f"{name}, seed {seed}")
         all_sims += sims
         metrics = {}
         for r in series:
@@ -289,7 +300,7 @@ def analyze_sweep(out: str | Path) -> dict[str, object]:
         lines.append(f"- {name}: recommended rank **r={rank}**. {why}; noise: {noise_why}.")
     spectra_path, sims_path = out / "analysis_spectra.csv", out / "analysis_similarity.csv"
     _write_csv(spectra_path, all_spectra)
-    _write_csv(sims_path, all_sims)
+    _write_csv(sims_path, all_sims, SIMILARITY_COLUMNS)
     plot_spectra(all_spectra, out / "analysis_spectra.png")
     table = _effective_rank_table(all_spectra)
     pairs = _similarity_table(all_sims)
@@ -304,32 +315,43 @@ def analyze_sweep(out: str | Path) -> dict[str, object]:
         "phi(r_a, r_b), phi_dW_top_in_b = phi_dW(1, r_b) (rank a's top direction inside rank b's update), "
         f"shared = directions i with phi_dW(i, i) > {SHARED}. Random subspaces give about r_b / in.", "",
         markdown_table(pairs), "",
-        f"Files: {spectra_path.name}, {sims_path.name}, analysis_spectra.png, analysis_similarity_*.png", "",
+        f"Files: {spectra_path.name}, {sims_path.name}, analysis_spectra.png"
+        + "".join(f", {f.name}" for f in figures) + ("" if figures else " (one rank: no similarity to draw)"), "",
     ]  # fmt: skip
     write_text(out / "analysis.md", "\n".join(text))
     return recommendations
 
 
-def _write_csv(path: Path, rows: Sequence[dict]) -> None:
+SIMILARITY_COLUMNS = ["series", "seed", "rank_a", "rank_b", "module", "type", "layer", "phi_A_top", "phi_A_all",
+                      "phi_dW_top", "phi_dW_top_in_b", "phi_dW_all", "shared_directions"]  # fmt: skip
+
+
+def _json_or_empty(path: Path) -> dict:
+    import json
+
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str] | None = None) -> None:
     import csv
     import io
 
     from .files import write_text
 
     buffer = io.StringIO()
-    if rows:
-        writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+    writer = csv.DictWriter(buffer, fieldnames=list(columns or (rows[0] if rows else [])), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
     write_text(path, buffer.getvalue())
 
 
 def _effective_rank_table(spectra: Sequence[dict]) -> list[dict[str, object]]:
+    """Mean effective rank per (series, module type, rank): over layers, and over seeds when there are several."""
     groups: dict[tuple, list[float]] = {}
     for row in spectra:
-        groups.setdefault((row["model"], row["type"], int(row["rank"])), []).append(float(row["effective_rank"]))
+        groups.setdefault((row["series"], row["type"], int(row["rank"])), []).append(float(row["effective_rank"]))
     return [
-        {"model": m, "type": t, "rank": r, "effective_rank": round(statistics.fmean(v), 3), "modules": len(v)}
+        {"series": m, "type": t, "rank": r, "effective_rank": round(statistics.fmean(v), 3), "modules": len(v)}
         for (m, t, r), v in groups.items()
     ]
 

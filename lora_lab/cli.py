@@ -22,19 +22,27 @@ DESCRIPTION = (
 )
 
 
-def _items(values: Sequence[str]) -> list[str]:
-    """A CLI list given as `8,16,64`, `8 16 64` or a mix: each item once, in order."""
-    return list(dict.fromkeys(item for value in values for item in value.split(",") if item))
+def _items(values: Sequence[str], unique: bool = True) -> list[str]:
+    """A CLI list given as `8,16,64`, `8 16 64` or a mix, in order: each item once, unless not `unique`."""
+    items = [item for value in values for item in value.split(",") if item]
+    return list(dict.fromkeys(items)) if unique else items
+
+
+def _numbers(values: Sequence[str], option: str, kind: type = int, unique: bool = True) -> list:
+    """A CLI list of numbers (`kind` int or float), each once if `unique`, or an error naming the option."""
+    numbers = []
+    for item in _items(values, unique):
+        try:
+            numbers.append(kind(item))
+        except ValueError:
+            example = "8,16,64" if kind is int else "8,16,32.5"
+            what = "whole numbers" if kind is int else "numbers"
+            raise ValueError(f"{option} takes {what} such as {example}; got {item!r}") from None
+    return numbers
 
 
 def _ranks(values: Sequence[str]) -> list[int]:
-    ranks = []
-    for item in _items(values):
-        try:
-            ranks.append(int(item))
-        except ValueError:
-            raise ValueError(f"--ranks takes whole numbers such as 8,16,64; got {item!r}") from None
-    return ranks
+    return _numbers(values, "--ranks")
 
 
 def _plural(n: int, word: str) -> str:
@@ -68,7 +76,8 @@ def _report(args: argparse.Namespace) -> int:
         model = build_model(name, "meta")
         head = classifier_head_name(model)
         dtypes = ", ".join(sorted({str(p.dtype).removeprefix("torch.") for p in model.parameters()}))
-        modules = ", ".join(sorted({_plural(int(r["lora_modules"]), "module") for r in rows if r["model"] == name}))
+        sets = {r["targets"]: int(r["lora_modules"]) for r in rows if r["model"] == name}
+        modules = ", ".join(f"{_plural(n, 'module')} ({targets})" for targets, n in sets.items())
         frozen = f"base frozen but the classification head {head!r}, which trains whole" if head else "base frozen"
         print(f"{model_spec(name).description} ({dtypes}): LoRA on {modules}, {frozen}; counted on meta")
     print(f"training memory in MiB: weights, gradients and AdamW state (no activations). {MEMORY_NOTE}\n")
@@ -108,13 +117,13 @@ def _train_config(args: argparse.Namespace, **point: object):
         gradient_checkpointing=args.gradient_checkpointing,
         quantize=args.quantize,
         max_steps=args.max_steps,
-        class_weights=[float(w) for w in _items(args.class_weights)] if args.class_weights else None,
+        class_weights=_numbers(args.class_weights or [], "--class-weights", float, unique=False) or None,
         **point,
     )
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import TrainingError, train
+    from .train import TrainingError, train, world
 
     targets = _items(args.targets)
     cfg = _train_config(
@@ -132,6 +141,8 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingError as err:
         print(f"lora-lab train: error: {err}", file=sys.stderr)
         return 1
+    if world()[0] != 0:
+        return 0  # under torchrun, rank 0 reports
     shown = {k: metrics[k] for k in ("trainable_params", "train_seconds", "tokens_per_second", "peak_memory_mib")}
     if "test" in metrics:
         t = metrics["test"]
@@ -158,11 +169,11 @@ def _sweep(args: argparse.Namespace) -> int:
     points = grid(
         models,
         _ranks(args.ranks),
-        alphas=[float(a) for a in _items(args.alphas)] if args.alphas else None,
+        alphas=_numbers(args.alphas, "--alphas", float) if args.alphas else None,
         alpha_ratio=args.alpha_ratio,
         scalings=_items(args.scalings),
         target_sets=[target_set(_items(t)) for t in args.targets or [["all-linear"]]],
-        seeds=[int(s) for s in _items(args.seeds)],
+        seeds=_numbers(args.seeds, "--seeds"),
     )
     device = args.device
     if device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
@@ -187,8 +198,8 @@ def _analyze(args: argparse.Namespace) -> int:
     out = Path(args.dir)
     text = (out / "analysis.md").read_text()
     print("\n".join(line for line in text.splitlines() if line.startswith("- ")))
-    print(f"\ntables in {out / 'analysis.md'}; CSV {out / 'analysis_spectra.csv'}, {out / 'analysis_similarity.csv'}; "
-          f"plots {out / 'analysis_spectra.png'}, {out}/analysis_similarity_*.png")  # fmt: skip
+    files = "\n".join(f"  {p}" for p in sorted(out.glob("analysis*")))
+    print(f"\nwritten:\n{files}")
     return 0
 
 

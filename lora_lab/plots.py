@@ -122,6 +122,7 @@ def plot_sweep(table: Sequence[dict], path: str | os.PathLike, chosen: str, repo
         ranks = [line["rank"] for line in lines]
         values = [scale * line[reported] for line in lines]
         sd = [scale * line.get(f"{reported}_sd", 0.0) for line in lines]
+        sd = [0.0 if math.isnan(v) else v for v in sd]
         (drawn,) = axes[0].plot(ranks, values, "o-", label=f"{name}: {_LABELS.get(reported, reported).split(' (')[0]}")
         chosen_values = [scale * line[chosen] for line in lines]
         if chosen != reported and not any(math.isnan(v) for v in chosen_values):
@@ -144,7 +145,11 @@ def plot_sweep(table: Sequence[dict], path: str | os.PathLike, chosen: str, repo
     axes[2].set(ylabel="seconds", title="training time per point")
     for ax in axes:
         _log2_ranks(ax, all_ranks)
-    axes[0].legend(loc="best", fontsize=8)
+    if len(series) <= 3:
+        axes[0].legend(loc="best", fontsize=8)
+    else:  # many lines: one legend below the three panels
+        handles, labels = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8)
     _save(fig, path)
     plt.close(fig)
 
@@ -159,17 +164,23 @@ def plot_param_report(rows: Sequence[dict], path: str | os.PathLike) -> None:
     several_sets = len({t for _, t in series}) > 1
     styles = {"lora_bf16_mib": ("-", "LoRA, bf16 base"), "qlora_nf4_mib": ("--", "QLoRA, NF4 base"),
               "full_bf16_mib": (":", "full fine-tuning, bf16")}  # fmt: skip
+    colors: dict[str, str] = {}
     for model, targets in series:
         lines = [row for row in rows if (row["model"], row["targets"]) == (model, targets)]
         ranks = [row["rank"] for row in lines]
         name = f"{model} ({targets})" if several_sets else model
         (drawn,) = axes[0].plot(ranks, [row["trainable_params"] for row in lines], "o-", label=name)
         for key, (style, _) in styles.items():
+            if key.startswith("full") and model in colors:
+                continue  # full fine-tuning does not depend on the targets: one line per model
             axes[1].plot(ranks, [row[key] / 1024 for row in lines], style, marker="o" if style != ":" else None,
                          color=drawn.get_color(), ms=4)  # fmt: skip
+        colors.setdefault(model, drawn.get_color())
     axes[0].set(ylabel="trainable parameters (log scale)", yscale="log", title="trainable parameters")
     axes[1].set(ylabel="GiB (log scale)", yscale="log",
                 title="training memory: weights + gradients + AdamW (no activations)")  # fmt: skip
+    _human_ticks(axes[0])
+    _human_ticks(axes[1])
     for ax in axes:
         _log2_ranks(ax, [row["rank"] for row in rows])
     axes[0].legend(loc="best", fontsize=8, title="model")
@@ -182,13 +193,13 @@ def plot_param_report(rows: Sequence[dict], path: str | os.PathLike) -> None:
 
 
 def plot_spectra(spectra: Sequence[dict], path: str | os.PathLike) -> None:
-    """Effective rank of the learned updates against the LoRA rank, one line per module type (mean
-    over layers), with y = r, the most an update of rank r can use."""
+    """Effective rank of the learned updates against the LoRA rank: a panel per series, one line per
+    module type (mean over layers and seeds), with y = r, the most an update of rank r can use."""
     plt = _pyplot()
-    models = list(dict.fromkeys(row["model"] for row in spectra))
+    models = list(dict.fromkeys(row["series"] for row in spectra))
     fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.3), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
-        rows = [row for row in spectra if row["model"] == model]
+        rows = [row for row in spectra if row["series"] == model]
         ranks = sorted({int(row["rank"]) for row in rows})
         for kind in dict.fromkeys(row["type"] for row in rows):
             means = []

@@ -40,7 +40,7 @@ from .files import write_text
 CSV_NAME, SUMMARY, PLOT, SETTINGS, LOCK = "sweep.csv", "summary.md", "sweep.png", "sweep.json", ".sweep.lock"
 SCALINGS = ("standard", "rslora")
 # The columns of sweep.csv: the point, then what its run measured. Empty where a task has no such
-# figure (accuracy for instruction tuning) or the point diverged.
+# figure (accuracy for instruction tuning) or the point failed (status "failed: why").
 KEY_COLUMNS = ["model", "rank", "alpha", "scaling", "targets", "seed"]
 COLUMNS = KEY_COLUMNS + [
     "status",
@@ -74,15 +74,27 @@ class Point:
         return (self.model, str(self.rank), _number(self.alpha), self.scaling, self.targets, str(self.seed))
 
     def run_name(self) -> str:
-        """The run directory's name: readable, and unique within a sweep."""
+        """The run directory's name: readable, and unique (a hash of the whole key ends it)."""
+        import hashlib
+
         model = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model.strip("/")).strip("_")[-40:]
         targets = re.sub(r"[^A-Za-z0-9._+-]+", "_", self.targets)[:60]
-        return f"{model}/r{self.rank}-a{_number(self.alpha)}-{self.scaling}-{targets}-s{self.seed}"
+        digest = hashlib.sha1("\0".join(self.key()).encode()).hexdigest()[:8]
+        return f"{model}/r{self.rank}-a{_number(self.alpha)}-{self.scaling}-{targets}-s{self.seed}-{digest}"
 
 
 def _number(value: float) -> str:
-    """16.0 -> "16", 0.5 -> "0.5": the same alpha always reads the same in the CSV."""
-    return str(int(value)) if float(value).is_integer() else repr(float(value))
+    """16.0 -> "16", 0.5 -> "0.5", 0.1 * 3 -> "0.3": the same alpha always reads the same in the CSV."""
+    value = float(f"{float(value):.10g}")
+    return str(int(value)) if value.is_integer() else repr(value)
+
+
+def _model_key(model: str) -> str:
+    """A model as the sweep keys it: a local directory by its absolute path (so `bert`, `bert/` and
+    `./bert` are one model), a registered name or hub id as given."""
+    from .gpt2_weights import is_path_like
+
+    return str(Path(model).expanduser().resolve()) if is_path_like(model) else model
 
 
 def target_set(names: Sequence[str] | str) -> str:
@@ -119,10 +131,10 @@ def grid(
         raise ValueError(f"--alpha-ratio must be positive, got {alpha_ratio}")
     points = []
     for model, targets, scaling, rank, seed in itertools.product(
-        dict.fromkeys(models), dict.fromkeys(target_sets), dict.fromkeys(scalings), ranks, seeds
+        dict.fromkeys(_model_key(m) for m in models), dict.fromkeys(target_sets), dict.fromkeys(scalings), ranks, seeds
     ):
         for alpha in dict.fromkeys(alphas) if alphas is not None else [alpha_ratio * rank]:
-            points.append(Point(model, rank, float(alpha), scaling, targets, seed))
+            points.append(Point(_model_key(model), rank, float(_number(alpha)), scaling, targets, seed))
     return points
 
 
@@ -190,7 +202,7 @@ def result_row(point: Point, metrics: dict | None, run: str, error: str | None =
     row: dict[str, object] = dict(zip(KEY_COLUMNS, point.key(), strict=True))
     row["run"] = run
     if metrics is None:
-        row["status"] = f"diverged: {error}"
+        row["status"] = f"failed: {error}"
         return row
     test = metrics.get("test") or {}
     row.update(
@@ -227,24 +239,26 @@ def point_config(base, point: Point):
     )
 
 
-def _settings(base) -> dict:
-    """What the sweep holds fixed: the train config but the fields a point sets."""
+def sweep_settings(base, processes: int = 1) -> dict:
+    """What the sweep holds fixed: the train config but the fields a point sets (and the device),
+    and how many processes train each point (DDP: a step's batch is that many batches)."""
     varied = {"model", "rank", "alpha", "use_rslora", "targets", "seed", "device"}
-    return {k: v for k, v in dataclasses.asdict(base).items() if k not in varied}
+    settings = {k: v for k, v in dataclasses.asdict(base).items() if k not in varied}
+    return {**settings, "processes_per_point": processes}
 
 
-def check_settings(out: Path, base) -> None:
-    """Record the fixed settings of a new sweep in DIR/sweep.json; refuse to add points to a sweep
-    of other settings (its rows would not compare). Call under `locked(out)`."""
+def check_settings(out: Path, settings: dict, record: bool = False) -> None:
+    """Refuse to add points to a sweep of other fixed settings (its rows would not compare); with
+    `record`, write them to DIR/sweep.json if the sweep has none yet (done with its first row, so a
+    command that fails before any point finished locks nothing in). Call under `locked(out)`."""
     path = out / SETTINGS
-    settings = _settings(base)
     if path.is_file():
         saved = json.loads(path.read_text())
         changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if changed:
             shown = ", ".join(f"{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise ValueError(f"{out} holds a sweep with other settings ({shown}); give another --out")
-    else:
+    elif record:
         write_text(path, json.dumps(settings, indent=2) + "\n")
 
 
@@ -254,25 +268,27 @@ def run_sweep(
     """Train this process's share of `points` (those not finished yet) into `out`; the process that
     finishes the last point writes the summary. With `ddp` (under torchrun) every process trains
     every point together instead (DistributedDataParallel) and rank 0 keeps the books. Returns
-    counts: trained, skipped, diverged, and whether this process wrote the summary."""
+    counts: trained, skipped, failed (a TrainingError: diverged, nothing to learn), and whether this
+    process wrote the summary."""
     from tqdm.auto import tqdm
 
     from .train import TrainingError, init_distributed, train
 
     out = Path(out)
-    writes = True
+    writes, processes = True, 1
     if ddp:
-        writes, shard = init_distributed()[0] == 0, (0, 1)
+        rank, processes = init_distributed()
+        writes, shard = rank == 0, (0, 1)
+    settings = sweep_settings(base, processes)
     index, count = shard
     with locked(out):
-        if writes:
-            check_settings(out, base)
+        check_settings(out, settings)
         done = {row_key(r) for r in read_rows(out)}
     mine = [p for i, p in enumerate(points) if i % count == index]
     todo = [p for p in mine if p.key() not in done]
     where = f" (shard {index}/{count})" if count > 1 else ""
     log(f"sweep{where}: {len(points)} points, {len(mine)} here, {len(mine) - len(todo)} finished already; {out}")
-    stats = {"trained": 0, "skipped": len(mine) - len(todo), "diverged": 0, "summary": False}
+    stats = {"trained": 0, "skipped": len(mine) - len(todo), "failed": 0, "summary": False}
     for point in tqdm(todo, desc="sweep points", disable=None):
         run = out / "runs" / point.run_name()
         log(f"point {point.model} r={point.rank} alpha={_number(point.alpha)} {point.scaling} {point.targets} "
@@ -281,10 +297,11 @@ def run_sweep(
             metrics, error = train(point_config(base, point), run, distributed=ddp), None
         except TrainingError as err:
             metrics, error = None, str(err).split(":")[0]
-            stats["diverged"] += 1
-            log(f"point diverged: {err}")
+            stats["failed"] += 1
+            log(f"point failed: {err}")
         if writes:
             with locked(out):
+                check_settings(out, settings, record=True)
                 append_row(out, result_row(point, metrics, str(run.relative_to(out)), error))
         stats["trained"] += 1
     if not writes:
@@ -317,24 +334,34 @@ def series_name(row: dict[str, str], varied: Sequence[str]) -> str:
     return ", ".join(f"{k} {row[k]}" if k in ("alpha", "seed") else row[k] for k in varied) or row["model"]
 
 
+def series_columns(rows: Sequence[dict[str, str]]) -> tuple[list[str], list[str]]:
+    """(columns that make a series, those of them that differ between series): model, scaling and
+    targets, and alpha too unless it follows the rank (alpha = ratio x r, one ratio for all)."""
+    ratios = [float(r["alpha"]) / int(r["rank"]) for r in rows]
+    follows = all(math.isclose(x, ratios[0], rel_tol=1e-6) for x in ratios) if ratios else True
+    columns = ["model", "scaling", "targets"] + ([] if follows else ["alpha"])
+    return columns, [k for k in columns if len({r[k] for r in rows}) > 1]
+
+
 def summarize(rows: Sequence[dict[str, str]], task: str) -> tuple[list[dict[str, object]], list[str]]:
-    """One line per (model, alpha rule, scaling, targets, rank), the mean over seeds (and the spread
-    when there are several), and per series the best rank: the best mean validation metric, ties
-    broken toward fewer trainable parameters. Returns the table and the lines that name the best."""
+    """One line per (series, rank): the mean over the seeds that finished (and their spread when
+    there are several), and per series the best rank: the best mean validation metric among ranks
+    where every seed finished, ties broken toward fewer trainable parameters. Returns the table and
+    the lines that name the best."""
     chosen, reported, higher = metric_for(task)
-    ok = [r for r in rows if r["status"] == "ok"]
-    alphas_follow_rank = all(float(r["alpha"]) / int(r["rank"]) == float(ok[0]["alpha"]) / int(ok[0]["rank"])
-                             for r in ok) if ok else True  # fmt: skip
-    group_cols = ["model", "scaling", "targets"] + ([] if alphas_follow_rank else ["alpha"])
-    varied = [k for k in group_cols if len({r[k] for r in ok}) > 1]
+    columns, varied = series_columns(rows)
+    several_seeds = len({r["seed"] for r in rows}) > 1
     groups: dict[tuple, dict[int, list[dict[str, str]]]] = {}
-    for r in ok:
-        groups.setdefault(tuple(r[k] for k in group_cols), {}).setdefault(int(r["rank"]), []).append(r)
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in columns), {}).setdefault(int(r["rank"]), []).append(r)
     table, best_lines = [], []
     for by_rank in groups.values():
         lines = []
         for rank in sorted(by_rank):
-            runs = by_rank[rank]
+            runs = [r for r in by_rank[rank] if r["status"] == "ok"]
+            failed = len(by_rank[rank]) - len(runs)
+            if not runs:
+                continue
             values = [_float(r[chosen]) for r in runs if _float(r[chosen]) is not None]
             shown = [_float(r[reported]) for r in runs if _float(r[reported]) is not None]
             line = {
@@ -342,25 +369,27 @@ def summarize(rows: Sequence[dict[str, str]], task: str) -> tuple[list[dict[str,
                 "rank": rank,
                 "alpha": runs[0]["alpha"] if len({r["alpha"] for r in runs}) == 1 else "mixed",
                 "seeds": len(runs),
+                "failed": failed,
                 "trainable_params": int(runs[0]["trainable_params"]),
                 chosen: statistics.fmean(values) if values else math.nan,
                 reported: statistics.fmean(shown) if shown else math.nan,
-                "seconds": statistics.fmean(float(r["seconds"]) for r in runs),
-                "peak_memory_mib": max(float(r["peak_memory_mib"]) for r in runs),
             }
+            if several_seeds:
+                line[f"{reported}_sd"] = statistics.stdev(shown) if len(shown) > 1 else math.nan
             if task == "classification":
                 line["test_f1"] = statistics.fmean(float(r["test_f1"]) for r in runs)
-            if len(runs) > 1 and len(shown) > 1:
-                line[f"{reported}_sd"] = statistics.stdev(shown)
+            line["seconds"] = statistics.fmean(float(r["seconds"]) for r in runs)
+            line["peak_memory_mib"] = max(float(r["peak_memory_mib"]) for r in runs)
             lines.append(line)
-        scored = [line for line in lines if not math.isnan(line[chosen])]
-        if scored:
+        eligible = [line for line in lines if not math.isnan(line[chosen]) and not line["failed"]]
+        if eligible:
             sign = 1 if higher else -1
-            best = max(scored, key=lambda line: (sign * line[chosen], -line["trainable_params"]))
+            best = max(eligible, key=lambda line: (sign * line[chosen], -line["trainable_params"]))
             best["best"] = "yes"
+            note = " (ranks where a seed failed are not eligible)" if len(eligible) < len(lines) else ""
             best_lines.append(
                 f"{best['series']}: best rank r={best['rank']} ({chosen} {best[chosen]:.4f}, {reported} "
-                f"{best[reported]:.4f}, {best['trainable_params']:,d} trainable parameters)"
+                f"{best[reported]:.4f}, {best['trainable_params']:,d} trainable parameters){note}"
             )
         table += lines
     for line in table:
@@ -369,12 +398,12 @@ def summarize(rows: Sequence[dict[str, str]], task: str) -> tuple[list[dict[str,
 
 
 def write_summary(out: Path, rows: Sequence[dict[str, str]], task: str) -> None:
-    """DIR/summary.md (the table, the best rank per series, diverged points) and DIR/sweep.png."""
+    """DIR/summary.md (the table, the best rank per series, failed points) and DIR/sweep.png."""
     from .params import markdown_table
     from .plots import plot_sweep
 
     table, best = summarize(rows, task)
-    diverged = [r for r in rows if r["status"] != "ok"]
+    failed = [r for r in rows if r["status"] != "ok"]
     chosen, reported, _ = metric_for(task)
     text = [
         f"# Rank sweep: {len(rows)} points",
@@ -387,11 +416,12 @@ def write_summary(out: Path, rows: Sequence[dict[str, str]], task: str) -> None:
         markdown_table(table, {"alpha": 1}) if table else "(no point finished)",
         "",
     ]
-    if diverged:
-        text += ["Diverged points (no metrics):", ""]
-        text += [f"- {r['model']} r={r['rank']} alpha={r['alpha']} {r['scaling']}: {r['status']}" for r in diverged]
+    if failed:
+        text += ["Points that failed (no metrics):", ""]
+        text += [f"- {r['model']} r={r['rank']} alpha={r['alpha']} {r['scaling']} {r['targets']} seed {r['seed']}: "
+                 f"{r['status']}" for r in failed]  # fmt: skip
         text += [""]
-    text += [f"![sweep]({PLOT})", ""]
-    write_text(out / SUMMARY, "\n".join(text))
     if table:
         plot_sweep(table, out / PLOT, chosen, reported)
+        text += [f"![sweep]({PLOT})", ""]
+    write_text(out / SUMMARY, "\n".join(text))

@@ -82,6 +82,19 @@ class TrainConfig:
     device: str = "auto"
     max_steps: int | None = None  # stop after this many optimizer steps (quick checks)
 
+    def __post_init__(self) -> None:
+        whole = {"rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
+        bad = [f"--{k.replace('_', '-')} {v}" for k, v in whole.items() if not isinstance(v, int) or v < 1]
+        bad += [f"--{k} {v}" for k, v in {"lr": self.lr, "alpha": self.alpha}.items() if not v > 0]
+        if self.max_steps is not None and self.max_steps < 1:
+            bad.append(f"--max-steps {self.max_steps}")
+        if self.max_length is not None and self.max_length < 2:
+            bad.append(f"--max-length {self.max_length}")
+        if not 0 <= self.dropout < 1 or not 0 <= self.warmup <= 1:
+            bad.append(f"--dropout {self.dropout} / --warmup {self.warmup} (fractions)")
+        if bad:
+            raise ValueError(f"{', '.join(bad)}: counts must be at least 1 (max-length 2), lr and alpha positive")
+
     def task(self) -> str:
         return "causal-lm" if self.dataset == "instructions" else "classification"
 
@@ -152,7 +165,7 @@ def evaluate(
             preds += logits.argmax(dim=-1).tolist()
             labels += batch["labels"].tolist()
     model.train(was_training)
-    out = {"loss": total / max(count, 1)}
+    out = {"loss": total / count if count else math.nan, "count": count}
     if task == "classification":
         out.update(
             preds=preds,
@@ -280,7 +293,7 @@ def fit(
             batch = {k: v.to(device) for k, v in batch.items()}
             if index % cfg.grad_accum == 0:  # the batches of this optimizer step (fewer at the end of an epoch)
                 group = min(cfg.grad_accum, len(epoch_batches) - index)
-            if task == "causal-lm" and not (batch["labels"] != D.IGNORE_INDEX).any():
+            if task == "causal-lm" and not _anything_to_learn(batch, size):
                 group -= 1  # every response cut off by --max-length: nothing to learn from this batch
                 skipped += 1
                 continue
@@ -311,9 +324,19 @@ def fit(
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     break
         seconds += time.perf_counter() - started
+        if not seen and not (cfg.max_steps is not None and step >= cfg.max_steps):
+            raise TrainingError(
+                f"nothing to learn in epoch {epoch + 1}: every batch was skipped (--max-length {cfg.max_length} cuts "
+                "off every response); raise --max-length"
+            )
         if skipped:
             tqdm.write(f"epoch {epoch + 1}: skipped {skipped} batch(es) whose responses --max-length cut off entirely")
         val = evaluate(model, val_batches, kind, task, cfg.pooling, device, weights)
+        if val_batches and not val["count"]:
+            raise TrainingError(
+                f"nothing to score in the validation set: --max-length {cfg.max_length} cuts off every response; "
+                "raise --max-length"
+            )
         if val_batches and not math.isfinite(val["loss"]):
             raise TrainingError(
                 f"the validation loss is {val['loss']} after epoch {epoch + 1} (optimizer step {step}): training "
@@ -334,6 +357,16 @@ def fit(
         dist.all_reduce(total_tokens)
         tokens = int(total_tokens.item())
     return Fitted(history, step, tokens, seconds, step_losses)
+
+
+def _anything_to_learn(batch: dict[str, torch.Tensor], size: int) -> bool:
+    """Whether the batch has a target on every process (all skip it together, or none does)."""
+    has = (batch["labels"] != D.IGNORE_INDEX).any().float()
+    if size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(has, op=dist.ReduceOp.MIN)
+    return bool(has.item())
 
 
 def _finite_everywhere(loss: torch.Tensor, size: int) -> bool:
@@ -457,9 +490,12 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) ->
     main_process = init_distributed()[0] == 0 if distributed else True
     resume = None
     if (run / CONFIG).is_file():
-        if json.loads((run / CONFIG).read_text()) != json.loads(config_text):
+        saved, wanted = json.loads((run / CONFIG).read_text()), json.loads(config_text)
+        changed = sorted(k for k in set(saved) | set(wanted) if k != "device" and saved.get(k) != wanted.get(k))
+        if changed:  # the device may change between a run and its resumption; nothing else
+            shown = ", ".join(f"{k} {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:4])
             raise ValueError(
-                f"{run} holds a run of another config ({run / CONFIG}); give another --out, or delete it to start over"
+                f"{run} holds a run of another config ({shown}); give another --out, or delete it to start over"
             )
         if (run / METRICS).is_file():
             return json.loads((run / METRICS).read_text())  # finished already

@@ -77,7 +77,7 @@ def test_report_lists_in_either_form_and_rounded_csv(capsys):
     assert main(["report", "--ranks", "8", "--targets", "W_query", "W_value"]) == 0
     assert "LoRA on 24 modules" in capsys.readouterr().out
     assert main(["report", "--ranks", "8", "--targets", "trf_blocks.0.att.W_query"]) == 0
-    assert "LoRA on 1 module, " in capsys.readouterr().out
+    assert "LoRA on 1 module (trf_blocks.0.att.W_query), " in capsys.readouterr().out
 
 
 def test_report_target_errors_and_warnings(capsys):
@@ -153,3 +153,10 @@ def test_report_of_several_models_and_target_sets_writes_csv_table_and_plot(tmp_
         assert mib["qlora_nf4_mib"] < mib["lora_bf16_mib"] < mib["lora_fp32_mib"] < mib["full_fp32_mib"]
     assert "| openllama-3b | all-linear | 8 |" in (out / "param_report.md").read_text()
     assert (out / "param_report.png").stat().st_size > 20_000
+
+
+def test_class_weights_keep_repeated_values():
+    from lora_lab.cli import _numbers
+
+    assert _numbers(["1,1", "3"], "--class-weights", float, unique=False) == [1.0, 1.0, 3.0]
+    assert _numbers(["8,16", "8"], "--ranks") == [8, 16]

@@ -189,3 +189,57 @@ def test_sweep_ddp_trains_each_point_on_every_process(tiny_bert_dir, letters_dat
     done = _torchrun([*_sweep_args(tiny_bert_dir, letters_data, out, ranks="1,2", epochs=1), "--ddp"])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert [int(r["rank"]) for r in read_rows(out)] == [1, 2] and (out / "summary.md").is_file()
+
+
+def test_run_names_are_unique_and_paths_are_one_model(tmp_path):
+    (tmp_path / "bert").mkdir()
+    long = "+".join(["attention.self.query", "attention.self.key", "attention.self.value"])
+    points = grid([str(tmp_path / "bert"), str(tmp_path / "bert") + "/"], [4], target_sets=[long, long + "+x"])
+    assert len(points) == 2  # a trailing slash names the same model
+    assert len({p.run_name() for p in points}) == 2  # target sets that agree on their first 60 characters
+    ratio = grid(["m"], [1, 3], alpha_ratio=0.1)
+    assert [p.key()[2] for p in ratio] == ["0.1", "0.3"]  # not 0.30000000000000004
+
+
+def test_summary_with_a_failed_seed_keeps_its_columns_and_skips_that_rank():
+    def row(rank, seed, val, status="ok"):
+        return dict(model="m", rank=str(rank), alpha=str(2 * rank), scaling="standard", targets="all-linear",
+                    seed=str(seed), status=status, trainable_params=str(100 * rank), val_accuracy=str(val),
+                    test_accuracy=str(val), test_f1="0.9", seconds="1", peak_memory_mib="1")  # fmt: skip
+
+    rows = [row(4, 1, 0.90), row(4, 2, 0.0, "failed: the loss is nan"), row(8, 1, 0.86), row(8, 2, 0.89)]
+    table, best = summarize(rows, "classification")
+    assert [set(line) for line in table][0] == set(table[1])  # the same columns on every line
+    assert [(line["rank"], line["seeds"], line["failed"]) for line in table] == [(4, 1, 1), (8, 2, 0)]
+    assert [line["rank"] for line in table if line["best"]] == [8] and "not eligible" in best[0]
+    # alphas crossed with the ranks: one series per alpha, even when alpha / r is a float like 0.3
+    crossed = [dict(row(r, 1, 0.9), alpha=a) for r in (1, 3) for a in ("0.3", "0.9")]
+    assert {line["series"] for line in summarize(crossed, "classification")[0]} == {"alpha 0.3", "alpha 0.9"}
+
+
+def test_a_failed_first_command_locks_no_settings_in(tiny_bert_dir, letters_data, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    bad = _sweep_args(tiny_bert_dir, tmp_path / "letters-typo.csv", out, ranks="1", epochs=1)
+    assert main(bad) == 2 and "no such file" in capsys.readouterr().err
+    assert not (out / "sweep.json").exists()
+    assert main(_sweep_args(tiny_bert_dir, letters_data, out, ranks="1", epochs=1)) == 0
+    assert (out / "sweep.json").is_file()
+
+
+def test_sweep_and_analyze_errors_are_one_clear_line(tiny_bert_dir, letters_data, tmp_path, capsys):
+    for args, message in [
+        (["sweep", "--seeds", "a"], "--seeds takes whole numbers such as 8,16,64; got 'a'"),
+        (["sweep", "--alphas", "x"], "--alphas takes numbers such as 8,16,32.5; got 'x'"),
+        (["sweep", "--epochs", "0"], "--epochs 0"),
+        (["analyze", str(tmp_path)], "is not a lora-lab sweep directory"),
+    ]:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+    out = tmp_path / "sweep"
+    assert main(_sweep_args(tiny_bert_dir, letters_data, out, ranks="1,2", epochs=1)) == 0
+    import shutil
+
+    shutil.rmtree(out / read_rows(out)[0]["run"])
+    assert main(["analyze", str(out)]) == 2
+    assert "holds no adapter, though sweep.csv lists it: delete its row" in capsys.readouterr().err

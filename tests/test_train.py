@@ -1,6 +1,8 @@
 import copy
+import dataclasses
 import importlib.util
 import json
+import math
 
 import pytest
 import torch
@@ -279,16 +281,36 @@ def test_divergence_after_the_last_step_saves_nothing(tiny_runs, tmp_path):
 
 def test_responses_cut_off_entirely_are_skipped(bpe_file):
     tok = D.gpt2_text_tokenizer(max_length=40, bpe_file=bpe_file)  # the Alpaca header alone is ~30 tokens
-    entries = [{"instruction": "word " * 30, "input": "", "output": "An answer."}] * 4
+    cut = [{"instruction": "word " * 30, "input": "", "output": "An answer."}] * 4
+    short = [{"instruction": "Say yes.", "input": "", "output": "Yes."}] * 4
     collate = lambda r: D.causal_lm_batch(r, tok)  # noqa: E731
     model = tiny_gpt(vocab_size=50257, context_length=40)
     inject_lora(model, "all-linear", rank=2)
     mark_only_lora_trainable(model)
-    batches = D.batches(entries, 4, collate, shuffle=False)
-    assert not (batches[0]["labels"] != D.IGNORE_INDEX).any()
+    assert not (D.batches(cut, 4, collate, shuffle=False)[0]["labels"] != D.IGNORE_INDEX).any()
     cfg = TrainConfig(dataset="instructions", epochs=1, batch_size=4)
-    fitted = fit(model, entries, collate, batches, cfg, "gpt", CPU)  # no NaN, no "diverged"
-    assert fitted.steps == 0 and fitted.history[0]["val_loss"] == 0.0
+    val = D.batches(short, 4, collate, shuffle=False)
+    fitted = fit(model, cut + short, collate, val, cfg, "gpt", CPU)  # the cut batch is skipped: no NaN
+    assert fitted.steps >= 1 and math.isfinite(fitted.history[0]["val_loss"])
+    # nothing left to learn from, or nothing to score: a clear stop, never a loss of 0 that wins a sweep
+    with pytest.raises(TrainingError, match="nothing to learn in epoch 1: every batch was skipped"):
+        fit(model, cut, collate, val, cfg, "gpt", CPU)
+    with pytest.raises(TrainingError, match="nothing to score in the validation set"):
+        fit(model, short, collate, D.batches(cut, 4, collate, shuffle=False), cfg, "gpt", CPU)
+
+
+def test_config_errors_name_the_option():
+    for bad, message in [({"epochs": 0}, "--epochs 0"), ({"rank": -1}, "--rank -1"), ({"lr": 0.0}, "--lr 0.0"),
+                         ({"batch_size": 0}, "--batch-size 0"), ({"dropout": 1.0}, "--dropout 1.0")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad)
+
+
+def test_resuming_on_another_device_is_allowed_and_other_changes_are_named(tiny_runs, tmp_path):
+    metrics = train(tiny_runs, tmp_path / "run")
+    assert train(dataclasses.replace(tiny_runs, device="cpu"), tmp_path / "run") == metrics
+    with pytest.raises(ValueError, match=r"another config \(epochs 3 -> 4, lr 0.01 -> 0.02\)"):
+        train(dataclasses.replace(tiny_runs, epochs=4, lr=0.02), tmp_path / "run")
 
 
 def test_multi_class_headline_is_macro():
