@@ -143,8 +143,10 @@ def plot_sweep(table: Sequence[dict], path: str | os.PathLike, chosen: str, repo
     axes[1].set(ylabel="trainable parameters (log scale)", yscale="log", title="trainable parameters")
     _human_ticks(axes[1])
     axes[2].set(ylabel="seconds", title="training time per point")
+    axes[2].set_ylim(bottom=0)
     for ax in axes:
         _log2_ranks(ax, all_ranks)
+    fig.subplots_adjust(wspace=0.3)
     if len(series) <= 3:
         axes[0].legend(loc="best", fontsize=8)
     else:  # many lines: one legend below the three panels
