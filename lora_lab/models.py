@@ -7,6 +7,7 @@ milliseconds. Any Hugging Face model can be named by a local directory holding i
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
@@ -362,12 +363,11 @@ def load_pretrained(
             model.out_head = nn.Linear(model.cfg.emb_dim, num_labels)
             head = "out_head"
         if quantize:
+            model.to(compute_dtype)  # what is not quantized stays in the compute dtype, as QLoRA keeps it
             quantize_linears(model, quantize, ("out_head",), device, compute_dtype)
             _keep_training_layout(model)
         return Pretrained(model.to(device), tok, "gpt", head, HUB_IDS[name])
     import transformers
-
-    from .inject import CLASSIFIER_NAMES
 
     directory, gguf = hf_weights_location(name_or_path)
     extra = {"gguf_file": gguf} if gguf else {}
@@ -375,27 +375,53 @@ def load_pretrained(
     limit = getattr(hf_tok, "model_max_length", None)
     limit = limit if isinstance(limit, int) and limit < 1_000_000 else 2048
     tok = data.hf_text_tokenizer(hf_tok, min(max_length or limit, limit))
-    skip = [*CLASSIFIER_NAMES, "lm_head"]  # the head stays in full precision (a new one trains whole)
-    if quantize and not gguf:
-        extra.update(quantization_config=_bnb_config(quantize, skip, compute_dtype), device_map={"": str(device)})
     auto = transformers.AutoModelForSequenceClassification if task == "classification" else None
-    with _quiet_transformers():  # the new head's "newly initialized" report is expected
-        if auto is not None:
-            model = auto.from_pretrained(
-                directory, num_labels=num_labels, pad_token_id=tok.pad_id, dtype=torch.float32, **extra
-            )
-        else:
-            model = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **extra)
+    auto = auto or transformers.AutoModelForCausalLM
+    labels = {"num_labels": num_labels, "pad_token_id": tok.pad_id} if task == "classification" else {}
+    # QLoRA keeps what is not quantized in the compute dtype (bf16 with --bf16), as the report counts it
+    dtype = compute_dtype if quantize else torch.float32
+    if quantize and not gguf:
+        skip = _unquantized_modules(auto, directory, labels)
+        extra.update(quantization_config=_bnb_config(quantize, skip, compute_dtype), device_map={"": str(device)})
+    with _quiet_transformers():  # the new head's "newly initialized" report is expected: checked below
+        model, info = auto.from_pretrained(directory, dtype=dtype, output_loading_info=True, **labels, **extra)
+    from .inject import classifier_head_name, output_head_name
+
+    head = classifier_head_name(model) if task == "classification" else None
+    missing = [k for k in info.get("missing_keys", []) if not (head and (k == head or k.startswith(head + ".")))]
+    if missing:
+        warnings.warn(
+            f"{directory}: {len(missing)} weight(s) are not in the checkpoint and start random: "
+            f"{', '.join(sorted(missing)[:4])}{' ...' if len(missing) > 4 else ''}",
+            stacklevel=2,
+        )
     if quantize and gguf:  # GGUF files load dequantized; bitsandbytes quantizes them again here
-        quantize_linears(model, quantize, tuple(skip), device, compute_dtype)
+        keep = tuple(n for n in {output_head_name(model), classifier_head_name(model)} if n)
+        quantize_linears(model, quantize, keep, device, compute_dtype)
     elif not quantize:
         model.to(device)
     if quantize:
         _keep_training_layout(model)
-    from .inject import classifier_head_name
-
-    head = classifier_head_name(model) if task == "classification" else None
     return Pretrained(model, tok, "hf", head, directory + (f"/{gguf}" if gguf else ""))
+
+
+def _unquantized_modules(auto: type, directory: str, labels: dict) -> list[str]:
+    """The modules bitsandbytes leaves in full precision: transformers' own choice (the output
+    embeddings, tied weights, the last module), found on a meta copy, and any classification head
+    whole (RoBERTa's holds two linears). Naming any module replaces transformers' defaults, hence both."""
+    from transformers import AutoConfig
+
+    from .inject import CLASSIFIER_NAMES
+
+    keep = {*CLASSIFIER_NAMES, "lm_head"}
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        with torch.device("meta"), _hf_no_init():
+            keep |= set(get_keys_to_not_convert(auto.from_config(AutoConfig.from_pretrained(directory, **labels))))
+    except (ImportError, AttributeError, ValueError, OSError):
+        pass  # older transformers: the names above
+    return sorted(keep)
 
 
 def _keep_training_layout(model: nn.Module) -> None:
@@ -411,11 +437,12 @@ def _keep_training_layout(model: nn.Module) -> None:
 def _quiet_transformers() -> Iterator[None]:
     from transformers.utils import logging
 
-    level = logging.get_verbosity()
+    level, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
     logging.set_verbosity_error()
     logging.disable_progress_bar()
     try:
         yield
     finally:
         logging.set_verbosity(level)
-        logging.enable_progress_bar()
+        if bars:
+            logging.enable_progress_bar()

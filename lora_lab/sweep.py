@@ -125,9 +125,9 @@ def grid(
     unknown = sorted(set(scalings) - set(SCALINGS))
     if unknown:
         raise ValueError(f"unknown scaling {unknown}: use {' or '.join(SCALINGS)}")
-    if alphas is not None and any(a <= 0 for a in alphas):
+    if alphas is not None and not all(math.isfinite(a) and a > 0 for a in alphas):
         raise ValueError(f"alphas must be positive, got {list(alphas)}")
-    if alphas is None and alpha_ratio <= 0:
+    if alphas is None and not (math.isfinite(alpha_ratio) and alpha_ratio > 0):
         raise ValueError(f"--alpha-ratio must be positive, got {alpha_ratio}")
     points = []
     for model, targets, scaling, rank, seed in itertools.product(
@@ -253,7 +253,7 @@ def check_settings(out: Path, settings: dict, record: bool = False) -> None:
     command that fails before any point finished locks nothing in). Call under `locked(out)`."""
     path = out / SETTINGS
     if path.is_file():
-        saved = json.loads(path.read_text())
+        saved = {"processes_per_point": 1, **json.loads(path.read_text())}  # sweeps from before it was recorded
         changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if changed:
             shown = ", ".join(f"{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed)
@@ -277,7 +277,7 @@ def run_sweep(
     out = Path(out)
     writes, processes = True, 1
     if ddp:
-        rank, processes = init_distributed()
+        rank, processes = init_distributed(base.device)
         writes, shard = rank == 0, (0, 1)
     settings = sweep_settings(base, processes)
     index, count = shard
@@ -286,6 +286,12 @@ def run_sweep(
         done = {row_key(r) for r in read_rows(out)}
     mine = [p for i, p in enumerate(points) if i % count == index]
     todo = [p for p in mine if p.key() not in done]
+    if ddp and processes > 1:  # every process trains the same points: rank 0's reading of the CSV decides
+        import torch.distributed as dist
+
+        shared = [todo]
+        dist.broadcast_object_list(shared, src=0)
+        todo = shared[0]
     where = f" (shard {index}/{count})" if count > 1 else ""
     log(f"sweep{where}: {len(points)} points, {len(mine)} here, {len(mine) - len(todo)} finished already; {out}")
     stats = {"trained": 0, "skipped": len(mine) - len(todo), "failed": 0, "summary": False}

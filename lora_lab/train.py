@@ -250,6 +250,7 @@ def fit(
     device: torch.device,
     on_epoch_end: Callable[..., None] | None = None,
     resume: dict | None = None,
+    distributed: bool = True,
 ) -> Fitted:
     """Train the parameters of `model` that require grad (LoRA, a head) for `cfg.epochs` over
     `train_rows`, batches drawn in an order fixed by `cfg.seed` and the epoch. `resume` is a
@@ -258,7 +259,7 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad (inject LoRA or name a head to train)")
-    rank, size = world()
+    rank, size = world() if distributed else (0, 1)  # `distributed` False: this process alone, group or not
     trained = model
     if size > 1:  # data parallel: each process takes every size-th batch; gradients are averaged
         from torch.nn.parallel import DistributedDataParallel
@@ -287,30 +288,33 @@ def fit(
         epoch_batches = D.batches(train_rows, cfg.batch_size, collate, shuffle=True, seed=cfg.seed + epoch)
         if size > 1:  # as many batches on every process (the last few of an epoch may go unused)
             epoch_batches = epoch_batches[: len(epoch_batches) // size * size][rank::size]
-        running, seen, started, accumulated, skipped, group = 0.0, 0, time.perf_counter(), [], 0, 1
+        running, seen, started, accumulated, skipped, epoch_tokens = 0.0, 0, time.perf_counter(), [], 0, 0
+        # Which batches have something to learn (instruction tuning: a response that --max-length left in),
+        # decided before the epoch and, under DDP, alike on every process: a step's loss is the mean over
+        # the learnable batches of its group, and a group ends on its last batch, learnable or not.
+        learnable = [task != "causal-lm" or _anything_to_learn(b, size) for b in epoch_batches]
         bar = tqdm(epoch_batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None)
         for index, batch in enumerate(bar):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            if index % cfg.grad_accum == 0:  # the batches of this optimizer step (fewer at the end of an epoch)
-                group = min(cfg.grad_accum, len(epoch_batches) - index)
-            if task == "causal-lm" and not _anything_to_learn(batch, size):
-                group -= 1  # every response cut off by --max-length: nothing to learn from this batch
-                skipped += 1
-                continue
-            with autocast:
-                logits = forward_logits(trained, batch, kind, task, cfg.pooling)
-            loss = batch_loss(logits, batch["labels"], task, weights)
-            if not _finite_everywhere(loss, size):
-                raise TrainingError(
-                    f"the loss is {loss.item()} at optimizer step {step + 1} (epoch {epoch + 1}, batch {index + 1}): "
-                    f"training diverged. Lower --lr (now {cfg.lr}) or check the data; nothing of this epoch was saved"
-                    + (f", the checkpoint of epoch {epoch} stands" if epoch else "")
-                )
-            (loss / max(group, 1)).backward()
-            running += loss.item()
-            accumulated.append(loss.item())
-            seen += 1
-            tokens += int(batch["attention_mask"].sum())
+            first = index - index % cfg.grad_accum  # the batches of this optimizer step (fewer at the end)
+            group = sum(learnable[first : first + cfg.grad_accum])
+            if learnable[index]:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                with autocast:
+                    logits = forward_logits(trained, batch, kind, task, cfg.pooling)
+                loss = batch_loss(logits, batch["labels"], task, weights)
+                if not _finite_everywhere(loss, size):
+                    raise TrainingError(
+                        f"the loss is {loss.item()} at optimizer step {step + 1} (epoch {epoch + 1}, batch "
+                        f"{index + 1}): training diverged. Lower --lr (now {cfg.lr}) or check the data; nothing of "
+                        "this epoch was saved" + (f", the checkpoint of epoch {epoch} stands" if epoch else "")
+                    )
+                (loss / group).backward()
+                running += loss.item()
+                accumulated.append(loss.item())
+                seen += 1
+                epoch_tokens += int(batch["attention_mask"].sum())
+            else:
+                skipped += 1  # every response cut off by --max-length: nothing to learn from this batch
             if ((index + 1) % cfg.grad_accum == 0 or index + 1 == len(epoch_batches)) and accumulated:
                 if cfg.clip:
                     torch.nn.utils.clip_grad_norm_(params, cfg.clip)
@@ -323,12 +327,19 @@ def fit(
                 bar.set_postfix(loss=f"{running / seen:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
                 if cfg.max_steps is not None and step >= cfg.max_steps:
                     break
+        if size > 1:  # the epoch's loss and tokens over every process
+            import torch.distributed as dist
+
+            totals = torch.tensor([running, seen, epoch_tokens], dtype=torch.float64, device=device)
+            dist.all_reduce(totals)
+            running, seen, epoch_tokens = totals[0].item(), int(totals[1].item()), int(totals[2].item())
+        tokens += epoch_tokens
         seconds += time.perf_counter() - started
         if not seen and not (cfg.max_steps is not None and step >= cfg.max_steps):
-            raise TrainingError(
-                f"nothing to learn in epoch {epoch + 1}: every batch was skipped (--max-length {cfg.max_length} cuts "
-                "off every response); raise --max-length"
-            )
+            why = f"every batch was skipped (--max-length {cfg.max_length} cuts off every response); raise --max-length"
+            if not epoch_batches:
+                why = f"no batch for each of {size} processes: the training set is too small"
+            raise TrainingError(f"nothing to learn in epoch {epoch + 1}: {why}")
         if skipped:
             tqdm.write(f"epoch {epoch + 1}: skipped {skipped} batch(es) whose responses --max-length cut off entirely")
         val = evaluate(model, val_batches, kind, task, cfg.pooling, device, weights)
@@ -350,12 +361,6 @@ def fit(
         tqdm.write(", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()))
         if on_epoch_end is not None:
             on_epoch_end(epoch, history, optimizer, scheduler, step, tokens, seconds)
-    if size > 1:  # tokens of every process
-        import torch.distributed as dist
-
-        total_tokens = torch.tensor([tokens], dtype=torch.float64, device=device)
-        dist.all_reduce(total_tokens)
-        tokens = int(total_tokens.item())
     return Fitted(history, step, tokens, seconds, step_losses)
 
 
@@ -391,15 +396,16 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed() -> tuple[int, int]:
-    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs) once.
-    Returns (rank, world size)."""
+def init_distributed(device: str = "auto") -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group once, NCCL when the processes train on
+    GPUs, gloo on CPUs. Returns (rank, world size)."""
     import os
 
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        on_gpu = torch.cuda.is_available() and not str(device).startswith("cpu")
+        dist.init_process_group("nccl" if on_gpu else "gloo")
     return world()
 
 
@@ -413,10 +419,13 @@ def _barrier() -> None:
 def _device(name: str) -> torch.device:
     import os
 
+    local = os.environ.get("LOCAL_RANK", "0")
     if name == "auto":
         if not torch.cuda.is_available():
             return torch.device("cpu")
-        return torch.device(f"cuda:{os.environ['LOCAL_RANK']}" if world()[1] > 1 else "cuda")
+        return torch.device(f"cuda:{local}" if world()[1] > 1 else "cuda")
+    if name == "cuda" and world()[1] > 1:
+        return torch.device(f"cuda:{local}")  # one GPU per process
     return torch.device(name)
 
 
@@ -424,8 +433,9 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(run: Path, model, epoch, history, optimizer, scheduler, step, tokens, seconds) -> None:
+def _save_checkpoint(run: Path, model, epoch, history, optimizer, scheduler, step, tokens, seconds, processes) -> None:
     state = {
+        "processes": processes,
         "epoch": epoch,
         "step": step,
         "tokens": tokens,
@@ -487,7 +497,8 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) ->
 
     if distributed is None:
         distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    main_process = init_distributed()[0] == 0 if distributed else True
+    rank, processes = init_distributed(cfg.device) if distributed else (0, 1)
+    main_process = rank == 0
     resume = None
     if (run / CONFIG).is_file():
         saved, wanted = json.loads((run / CONFIG).read_text()), json.loads(config_text)
@@ -500,7 +511,7 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) ->
         if (run / METRICS).is_file():
             return json.loads((run / METRICS).read_text())  # finished already
         if (run / CHECKPOINT).is_file():
-            resume = torch.load(run / CHECKPOINT, weights_only=False)
+            resume = torch.load(run / CHECKPOINT, weights_only=False, map_location="cpu")  # any device may resume
     random.seed(cfg.seed)
     device = _device(cfg.device)
     reset_peak_memory(device)
@@ -519,7 +530,7 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) ->
 
     def on_epoch_end(epoch, history, optimizer, scheduler, step, tokens, seconds) -> None:
         if main_process:
-            _save_checkpoint(run, model, epoch, history, optimizer, scheduler, step, tokens, seconds)
+            _save_checkpoint(run, model, epoch, history, optimizer, scheduler, step, tokens, seconds, processes)
 
     if resume is None:  # where training starts from, for the before-and-after in metrics.json
         initial = evaluate(model, val_batches, loaded.kind, task, cfg.pooling, device)
@@ -529,7 +540,14 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) ->
         torch.manual_seed(cfg.seed)  # dropout masks from here on (a resumed run restores its RNG state)
     else:
         initial = json.loads((run / "initial.json").read_text())
-    fitted = fit(model, dataset.train, collate, val_batches, cfg, loaded.kind, device, on_epoch_end, resume)
+    if resume is not None and resume.get("processes", 1) != processes:
+        raise ValueError(
+            f"{run / CHECKPOINT} was trained on {resume.get('processes', 1)} process(es), this is {processes}: "
+            "a step's batch would change mid-run. Resume with as many processes, or give another --out"
+        )
+    fitted = fit(
+        model, dataset.train, collate, val_batches, cfg, loaded.kind, device, on_epoch_end, resume, distributed
+    )
     count = count_parameters(model)
     metrics: dict = {
         "model": cfg.model,
@@ -544,6 +562,7 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) ->
         "peak_memory_mib": round(peak_memory_mib(device), 1),
         "device": str(device),
         "val_examples": len(dataset.val),
+        "processes": processes,
         "final_train_loss": fitted.history[-1]["train_loss"] if fitted.history else None,
         "final_val_loss": fitted.history[-1]["val_loss"] if fitted.history else None,
         "initial_val_loss": initial["loss"],

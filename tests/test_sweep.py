@@ -37,7 +37,8 @@ def test_grid_is_the_product_of_the_lists():
     assert [(p.rank, p.alpha) for p in crossed] == [(4, 16.0), (4, 32.0), (8, 16.0), (8, 32.0)]
     assert Point("a", 8, 16.0, "standard", "all-linear", 1).key() == ("a", "8", "16", "standard", "all-linear", "1")
     for bad, message in [({"ranks": [0]}, "positive"), ({"scalings": ["dora"]}, "unknown scaling"),
-                         ({"alphas": [-1]}, "alphas must be positive")]:  # fmt: skip
+                         ({"alphas": [-1]}, "alphas must be positive"),
+                         ({"alphas": [float("nan")]}, "alphas must be positive")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             grid(["a"], **{"ranks": [4], **bad})
 
@@ -243,3 +244,15 @@ def test_sweep_and_analyze_errors_are_one_clear_line(tiny_bert_dir, letters_data
     shutil.rmtree(out / read_rows(out)[0]["run"])
     assert main(["analyze", str(out)]) == 2
     assert "holds no adapter, though sweep.csv lists it: delete its row" in capsys.readouterr().err
+
+
+def test_sweeps_recorded_before_processes_per_point_still_resume(tmp_path):
+    import json
+
+    from lora_lab.sweep import check_settings
+
+    settings = {"lr": 0.01, "processes_per_point": 1}
+    (tmp_path / "sweep.json").write_text(json.dumps({"lr": 0.01}))
+    check_settings(tmp_path, settings)  # an old sweep: one process per point
+    with pytest.raises(ValueError, match="processes_per_point 1 -> 2"):
+        check_settings(tmp_path, {**settings, "processes_per_point": 2})

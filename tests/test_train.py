@@ -360,3 +360,23 @@ def test_gpt_gradient_checkpointing_gives_the_same_gradients():
     assert plain.keys() == checkpointed.keys()
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-6, atol=1e-7)
+
+
+def test_a_skipped_batch_ends_its_accumulation_group(bpe_file):
+    """With --grad-accum 2, a group whose last batch has nothing to learn still steps, on the mean of
+    its other batches; no gradient leaks into the next group."""
+    tok = D.gpt2_text_tokenizer(max_length=40, bpe_file=bpe_file)
+    cut = {"instruction": "word " * 30, "input": "", "output": "An answer."}
+    rows = [{"instruction": f"Say {w}.", "input": "", "output": f"{w}."} for w in ("yes", "no", "maybe")] + [cut] * 3
+    collate = lambda r: D.causal_lm_batch(r, tok)  # noqa: E731
+    model = tiny_gpt(vocab_size=50257, context_length=40)
+    inject_lora(model, "all-linear", rank=2)
+    mark_only_lora_trainable(model)
+    cfg = TrainConfig(dataset="instructions", epochs=1, batch_size=1, grad_accum=2, warmup=0.0)
+    order = D.batches(rows, 1, collate, shuffle=True, seed=cfg.seed)  # the order fit draws
+    learnable = [bool((b["labels"] != D.IGNORE_INDEX).any()) for b in order]
+    groups = [learnable[i : i + 2] for i in range(0, len(learnable), 2)]
+    assert any(g == [True, False] for g in groups), groups  # the case this test is about
+    fitted = fit(model, rows, collate, D.batches(rows[:3], 1, collate, False), cfg, "gpt", CPU)
+    assert fitted.steps == sum(any(g) for g in groups)
+    assert all(p.grad is None for p in model.parameters() if p.requires_grad)  # nothing left over
