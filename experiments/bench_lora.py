@@ -2,6 +2,8 @@
 measured side by side in one run, reported as ratios.
 
 Variants (the six linears of every block, r=8, alpha=16, AdamW):
+  frozen floor              no adapters, every weight frozen, gradients through the activations only
+                            (what any LoRA step must at least cost: LoRA's own FLOPs come on top)
   full                      every parameter trains (the baseline LoRA is meant to beat on memory)
   lora_lab                  our LinearWithLoRA as shipped
   lora_lab, <change>        the same with one change to its forward, to price that choice
@@ -123,6 +125,14 @@ def _with_forward(model: GPTModel, forward) -> GPTModel:
     return model
 
 
+def _frozen_floor(base: GPTModel) -> GPTModel:
+    """The base with every weight frozen and the embeddings' output requiring grad: a training step
+    then runs the forward and the backward through every activation, as LoRA must, and nothing else."""
+    model = copy.deepcopy(base).requires_grad_(False)
+    model.tok_emb.register_forward_hook(lambda module, inputs, out: out.requires_grad_())
+    return model
+
+
 def _lora_model(base: GPTModel) -> GPTModel:
     model = copy.deepcopy(base)
     inject_lora(model, lora_targets("attn+ffn"), rank=8, alpha=16)
@@ -166,9 +176,12 @@ def run(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
+    config = GPT2_CONFIGS["gpt2-124m"] if not args.tiny else dict(
+        vocab_size=128, context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True
+    )  # fmt: skip
     with torch.device(device):
-        base = GPTModel(GPT2_CONFIGS["gpt2-124m"]).eval()
-    ids = torch.randint(0, 50257, (args.batch, args.seq + 1), device=device)
+        base = GPTModel(config).eval()
+    ids = torch.randint(0, base.cfg.vocab_size, (args.batch, args.seq + 1), device=device)
     x, y = ids[:, :-1], ids[:, 1:]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
@@ -177,6 +190,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     _checks(base, lora, peft_model, x, autocast, device, args.dtype)
 
     train_models = {
+        "frozen floor": _frozen_floor(base),
         "full": copy.deepcopy(base).requires_grad_(True),
         "lora_lab": lora,
         "lora_lab, input cast under autocast": _with_forward(lora, _forward_cast_input),
@@ -189,7 +203,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     def train_step(model):
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        opt = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=1e-4)  # the floor has none
 
         def step() -> None:
             with autocast:
@@ -238,8 +252,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     # ratio: time over lora_lab's for training steps, over the frozen base's for the forward
     reference = {"train step": "lora_lab", "forward": "base (no LoRA)"}
     ref_ms = {mode: next(r["ms"] for r in rows if r["variant"] == v) for mode, v in reference.items()}
+    floor = next(r["ms"] for r in rows if r["variant"] == "frozen floor")
     for r in rows:
         r["ratio"] = r["ms"] / ref_ms[r["mode"]]
+        r["vs_floor"] = r["ms"] / floor if r["mode"] == "train step" else None
     return rows
 
 
@@ -252,16 +268,19 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--tiny", action="store_true", help="a two-block model: checks that it runs, times nothing")
     args = parser.parse_args()
 
     rows = run(args)
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     tag = f"{'cuda' if args.device.startswith('cuda') else 'cpu'}_{args.dtype}"
     header = (
-        f"GPT-2 124M, LoRA r=8 on the six block linears, AdamW; batch {args.batch} x {args.seq} tokens, "
+        f"{'a two-block GPT (smoke run)' if args.tiny else 'GPT-2 124M'}, LoRA r=8 on the six block linears, "
+        f"AdamW; batch {args.batch} x {args.seq} tokens, "
         f"{args.dtype}, {device}, torch {torch.__version__}; median of {args.steps} after {args.warmup} "
         "warm-up, variants timed round-robin. step_mib: memory a call adds over what is resident (CUDA only). "
-        "ratio: time over lora_lab's (training) or over the base model's (forward).\n\n"
+        "ratio: time over lora_lab's (training) or over the base model's (forward); vs_floor: training time over "
+        "the frozen floor's (no adapters, gradients through the activations only).\n\n"
     )
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
