@@ -117,6 +117,7 @@ def _train_config(args: argparse.Namespace, **point: object):
         gradient_checkpointing=args.gradient_checkpointing,
         quantize=args.quantize,
         max_steps=args.max_steps,
+        bucket=args.bucket,
         class_weights=_numbers(args.class_weights or [], "--class-weights", float, unique=False) or None,
         **point,
     )
@@ -282,6 +283,8 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
                         "through bitsandbytes (pip install bitsandbytes); LoRA stays in full precision")  # fmt: skip
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if there is one)")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (a quick check)")
+    parser.add_argument("--bucket", action="store_true", help="batch rows of similar length together (less "
+                        "padding, faster epochs; the batches differ from the default's)")  # fmt: skip
     parser.add_argument("--class-weights", nargs="+", metavar="W", help="loss weight of each class, as 1,3")
 
 

@@ -389,13 +389,40 @@ def causal_lm_batch(
     return {"input_ids": inputs, "attention_mask": mask, "labels": targets}
 
 
+BUCKET = 50  # batches per bucket when batches are bucketed by length
+
+
+def row_length(row: object) -> int:
+    """A row's length in characters (a text and label, or an instruction entry): close enough to its
+    token count to group rows of similar length."""
+    if isinstance(row, dict):
+        return sum(len(str(v)) for v in row.values())
+    return len(str(row[0])) if isinstance(row, (tuple, list)) else len(str(row))
+
+
 def batches(
-    rows: Sequence, batch_size: int, collate: Callable[[Sequence], dict], shuffle: bool, seed: int = 0
+    rows: Sequence,
+    batch_size: int,
+    collate: Callable[[Sequence], dict],
+    shuffle: bool,
+    seed: int = 0,
+    bucket: bool = False,
 ) -> list[dict[str, torch.Tensor]]:
-    """`rows` cut into batches (shuffled with `seed` when asked), each collated."""
+    """`rows` cut into batches (shuffled with `seed` when asked), each collated. With `bucket` (and
+    `shuffle`), rows of similar length share a batch, so batches carry less padding: the shuffled rows
+    are cut into buckets of 50 batches, each bucket sorted by length and cut into batches, and the
+    batches shuffled again. Every row is still in exactly one batch of the epoch."""
     order = list(range(len(rows)))
     if shuffle:
-        random.Random(seed).shuffle(order)
+        rng = random.Random(seed)
+        rng.shuffle(order)
+        if bucket:
+            size = batch_size * BUCKET
+            order = [i for k in range(0, len(order), size) for i in sorted(order[k : k + size],
+                     key=lambda i: row_length(rows[i]))]  # fmt: skip
+            groups = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+            rng.shuffle(groups)
+            return [collate([rows[i] for i in group]) for group in groups]
     return [collate([rows[i] for i in order[k : k + batch_size]]) for k in range(0, len(order), batch_size)]
 
 

@@ -253,7 +253,10 @@ def check_settings(out: Path, settings: dict, record: bool = False) -> None:
     command that fails before any point finished locks nothing in). Call under `locked(out)`."""
     path = out / SETTINGS
     if path.is_file():
-        saved = {"processes_per_point": 1, **json.loads(path.read_text())}  # sweeps from before it was recorded
+        from .train import TrainConfig
+
+        defaults = sweep_settings(TrainConfig())  # a setting added since the sweep was recorded: its default ran
+        saved = {**defaults, **json.loads(path.read_text())}
         changed = sorted(k for k in set(saved) | set(settings) if saved.get(k) != settings.get(k))
         if changed:
             shown = ", ".join(f"{k} {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed)

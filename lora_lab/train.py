@@ -81,6 +81,7 @@ class TrainConfig:
     quantize: str | None = None  # QLoRA: the frozen base in nf4 or int8 (bitsandbytes)
     device: str = "auto"
     max_steps: int | None = None  # stop after this many optimizer steps (quick checks)
+    bucket: bool = False  # batches of rows of similar length (less padding, faster epochs)
 
     def __post_init__(self) -> None:
         whole = {"rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -285,7 +286,7 @@ def fit(
     for epoch in range(start, cfg.epochs):
         if cfg.max_steps is not None and step >= cfg.max_steps:
             break
-        epoch_batches = D.batches(train_rows, cfg.batch_size, collate, shuffle=True, seed=cfg.seed + epoch)
+        epoch_batches = D.batches(train_rows, cfg.batch_size, collate, True, cfg.seed + epoch, cfg.bucket)
         if size > 1:  # as many batches on every process (the last few of an epoch may go unused)
             epoch_batches = epoch_batches[: len(epoch_batches) // size * size][rank::size]
         running, seen, started, accumulated, skipped, epoch_tokens = 0.0, 0, time.perf_counter(), [], 0, 0
@@ -501,7 +502,8 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) ->
     main_process = rank == 0
     resume = None
     if (run / CONFIG).is_file():
-        saved, wanted = json.loads((run / CONFIG).read_text()), json.loads(config_text)
+        defaults = dataclasses.asdict(TrainConfig())  # a field added since the run was saved: its default ran
+        saved, wanted = {**defaults, **json.loads((run / CONFIG).read_text())}, json.loads(config_text)
         changed = sorted(k for k in set(saved) | set(wanted) if k != "device" and saved.get(k) != wanted.get(k))
         if changed:  # the device may change between a run and its resumption; nothing else
             shown = ", ".join(f"{k} {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:4])

@@ -122,3 +122,21 @@ def test_csv_with_a_bom_and_empty_labels(tmp_path):
     path.write_text("text,label\n" + "".join(f"t{i},{'' if i == 3 else i % 2}\n" for i in range(30)))
     with pytest.raises(ValueError, match=r"1 row\(s\) have no 'label' \(first on line 5\)"):
         D.load_dataset(f"csv:{path}")
+
+
+def test_bucketed_batches_hold_every_row_once_with_less_padding():
+    from lora_lab.data import batches, row_length
+
+    rows = [("x" * (1 + (i * 37) % 120), i % 2) for i in range(400)]
+    collate = lambda group: {"rows": group}  # noqa: E731
+    plain = batches(rows, 16, collate, shuffle=True, seed=3)
+    bucketed = batches(rows, 16, collate, shuffle=True, seed=3, bucket=True)
+    for epoch in (plain, bucketed):
+        assert sorted(r for b in epoch for r in b["rows"]) == sorted(rows)
+
+    def padding(epoch):  # padded positions over all positions, padding each batch to its longest row
+        total = sum(len(b["rows"]) * max(row_length(r) for r in b["rows"]) for b in epoch)
+        return 1 - sum(row_length(r) for r in rows) / total
+
+    assert padding(bucketed) < 0.1 < 0.3 < padding(plain)
+    assert batches(rows, 16, collate, shuffle=True, seed=4, bucket=True) != bucketed  # still shuffled by seed

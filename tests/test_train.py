@@ -309,6 +309,10 @@ def test_config_errors_name_the_option():
 def test_resuming_on_another_device_is_allowed_and_other_changes_are_named(tiny_runs, tmp_path):
     metrics = train(tiny_runs, tmp_path / "run")
     assert train(dataclasses.replace(tiny_runs, device="cpu"), tmp_path / "run") == metrics
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    del saved["bucket"]  # a run saved before the field existed ran its default
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    assert train(tiny_runs, tmp_path / "run") == metrics
     with pytest.raises(ValueError, match=r"another config \(epochs 3 -> 4, lr 0.01 -> 0.02\)"):
         train(dataclasses.replace(tiny_runs, epochs=4, lr=0.02), tmp_path / "run")
 
