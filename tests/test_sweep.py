@@ -249,10 +249,12 @@ def test_sweep_and_analyze_errors_are_one_clear_line(tiny_bert_dir, letters_data
 def test_sweeps_recorded_before_processes_per_point_still_resume(tmp_path):
     import json
 
-    from lora_lab.sweep import check_settings
+    from lora_lab.sweep import check_settings, sweep_settings
+    from lora_lab.train import TrainConfig
 
-    settings = {"lr": 0.01, "processes_per_point": 1}
-    (tmp_path / "sweep.json").write_text(json.dumps({"lr": 0.01}))
-    check_settings(tmp_path, settings)  # an old sweep: one process per point
+    settings = sweep_settings(TrainConfig(lr=0.01))
+    old = {k: v for k, v in settings.items() if k not in ("processes_per_point", "bucket")}
+    (tmp_path / "sweep.json").write_text(json.dumps(old))  # recorded before those two settings existed
+    check_settings(tmp_path, settings)  # an old sweep: one process per point, no bucketing
     with pytest.raises(ValueError, match="processes_per_point 1 -> 2"):
         check_settings(tmp_path, {**settings, "processes_per_point": 2})

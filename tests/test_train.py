@@ -131,10 +131,10 @@ def test_a_stopped_run_resumes_where_it_stopped(tiny_runs, tmp_path, monkeypatch
     whole = train(tiny_runs, tmp_path / "whole")
     real_batches = D.batches
 
-    def stop_in_epoch_2(rows, batch_size, collate, shuffle, seed=0):
+    def stop_in_epoch_2(rows, batch_size, collate, shuffle, seed=0, bucket=False):
         if shuffle and seed == tiny_runs.seed + 1:
             raise KeyboardInterrupt  # killed half-way through the second epoch
-        return real_batches(rows, batch_size, collate, shuffle, seed)
+        return real_batches(rows, batch_size, collate, shuffle, seed, bucket)
 
     monkeypatch.setattr(D, "batches", stop_in_epoch_2)
     with pytest.raises(KeyboardInterrupt):
