@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
-import io
 import platform
 import statistics
 import tempfile
@@ -46,7 +44,7 @@ from lora_lab import (
     mark_only_lora_trainable,
     merge_lora,
 )
-from lora_lab.files import write_text
+from lora_lab.files import write_csv, write_text
 from lora_lab.lora import lora_modules
 from lora_lab.params import markdown_table
 
@@ -282,11 +280,7 @@ def main() -> None:
         "ratio: time over lora_lab's (training) or over the base model's (forward); vs_floor: training time over "
         "the frozen floor's (no adapters, gradients through the activations only).\n\n"
     )
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(args.out / f"bench_lora_{tag}.csv", buffer.getvalue())
+    write_csv(args.out / f"bench_lora_{tag}.csv", rows)
     write_text(args.out / f"bench_lora_{tag}.md", header + markdown_table(rows) + "\n")
     print(header + markdown_table(rows))
 

@@ -17,9 +17,7 @@ Results go to experiments/results/qlora_3b_<device>.{csv,md}, with the device na
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
-import io
 import sys
 import time
 from pathlib import Path
@@ -27,7 +25,7 @@ from pathlib import Path
 import torch
 
 from lora_lab import inject_lora, mark_only_lora_trainable
-from lora_lab.files import write_text
+from lora_lab.files import write_csv, write_text
 from lora_lab.models import quantize_linears
 from lora_lab.params import count_parameters, markdown_table
 
@@ -145,11 +143,7 @@ def main() -> None:
         row["speed_vs_peft"] = round(row["tokens_per_s"] / peer["tokens_per_s"], 3) if peer else None
     name = "tiny-cpu" if args.tiny else device.type
     out = args.out or HERE / "results" / f"qlora_3b_{name}"
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(out.with_suffix(".csv"), buffer.getvalue())
+    write_csv(out.with_suffix(".csv"), rows)
     command = "python experiments/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     title = "a two-layer Llama (smoke run, CPU)" if args.tiny else "OpenLLaMA 3B architecture, random init"
     text = (

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from .files import read_safetensors
+from .files import read_safetensors, write_csv
 
 SHARED = 0.5  # phi above this: a shared direction (the paper's threshold in its figure 3 discussion)
 
@@ -207,7 +207,7 @@ def recommend(
     )
 
 
-def _noise(rows: Sequence[dict[str, str]], chosen: str, task: str, run_metrics: dict, val_size) -> tuple[float, str]:
+def _noise(rows: Sequence[dict[str, str]], chosen: str, task: str, val_examples: int | None) -> tuple[float, str]:
     """How far apart two ranks' validation metrics may be and still be the same: the spread over seeds
     when there are several; else the binomial standard error of the best accuracy on the validation
     set; for a loss with one seed, 1% of it."""
@@ -220,8 +220,7 @@ def _noise(rows: Sequence[dict[str, str]], chosen: str, task: str, run_metrics: 
         return max(spreads), "the largest standard deviation over seeds"
     values = [v for vs in by_rank.values() for v in vs]
     if task == "classification" and values:
-        p = max(values)
-        n = next((m.get("val_examples") for m in run_metrics.values() if m.get("val_examples")), None) or val_size()
+        p, n = max(values), val_examples
         if n:
             return math.sqrt(max(p * (1 - p), 1 / n) / n), f"the binomial standard error of {p:.4f} on {n} examples"
     if task == "classification":
@@ -256,17 +255,6 @@ def analyze_sweep(out: str | Path) -> dict[str, object]:
     settings = json.loads((out / "sweep.json").read_text())
     task = "causal-lm" if settings["dataset"] == "instructions" else "classification"
 
-    def val_size() -> int | None:  # runs from before metrics.json held it: split the data again
-        from . import data as D
-
-        try:
-            seed = int(rows[0]["seed"])
-            data = D.load_dataset(settings["dataset"], settings["data_path"], seed, settings["text_column"],
-                                  settings["label_column"], settings["balanced"])  # fmt: skip
-            return len(data.val)
-        except (OSError, ValueError, KeyError):
-            return None
-
     chosen, _, higher = metric_for(task)
     columns, varied = series_columns(rows)
     several_seeds = len({r["seed"] for r in rows}) > 1
@@ -275,7 +263,8 @@ def analyze_sweep(out: str | Path) -> dict[str, object]:
         series = [r for r in rows if tuple(r[k] for k in columns) == key]
         name = series_name(series[0], varied)
         adapters = {id(r): read_adapter(out / r["run"] / "adapter.safetensors") for r in series}
-        run_metrics = {id(r): _json_or_empty(out / r["run"] / "metrics.json") for r in series}
+        metrics_file = out / series[0]["run"] / "metrics.json"  # every run of a sweep splits the data alike
+        val_examples = json.loads(metrics_file.read_text()).get("val_examples") if metrics_file.is_file() else None
         all_spectra += [{"series": name, **row} for row in spectra_rows([(r, adapters[id(r)]) for r in series])]
         sims = []
         for seed in dict.fromkeys(r["seed"] for r in series):
@@ -290,17 +279,22 @@ def analyze_sweep(out: str | Path) -> dict[str, object]:
                 figures.append(out / f"analysis_similarity_r{r1}_r{r2}{suffix}.png")
                 plot_similarity(matrices, r1, r2, figures[-1], f"{name}, seed {seed}")
         all_sims += sims
+        # as in the summary, a rank where a seed failed is no candidate
+        failed = {r["rank"] for r in every if r["status"] != "ok" and tuple(r[k] for k in columns) == key}
         metrics = {}
         for r in series:
-            if r[chosen] not in ("", None):
+            if r[chosen] not in ("", None) and r["rank"] not in failed:
                 metrics.setdefault(int(r["rank"]), []).append(float(r[chosen]))
-        noise, noise_why = _noise(series, chosen, task, run_metrics, val_size)
+        if not metrics:
+            lines.append(f"- {name}: no rank to recommend (every rank lost a seed or has no validation metric).")
+            continue
+        noise, noise_why = _noise(series, chosen, task, val_examples)
         rank, why = recommend(metrics, higher, noise, [s for s in sims if s["seed"] == series[0]["seed"]])
         recommendations[name] = rank
         lines.append(f"- {name}: recommended rank **r={rank}**. {why}; noise: {noise_why}.")
     spectra_path, sims_path = out / "analysis_spectra.csv", out / "analysis_similarity.csv"
-    _write_csv(spectra_path, all_spectra)
-    _write_csv(sims_path, all_sims, SIMILARITY_COLUMNS)
+    write_csv(spectra_path, all_spectra)
+    write_csv(sims_path, all_sims, SIMILARITY_COLUMNS)
     plot_spectra(all_spectra, out / "analysis_spectra.png")
     table = _effective_rank_table(all_spectra)
     pairs = _similarity_table(all_sims)
@@ -324,25 +318,6 @@ def analyze_sweep(out: str | Path) -> dict[str, object]:
 
 SIMILARITY_COLUMNS = ["series", "seed", "rank_a", "rank_b", "module", "type", "layer", "phi_A_top", "phi_A_all",
                       "phi_dW_top", "phi_dW_top_in_b", "phi_dW_all", "shared_directions"]  # fmt: skip
-
-
-def _json_or_empty(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def _write_csv(path: Path, rows: Sequence[dict], columns: Sequence[str] | None = None) -> None:
-    import csv
-    import io
-
-    from .files import write_text
-
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns or (rows[0] if rows else [])), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(path, buffer.getvalue())
 
 
 def _effective_rank_table(spectra: Sequence[dict]) -> list[dict[str, object]]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 import warnings
 from collections.abc import Sequence
@@ -68,9 +67,9 @@ def _report(args: argparse.Namespace) -> int:
         written = write_report(rows, args.out)
         print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
     if args.format == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0]), lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+        from .files import csv_text
+
+        sys.stdout.write(csv_text(rows))
         return 0
     for name in models:
         model = build_model(name, "meta")

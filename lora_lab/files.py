@@ -3,9 +3,11 @@ half written) and safetensors reads that turn a corrupt file into a clear error.
 
 from __future__ import annotations
 
+import csv
+import io
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -38,6 +40,21 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `path` atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
+
+
+def csv_text(rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None) -> str:
+    """`rows` as CSV with a header: `columns`, else the keys of the first row (missing values empty)."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns or (rows[0] if rows else [])), lineterminator="\n",
+                            restval="")  # fmt: skip
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, object]], columns: Sequence[str] | None = None):
+    """Write `rows` to `path` as CSV (see `csv_text`), atomically."""
+    write_text(path, csv_text(rows, columns))
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

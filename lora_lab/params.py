@@ -295,19 +295,12 @@ def markdown_table(rows: list[dict[str, object]], decimals: Mapping[str, int] | 
 def write_report(rows: list[dict], out: str | os.PathLike) -> list[Path]:
     """DIR/param_report.csv, .md (the table) and .png (trainable parameters and training memory
     against the rank); returns the paths written."""
-    import csv
-    import io
-
-    from .files import write_text
+    from .files import write_csv, write_text
     from .plots import plot_param_report
 
     out = Path(out)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
     paths = [out / "param_report.csv", out / "param_report.md", out / "param_report.png"]
-    write_text(paths[0], buffer.getvalue())
+    write_csv(paths[0], rows)
     write_text(paths[1], markdown_table(rows, REPORT_DECIMALS) + "\n")
     plot_param_report(rows, paths[2])
     return paths

@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import fcntl
-import io
 import itertools
 import json
 import math
@@ -35,7 +34,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from .files import write_text
+from .files import write_csv, write_text
 
 CSV_NAME, SUMMARY, PLOT, SETTINGS, LOCK = "sweep.csv", "summary.md", "sweep.png", "sweep.json", ".sweep.lock"
 SCALINGS = ("standard", "rslora")
@@ -185,11 +184,7 @@ def append_row(out: Path, row: dict[str, object]) -> bool:
     new = {k: "" if row.get(k) is None else str(row[k]) for k in COLUMNS}
     if any(row_key(r) == row_key(new) for r in rows):
         return False
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows([{k: r.get(k, "") for k in COLUMNS} for r in rows] + [new])
-    write_text(out / CSV_NAME, buffer.getvalue())
+    write_csv(out / CSV_NAME, [{k: r.get(k, "") for k in COLUMNS} for r in rows] + [new], COLUMNS)
     return True
 
 
