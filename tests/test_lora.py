@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -220,3 +221,165 @@ def test_unload_after_an_inference_forward(kind):
         again = wrapped.unloaded()(x)
     tol = 2e-2 if kind == "4-bit" else 5e-2  # the CPU kernel's bf16 rounding; 8-bit also quantizes x
     torch.testing.assert_close(again, out, atol=tol, rtol=tol)
+
+
+# The fused node (`lora_linear`) against the two separate modules it replaces: the same function,
+# the same gradients, and it must really be the path taken (grad_fn), or these tests prove nothing.
+
+
+def _fused_and_plain(kind: str, bias: bool, dropout: float = 0.0, rank: int = 3):
+    torch.manual_seed(0)
+    base = Conv1D(10, 12) if kind == "conv1d" else nn.Linear(12, 10, bias=bias)
+    if kind == "conv1d":
+        with torch.no_grad():
+            base.bias.normal_()
+    fused = LinearWithLoRA(base, rank=rank, alpha=6, dropout=dropout)
+    _randomize(fused.lora)
+    plain = copy.deepcopy(fused)
+    plain.fused = False
+    return fused, plain
+
+
+def _run(layer, x, seed=0):
+    x = x.detach().clone().requires_grad_()
+    torch.manual_seed(seed)  # the same dropout mask on both paths
+    out = layer(x)
+    (out.float() * torch.linspace(-1, 1, out.shape[-1])).pow(2).sum().backward()
+    grads = (x.grad, layer.lora.A.grad, layer.lora.B.grad)
+    layer.zero_grad(set_to_none=True)
+    return out, grads
+
+
+@pytest.mark.parametrize("kind,bias", [("linear", True), ("linear", False), ("conv1d", True)])
+@pytest.mark.parametrize("shape", [(2, 5, 12), (12,)])
+def test_fused_matches_the_separate_modules(kind, bias, shape):
+    fused, plain = _fused_and_plain(kind, bias)
+    x = torch.randn(shape)
+    out, grads = _run(fused, x)
+    assert type(out.grad_fn).__name__ == "_LoRALinearBackward"
+    ref, ref_grads = _run(plain, x)
+    assert type(ref.grad_fn).__name__ == "AddBackward0"
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert fused.base.weight.grad is None
+    with torch.no_grad():  # inference: added in place, the same numbers
+        torch.testing.assert_close(fused(x), plain(x), atol=1e-6, rtol=1e-6)
+
+
+def test_fused_with_dropout_and_only_some_inputs_needing_grad():
+    fused, plain = _fused_and_plain("linear", True, dropout=0.3)
+    x = torch.randn(4, 6, 12)
+    (out, grads), (ref, ref_grads) = _run(fused.train(), x, seed=5), _run(plain.train(), x, seed=5)
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
+    for got, want in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    # A frozen (e.g. a LoRA-FA style run) and an input that needs no grad: B's gradient alone
+    for layer in (fused.eval(), plain.eval()):
+        layer.lora.A.requires_grad_(False)
+    outs = [layer(x) for layer in (fused, plain)]
+    for out in outs:
+        out.sum().backward()
+    torch.testing.assert_close(fused.lora.B.grad, plain.lora.B.grad, atol=1e-5, rtol=1e-5)
+    assert fused.lora.A.grad is None
+
+
+def test_fused_under_autocast_casts_like_autocast():
+    fused, plain = _fused_and_plain("linear", True, rank=4)
+    x = torch.randn(3, 7, 12)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, grads = _run(fused, x)
+        ref, ref_grads = _run(plain, x)
+    assert type(out.grad_fn).__name__ == "_LoRALinearBackward"
+    assert out.dtype == ref.dtype == torch.bfloat16
+    assert [g.dtype for g in grads] == [g.dtype for g in ref_grads] == [torch.float32] * 3
+    # bf16 has 8 significant bits: the two paths round in different places
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    exact, exact_grads = _run(plain, x)  # fp32, no autocast
+    for got, want, fp32 in zip(grads, ref_grads, exact_grads, strict=True):
+        scale = fp32.abs().max()
+        assert (got - fp32).abs().max() <= 0.03 * scale
+        assert (got - want).abs().max() <= 0.03 * scale
+
+
+def test_fusion_steps_aside_where_it_would_change_the_meaning():
+    x = torch.randn(2, 12)
+    # a hook on the base must still run
+    fused, plain = _fused_and_plain("linear", True)
+    seen = []
+    fused.base.register_forward_hook(lambda module, inputs, out: seen.append(out.shape))
+    assert type(fused(x).grad_fn).__name__ == "AddBackward0" and seen == [torch.Size([2, 10])]
+    # a base that trains gets its gradient
+    fused, plain = _fused_and_plain("linear", True)
+    fused.base.weight.requires_grad_(True)
+    fused(x).sum().backward()
+    assert fused.base.weight.grad is not None
+    # a bf16 base with fp32 adapters outside autocast: the branch runs in fp32, as documented
+    fused, plain = _fused_and_plain("linear", True)
+    fused.base.to(torch.bfloat16)
+    plain.base.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16)
+    torch.testing.assert_close(fused(xb), plain(xb), atol=0, rtol=0)
+
+    # subclasses of nn.Linear keep their own forward
+    class Scaled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    sub = LinearWithLoRA(Scaled(12, 10), rank=2, alpha=2)
+    torch.testing.assert_close(sub(x), 2 * nn.functional.linear(x, sub.base.weight, sub.base.bias))  # B is zero
+
+
+def _compiled_matches_eager(module, inputs: dict, make_input):
+    """`module` under torch.compile(fullgraph=True) (aot_eager: dynamo and AOTAutograd, no C++
+    compiler) gives the eager outputs and LoRA gradients; fullgraph raises on any graph break."""
+    results = []
+    for run in (module, torch.compile(module, fullgraph=True, backend="aot_eager")):
+        module.zero_grad(set_to_none=True)
+        x = make_input()
+        out = run(x, **inputs)
+        out = out[0] if isinstance(out, tuple) else out
+        out.pow(2).mean().backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.requires_grad}
+        results.append((out.detach(), grads, x.grad.clone()))
+    (out, grads, dx), (ref, ref_grads, ref_dx) = results[1], results[0]
+    assert len(grads) == len(ref_grads) > 0
+    torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(dx, ref_dx, atol=1e-6, rtol=1e-5)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_a_lora_gpt_block_compiles_whole():
+    from conftest import randomize_lora, tiny_gpt
+
+    from lora_lab import inject_lora, mark_only_lora_trainable
+
+    model = tiny_gpt()
+    inject_lora(model, "all-linear", rank=4, alpha=8, dropout=0.1)
+    mark_only_lora_trainable(model)
+    randomize_lora(model)
+    block = model.trf_blocks[0].eval()  # eval: dropout off, so both runs draw nothing at random
+    assert type(block.att.W_query(torch.zeros(1, 16, requires_grad=True)).grad_fn).__name__ == "_LoRALinearBackward"
+    _compiled_matches_eager(
+        block, {}, lambda: torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    )
+
+
+def test_a_lora_llama_layer_compiles_whole():
+    from conftest import randomize_lora, tiny_llama
+
+    from lora_lab import inject_lora, mark_only_lora_trainable
+
+    model = tiny_llama()
+    inject_lora(model, "all-linear", rank=4, alpha=8)
+    mark_only_lora_trainable(model)
+    randomize_lora(model)
+    model.train()
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2, 5, 32, generator=g)
+    rope = model.model.rotary_emb(hidden, torch.arange(5)[None])
+    _compiled_matches_eager(
+        model.model.layers[0], {"position_embeddings": rope}, lambda: hidden.clone().requires_grad_()
+    )
