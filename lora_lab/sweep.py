@@ -235,9 +235,12 @@ def point_config(base, point: Point):
 
 
 def sweep_settings(base, processes: int = 1) -> dict:
-    """What the sweep holds fixed: the train config but the fields a point sets (and the device),
-    and how many processes train each point (DDP: a step's batch is that many batches)."""
-    varied = {"model", "rank", "alpha", "use_rslora", "targets", "seed", "device"}
+    """What the sweep holds fixed: the train config but the fields a point sets (and those that say
+    how it computes: device, compile), and how many processes train each point (DDP: a step's batch
+    is that many batches)."""
+    from .train import HOW
+
+    varied = {"model", "rank", "alpha", "use_rslora", "targets", "seed", *HOW}
     settings = {k: v for k, v in dataclasses.asdict(base).items() if k not in varied}
     return {**settings, "processes_per_point": processes}
 

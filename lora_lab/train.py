@@ -45,6 +45,9 @@ from .params import count_parameters
 CONFIG, CHECKPOINT, METRICS, HISTORY = "config.json", "checkpoint.pt", "metrics.json", "history.csv"
 
 
+HOW = ("device", "compile")  # config fields that say how a run computes, not what: a resumed run may change them
+
+
 @dataclass
 class TrainConfig:
     """Everything that decides a run. Saved as config.json; resuming needs the same values."""
@@ -82,6 +85,7 @@ class TrainConfig:
     device: str = "auto"
     max_steps: int | None = None  # stop after this many optimizer steps (quick checks)
     bucket: bool = False  # batches of rows of similar length (less padding, faster epochs)
+    compile: bool = False  # torch.compile the training forward (how a run computes, not what: may change on resume)
 
     def __post_init__(self) -> None:
         whole = {"rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -266,6 +270,8 @@ def fit(
         from torch.nn.parallel import DistributedDataParallel
 
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg.compile:
+        trained = torch.compile(trained)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(math.ceil(len(train_rows) / cfg.batch_size) // size / cfg.grad_accum)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
@@ -504,8 +510,8 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) ->
     if (run / CONFIG).is_file():
         defaults = dataclasses.asdict(TrainConfig())  # a field added since the run was saved: its default ran
         saved, wanted = {**defaults, **json.loads((run / CONFIG).read_text())}, json.loads(config_text)
-        changed = sorted(k for k in set(saved) | set(wanted) if k != "device" and saved.get(k) != wanted.get(k))
-        if changed:  # the device may change between a run and its resumption; nothing else
+        changed = sorted(k for k in set(saved) | set(wanted) if k not in HOW and saved.get(k) != wanted.get(k))
+        if changed:  # the device and compilation may change between a run and its resumption; nothing else
             shown = ", ".join(f"{k} {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:4])
             raise ValueError(
                 f"{run} holds a run of another config ({shown}); give another --out, or delete it to start over"

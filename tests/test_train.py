@@ -73,6 +73,29 @@ def test_the_loss_falls_on_a_learnable_task(kind):
     assert last["train_loss"] < 0.5 * first["train_loss"] and last["val_accuracy"] >= 0.9, fitted.history
 
 
+def test_compiled_training_takes_the_same_steps(monkeypatch):
+    """--compile runs the same training: torch.compile wraps the model fit trains, and the losses of
+    every step match the eager run's (fp32). The backend is aot_eager here, the tracing that
+    inductor also starts from, so that no C++ compiler runs in the tests."""
+    compiled = []
+    real = torch.compile
+
+    def aot_eager(model, **kwargs):
+        compiled.append(model)
+        return real(model, backend="aot_eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", aot_eager)
+    tok, rows = _char_tokenizer(), _learnable_rows(48)
+    collate = lambda r: D.classification_batch(r, tok, pad_to=12)  # noqa: E731
+    losses = []
+    for compile_ in (False, True):
+        cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup=0.0, compile=compile_)
+        torch.manual_seed(0)
+        losses.append(fit(_tiny_gpt_classifier(), rows, collate, [], cfg, "gpt", CPU).step_losses)
+    assert len(compiled) == 1 and len(losses[1]) == 6
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+
+
 def test_instruction_tuning_loss_falls(bpe_file):
     tok = D.gpt2_text_tokenizer(max_length=128, bpe_file=bpe_file)
     entries = D.instructions(shared_file("instruction/instruction-data.json")).train[:16]
@@ -309,6 +332,7 @@ def test_config_errors_name_the_option():
 def test_resuming_on_another_device_is_allowed_and_other_changes_are_named(tiny_runs, tmp_path):
     metrics = train(tiny_runs, tmp_path / "run")
     assert train(dataclasses.replace(tiny_runs, device="cpu"), tmp_path / "run") == metrics
+    assert train(dataclasses.replace(tiny_runs, compile=True), tmp_path / "run") == metrics
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     del saved["bucket"]  # a run saved before the field existed ran its default
     (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
