@@ -1,22 +1,32 @@
-"""LoRA training-step and inference cost on GPT-2 124M: lora_lab against PEFT and full fine-tuning,
-measured side by side in one run, reported as ratios.
+"""What a LoRA training step costs, against what it must cost: lora_lab, PEFT and full fine-tuning
+beside the frozen floor, on four model families, measured side by side in one process.
 
-Variants (the six linears of every block, r=8, alpha=16, AdamW):
-  frozen floor              no adapters, every weight frozen, gradients through the activations only
-                            (what any LoRA step must at least cost: LoRA's own FLOPs come on top)
-  full                      every parameter trains (the baseline LoRA is meant to beat on memory)
-  lora_lab                  our LinearWithLoRA as shipped
-  lora_lab, <change>        the same with one change to its forward, to price that choice
-  peft                      Hugging Face PEFT's LoRA on the same model and targets
-and forward-only inference: the frozen base alone, lora_lab unmerged and merged, PEFT unmerged.
+Cases (random weights of the real architectures; timing does not depend on the values):
+  gpt2       our GPTModel 124M, r=8 on the six linears of every block          (8 x 120 tokens)
+  hf-gpt2    Hugging Face GPT-2 124M (Conv1D), r=16 on c_attn, c_proj, c_fc     (8 x 120)
+  minilm     all-MiniLM-L6-v2's BERT for 2-class classification, r=8 on query,
+             key, value and the dense layers, the classifier trains whole        (16 x 64)
+  llama      SmolLM2-135M's Llama (grouped-query attention), r=8 on all linears  (4 x 128)
 
-Before timing, a check that the variants compute the same logits on this device.
+Variants of one AdamW training step (forward, backward, optimizer step):
+  frozen floor      no adapters, every weight frozen, gradients through the activations only: what
+                    any LoRA step must at least cost (LoRA's own, small, FLOPs come on top)
+  lora_lab          LinearWithLoRA as shipped (the fused node `lora.lora_linear`)
+  lora_lab unfused  the same with `fused = False`: base and branch as two modules (prices the fusion)
+  peft              Hugging Face PEFT's LoRA, same targets, same adapter weights
+  full              every weight trains
+and `--compile` adds the floor and lora_lab under torch.compile (inductor). Forward-only inference
+rows: the base, lora_lab unmerged and merged, PEFT unmerged.
 
-    python experiments/bench_lora.py                       # CPU, small shapes
-    python experiments/bench_lora.py --device cuda --batch 8 --seq 512 --dtype bfloat16 --steps 40
+Timing: every variant is warmed up, then all run round-robin, the order reversed every other round;
+each round's time is divided by the frozen floor's (or PEFT's) of the same round, and the table
+gives the median of those paired ratios with the spread of the times. `activation_mib` is what the
+forward saves for backward (parameters not counted), exact on any device; `peak_mib` is CUDA's peak.
 
-Results go to experiments/results/bench_lora_<device>_<dtype>.{csv,md}. CPU timings on two cores
-move by 10% or more between runs; read them as a rough guide, the CUDA ones as the measurement.
+    python experiments/bench_lora.py                                   # CPU, all four cases
+    python experiments/bench_lora.py --case gpt2 --device cuda --dtype bfloat16 --batch 8 --seq 512
+
+Results: experiments/results/bench_lora_<device>_<dtype>.{csv,md}, with the machine named.
 """
 
 from __future__ import annotations
@@ -27,12 +37,13 @@ import platform
 import statistics
 import tempfile
 import time
-import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm import tqdm
 
 from lora_lab import (
@@ -49,7 +60,65 @@ from lora_lab.lora import lora_modules
 from lora_lab.params import markdown_table
 
 RESULTS = Path(__file__).parent / "results"
-PEFT_TARGETS = ["W_query", "W_key", "W_value", "out_proj", "layers.0", "layers.2"]
+
+
+@dataclass
+class Case:
+    build: Callable[[], nn.Module]  # the base model, random weights, eval mode
+    targets: list[str] | str
+    rank: int
+    batch: int
+    seq: int
+    head: list[str]  # modules that train whole beside LoRA
+    classify: bool = False
+
+
+def _gpt2() -> nn.Module:
+    return GPTModel(GPT2_CONFIGS["gpt2-124m"])
+
+
+def _hf_gpt2() -> nn.Module:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    return GPT2LMHeadModel(GPT2Config())  # 124M
+
+
+def _minilm() -> nn.Module:
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=30522, hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536,
+        num_labels=2,
+    )  # fmt: skip  # all-MiniLM-L6-v2
+    return BertForSequenceClassification(config)
+
+
+def _llama() -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, max_position_embeddings=2048, tie_word_embeddings=True,
+    )  # fmt: skip  # SmolLM2-135M
+    return LlamaForCausalLM(config)
+
+
+def _tiny_gpt() -> nn.Module:
+    config = dict(vocab_size=128, context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True)
+    return GPTModel(config)
+
+
+CASES = {
+    "gpt2": Case(_gpt2, lora_targets("attn+ffn"), 8, 8, 120, []),
+    "hf-gpt2": Case(_hf_gpt2, ["c_attn", "c_proj", "c_fc"], 16, 8, 120, []),
+    "minilm": Case(_minilm, ["query", "key", "value", "dense"], 8, 16, 64, ["classifier"], classify=True),
+    "llama": Case(_llama, "all-linear", 8, 4, 128, []),
+}
+TINY = Case(_tiny_gpt, lora_targets("attn+ffn"), 4, 2, 16, [])
+
+
+def _logits(out) -> torch.Tensor:
+    return out.logits if hasattr(out, "logits") else out
 
 
 def _sync(device: torch.device) -> None:
@@ -57,146 +126,126 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _measure(fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, steps: int, desc: str):
-    """{name: (median ms, MiB the call adds over what was resident)}. Every variant is warmed up
-    (and its memory read) first, then all are timed round-robin, so that clock or thermal drift
-    falls on all of them alike. Memory is read on CUDA only; the CPU allocator keeps no count."""
-    memory = {}
-    for name, fn in fns.items():
-        resident = 0
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(device)
-            resident = torch.cuda.memory_allocated(device)
-        for _ in range(warmup):
-            fn()
-        _sync(device)
-        cuda = device.type == "cuda"
-        memory[name] = (torch.cuda.max_memory_allocated(device) - resident) / 2**20 if cuda else float("nan")
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in tqdm(range(steps), desc=desc):
-        for name, fn in fns.items():
-            _sync(device)
-            start = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(1000 * (time.perf_counter() - start))
-    return {name: (statistics.median(times[name]), memory[name]) for name in fns}
-
-
-def _forward_cast_input(self, x: torch.Tensor) -> torch.Tensor:
-    """LinearWithLoRA.forward as first written: the input cast to the adapter's fp32 even under
-    autocast (which then casts it back to bf16), and the branch always added in place."""
-    out = self.base(x)
-    lora = self.lora
-    h = x.to(lora.A.dtype) if x.dtype != lora.A.dtype else x
-    return out.add_(F.linear(F.linear(h, lora.A) * lora.scaling, lora.B))
-
-
-def _forward_add_in_place(self, x: torch.Tensor) -> torch.Tensor:
-    """The branch always added in place, with autograd recording too."""
-    return self.base(x).add_(self.lora(x))
-
-
-def _forward_add_out_of_place(self, x: torch.Tensor) -> torch.Tensor:
-    """The branch always added out of place, in inference too."""
-    out = self.base(x)
-    return out + self.lora(x).to(out.dtype)
-
-
-def _forward_addmm(self, x: torch.Tensor) -> torch.Tensor:
-    """Candidate: the scaling and the add fused into the second GEMM (out + scaling * h @ B^T),
-    in place without autograd, out of place with it."""
-    out = self.base(x)
-    h = F.linear(x, self.lora.A)  # (..., rank); bf16 under autocast
-    b, out2d, h2d = self.lora.B.t().to(h.dtype), out.view(-1, out.shape[-1]), h.view(-1, h.shape[-1])
-    if not torch.is_grad_enabled():
-        out2d.addmm_(h2d, b, alpha=self.lora.scaling)
-        return out
-    return torch.addmm(out2d, h2d, b, alpha=self.lora.scaling).view(out.shape)
-
-
-def _with_forward(model: GPTModel, forward) -> GPTModel:
-    model = copy.deepcopy(model)
-    for _, w in lora_modules(model):
-        w.forward = types.MethodType(forward, w)
-    return model
-
-
-def _frozen_floor(base: GPTModel) -> GPTModel:
-    """The base with every weight frozen and the embeddings' output requiring grad: a training step
-    then runs the forward and the backward through every activation, as LoRA must, and nothing else."""
-    model = copy.deepcopy(base).requires_grad_(False)
-    model.tok_emb.register_forward_hook(lambda module, inputs, out: out.requires_grad_())
-    return model
-
-
-def _lora_model(base: GPTModel) -> GPTModel:
+def _lora(base: nn.Module, case: Case) -> nn.Module:
     model = copy.deepcopy(base)
-    inject_lora(model, lora_targets("attn+ffn"), rank=8, alpha=16)
-    mark_only_lora_trainable(model)
+    inject_lora(model, case.targets, rank=case.rank, alpha=2 * case.rank)
+    mark_only_lora_trainable(model, train=case.head)
     with torch.no_grad():  # a trained-looking adapter, so merged and unmerged differ from the base
         for _, w in lora_modules(model):
             w.lora.B.normal_(std=0.01)
     return model
 
 
-def _peft_model(lora: GPTModel, base: GPTModel):
+def _unfused(model: nn.Module) -> nn.Module:
+    model = copy.deepcopy(model)
+    for _, w in lora_modules(model):
+        w.fused = False
+    return model
+
+
+def _peft(lora: nn.Module, base: nn.Module, case: Case) -> nn.Module:
     import peft
 
     with tempfile.TemporaryDirectory() as tmp:
-        export_peft_adapter(lora, tmp)
+        export_peft_adapter(lora, tmp, extra=case.head)
         return peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp, is_trainable=True)
 
 
-def _logits(out) -> torch.Tensor:
-    return out.logits if hasattr(out, "logits") else out
+def _frozen_floor(base: nn.Module) -> nn.Module:
+    """The base with every weight frozen and the input embeddings' output requiring grad: a step then
+    runs the forward and the backward through every activation, as LoRA must, and nothing else."""
+    model = copy.deepcopy(base).requires_grad_(False)
+    embedding = model.tok_emb if isinstance(model, GPTModel) else model.get_input_embeddings()
+    embedding.register_forward_hook(lambda module, inputs, out: out.requires_grad_())
+    return model
 
 
-def _checks(base, lora, peft_model, x, autocast, device, dtype_name) -> None:
-    """Numbers before speed: the variants must compute the same function on this device."""
-    with torch.no_grad():
-        reference = _logits(lora(x[:1]))
-        for name, other in (("PEFT", peft_model), ("addmm_ variant", _with_forward(lora, _forward_addmm))):
-            diff = (_logits(other(x[:1])) - reference).abs().max().item()
-            print(f"lora_lab vs {name} logits on {device} (fp32): max abs diff {diff:.2e}")
-            assert diff <= 1e-3, f"lora_lab and {name} disagree"
-    explicit = copy.deepcopy(base)
-    for block in explicit.trf_blocks:
-        block.att.use_sdpa = False
-    with torch.no_grad(), autocast:
-        fast, slow = base(x[:1]).float(), explicit(x[:1]).float()
-    rel = ((fast - slow).norm() / slow.norm()).item()
-    print(f"SDPA vs explicit-mask attention on {device} ({dtype_name}): relative error {rel:.2e}")
+def _saved_mib(model: nn.Module, run: Callable[[], torch.Tensor]) -> float:
+    """MiB of the tensors the forward saves for backward, each storage once, parameters left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = run()
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values()) / 2**20
 
 
-def run(args: argparse.Namespace) -> list[dict]:
+def _measure(fns: dict[str, Callable[[], None]], device: torch.device, warmup: int, rounds: int, desc: str):
+    """{name: [ms per round]}: every variant warmed up, then all timed round-robin, the order reversed
+    every other round so that none always runs right after the same neighbour."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in tqdm(range(rounds), desc=desc):
+        for name in names if r % 2 == 0 else names[::-1]:
+            _sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            _sync(device)
+            times[name].append(1000 * (time.perf_counter() - start))
+    return times
+
+
+def _paired(times: dict[str, list[float]], name: str, reference: str) -> float | None:
+    if reference not in times:
+        return None
+    return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
+
+
+def _spread(ms: list[float]) -> float:
+    """Half the interquartile range as a percent of the median: the timing noise of one variant."""
+    q1, _, q3 = statistics.quantiles(ms, n=4) if len(ms) > 1 else (ms[0], ms[0], ms[0])
+    return 50 * (q3 - q1) / statistics.median(ms)
+
+
+def run_case(name: str, case: Case, args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
+    batch, seq = args.batch or case.batch, args.seq or case.seq
     torch.manual_seed(0)
-    config = GPT2_CONFIGS["gpt2-124m"] if not args.tiny else dict(
-        vocab_size=128, context_length=64, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0, qkv_bias=True
-    )  # fmt: skip
     with torch.device(device):
-        base = GPTModel(config).eval()
-    ids = torch.randint(0, base.cfg.vocab_size, (args.batch, args.seq + 1), device=device)
-    x, y = ids[:, :-1], ids[:, 1:]
+        base = case.build().eval()
+    vocab = base.cfg.vocab_size if isinstance(base, GPTModel) else base.config.vocab_size
+    ids = torch.randint(0, vocab, (batch, seq + 1), device=device)
+    x = ids[:, :-1]
+    y = torch.randint(0, 2, (batch,), device=device) if case.classify else ids[:, 1:]
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
 
-    lora = _lora_model(base)
-    peft_model = _peft_model(lora, base)
-    _checks(base, lora, peft_model, x, autocast, device, args.dtype)
+    lora = _lora(base, case)
+    peft_model = _peft(lora, base, case)
+    with torch.no_grad():  # numbers before speed: the variants compute the same function here
+        reference = _logits(lora(x[:1]))
+        for other_name, other in (("peft", peft_model), ("unfused", _unfused(lora))):
+            diff = (_logits(other(x[:1])) - reference).abs().max().item()
+            print(f"{name}: lora_lab vs {other_name} logits on {device} (fp32): max abs diff {diff:.2e}")
+            assert diff <= 1e-3, f"lora_lab and {other_name} disagree"
 
     train_models = {
         "frozen floor": _frozen_floor(base),
-        "full": copy.deepcopy(base).requires_grad_(True),
         "lora_lab": lora,
-        "lora_lab, input cast under autocast": _with_forward(lora, _forward_cast_input),
-        "lora_lab, add always in place": _with_forward(lora, _forward_add_in_place),
-        "lora_lab, add always out of place": _with_forward(lora, _forward_add_out_of_place),
-        "lora_lab, addmm (fused scale + add)": _with_forward(lora, _forward_addmm),
+        "lora_lab unfused": _unfused(lora),
         "peft": peft_model,
+        "full": copy.deepcopy(base).requires_grad_(True),
     }
+    if args.compile:
+        train_models["frozen floor, compiled"] = torch.compile(train_models["frozen floor"])
+        train_models["lora_lab, compiled"] = torch.compile(lora)
+
+    def loss_of(model) -> torch.Tensor:
+        with autocast:
+            logits = _logits(model(x)).float()
+        return F.cross_entropy(logits.flatten(0, -2), y.flatten())
 
     def train_step(model):
         model.train()
@@ -204,14 +253,43 @@ def run(args: argparse.Namespace) -> list[dict]:
         opt = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=1e-4)  # the floor has none
 
         def step() -> None:
-            with autocast:
-                logits = _logits(model(x))
-                loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-            loss.backward()
+            loss_of(model).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
 
         return step
+
+    steps = {n: train_step(m) for n, m in train_models.items()}
+    peaks = {}
+    for n, fn in steps.items():  # warm up alone, reading each one's peak memory on CUDA
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        _sync(device)
+        peaks[n] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    saved = {n: _saved_mib(m, lambda m=m: loss_of(m)) for n, m in train_models.items() if "compiled" not in n}
+    times = _measure(steps, device, args.warmup - 1, args.steps, f"{name} train")
+    rows = []
+    for n, m in train_models.items():
+        rows.append(
+            {
+                "case": name,
+                "mode": "train step",
+                "variant": n,
+                "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
+                "ms": statistics.median(times[n]),
+                "spread_pct": _spread(times[n]),
+                "vs_floor": _paired(times, n, "frozen floor"),
+                "vs_peft": _paired(times, n, "peft"),
+                "activation_mib": saved.get(n),
+                "peak_mib": peaks[n],
+            }
+        )
+
+    merged = copy.deepcopy(lora)
+    merge_lora(merged)
+    infer_models = {"base": base, "lora_lab unmerged": lora, "lora_lab merged": merged, "peft unmerged": peft_model}
 
     def forward(model):
         @torch.no_grad()
@@ -221,64 +299,55 @@ def run(args: argparse.Namespace) -> list[dict]:
 
         return call
 
-    trained = _measure({n: train_step(m) for n, m in train_models.items()}, device, args.warmup, args.steps, "train")
-    rows = [
-        {
-            "variant": n,
-            "mode": "train step",
-            "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
-            "ms": trained[n][0],
-            "step_mib": trained[n][1],
-        }
-        for n, m in train_models.items()
-    ]
-    merged = copy.deepcopy(lora)
-    merge_lora(merged)
-    infer_models = {
-        "base (no LoRA)": base,
-        "lora_lab unmerged": lora,
-        "lora_lab unmerged, add out of place": train_models["lora_lab, add always out of place"],
-        "lora_lab unmerged, addmm_": train_models["lora_lab, addmm (fused scale + add)"],
-        "lora_lab merged": merged,
-        "peft unmerged": peft_model,
-    }
-    timed = _measure({n: forward(m) for n, m in infer_models.items()}, device, args.warmup, args.steps, "forward")
-    rows += [
-        {"variant": n, "mode": "forward", "trainable": 0, "ms": timed[n][0], "step_mib": timed[n][1]}
-        for n in infer_models
-    ]
-    # ratio: time over lora_lab's for training steps, over the frozen base's for the forward
-    reference = {"train step": "lora_lab", "forward": "base (no LoRA)"}
-    ref_ms = {mode: next(r["ms"] for r in rows if r["variant"] == v) for mode, v in reference.items()}
-    floor = next(r["ms"] for r in rows if r["variant"] == "frozen floor")
-    for r in rows:
-        r["ratio"] = r["ms"] / ref_ms[r["mode"]]
-        r["vs_floor"] = r["ms"] / floor if r["mode"] == "train step" else None
+    times = _measure({n: forward(m) for n, m in infer_models.items()}, device, args.warmup, args.steps, f"{name} fwd")
+    for n in infer_models:
+        rows.append(
+            {
+                "case": name,
+                "mode": "forward",
+                "variant": n,
+                "trainable": 0,
+                "ms": statistics.median(times[n]),
+                "spread_pct": _spread(times[n]),
+                "vs_floor": _paired(times, n, "base"),
+                "vs_peft": _paired(times, n, "peft unmerged"),
+                "activation_mib": None,
+                "peak_mib": None,
+            }
+        )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", action="append", choices=list(CASES), help="repeat for several (default: all)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq", type=int, default=64)
+    parser.add_argument("--batch", type=int, help="rows per batch (default: the case's)")
+    parser.add_argument("--seq", type=int, help="tokens per row (default: the case's)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=10, help="timed rounds")
+    parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--compile", action="store_true", help="add the floor and lora_lab under torch.compile")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--tiny", action="store_true", help="a two-block model: checks that it runs, times nothing")
+    parser.add_argument("--tiny", action="store_true", help="a two-block GPT: checks that it runs, times nothing")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    rows = run(args)
-    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    tag = f"{'cuda' if args.device.startswith('cuda') else 'cpu'}_{args.dtype}"
+    started = time.perf_counter()
+    cases = {"tiny": TINY} if args.tiny else {n: CASES[n] for n in args.case or CASES}
+    rows = [row for name, case in cases.items() for row in run_case(name, case, args)]
+    minutes = (time.perf_counter() - started) / 60
+    cuda = args.device.startswith("cuda")
+    machine = torch.cuda.get_device_name() if cuda else f"{platform.machine()}, {torch.get_num_threads()} CPU threads"
+    tag = f"{'cuda' if cuda else 'cpu'}_{args.dtype}"
     header = (
-        f"{'a two-block GPT (smoke run)' if args.tiny else 'GPT-2 124M'}, LoRA r=8 on the six block linears, "
-        f"AdamW; batch {args.batch} x {args.seq} tokens, "
-        f"{args.dtype}, {device}, torch {torch.__version__}; median of {args.steps} after {args.warmup} "
-        "warm-up, variants timed round-robin. step_mib: memory a call adds over what is resident (CUDA only). "
-        "ratio: time over lora_lab's (training) or over the base model's (forward); vs_floor: training time over "
-        "the frozen floor's (no adapters, gradients through the activations only).\n\n"
+        f"{'smoke run, ' if args.tiny else ''}{args.dtype}, {machine}, torch {torch.__version__}; "
+        f"{args.steps} rounds after {args.warmup} warm-up, variants round-robin; {minutes:.1f} min.\n"
+        "ms: median time; spread_pct: half the interquartile range over the median; vs_floor / vs_peft: median "
+        "over rounds of the time over the frozen floor's (the base model's, for forward) / PEFT's in the same "
+        "round; activation_mib: saved for backward; peak_mib: CUDA peak over what was resident.\n\n"
     )
     write_csv(args.out / f"bench_lora_{tag}.csv", rows)
     write_text(args.out / f"bench_lora_{tag}.md", header + markdown_table(rows) + "\n")

@@ -5,6 +5,9 @@ Variants, each at every rank given (default r = 8 and 64, all seven linears of e
   lora_lab bf16     the base in bf16, LoRA (fp32) on it
   lora_lab nf4      QLoRA: the base's linears in bitsandbytes NF4 (double quantization), compute in bf16
   peft bf16 / nf4   PEFT's LoRA on the same base
+  floor bf16 / nf4  no adapters, the base frozen, gradients through the activations only: what any LoRA
+                    step must at least cost (vs_floor: each step's time over it, on the same base)
+  --paged           adds lora_lab with bitsandbytes' PagedAdamW (optimizer state in paged memory; CUDA)
 One micro-batch of 1 x 512 random tokens per step, gradient checkpointing, AdamW, bf16 autocast. Peak memory
 is torch.cuda.max_memory_allocated over the timed steps (weights, LoRA, optimizer state, activations).
 
@@ -60,6 +63,9 @@ def build(config: dict, device: torch.device, quantize: str | None) -> torch.nn.
 
 
 def with_lora(model: torch.nn.Module, library: str, rank: int) -> torch.nn.Module:
+    if library == "floor":
+        model.enable_input_require_grads()  # the embeddings' output needs grad: backward runs through every layer
+        return model
     if library == "peft":
         import peft
 
@@ -71,12 +77,17 @@ def with_lora(model: torch.nn.Module, library: str, rank: int) -> torch.nn.Modul
 
 
 def measure(config: dict, device: torch.device, library: str, quantize: str | None, rank: int, seq: int,
-            warmup: int, steps: int) -> dict:  # fmt: skip
+            warmup: int, steps: int, paged: bool = False) -> dict:  # fmt: skip
     model = with_lora(build(config, device, quantize), library, rank)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    params = [p for p in model.parameters() if p.requires_grad] or [torch.zeros(1, requires_grad=True)]
+    if paged:
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.PagedAdamW(params, lr=1e-4)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, config["vocab_size"], (1, seq), device=device, generator=None)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -102,10 +113,13 @@ def measure(config: dict, device: torch.device, library: str, quantize: str | No
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else float("nan")
     count = count_parameters(model)
     row = {
-        "library": library, "base": quantize or "bf16", "rank": rank, "trainable_params": count.trainable,
+        "library": library + (" paged AdamW" if paged else ""), "base": quantize or "bf16", "rank": rank,
+        "trainable_params": count.trainable,
         "step_ms": round(1000 * seconds, 1), "tokens_per_s": round(seq / seconds, 1), "peak_gib": round(peak, 3),
         "loss": round(loss, 3),
     }  # fmt: skip
+    if library == "floor":
+        row.update(rank=0, trainable_params=0)
     return row
 
 
@@ -116,6 +130,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--libraries", nargs="+", default=["lora_lab", "peft"])
+    parser.add_argument("--paged", action="store_true", help="also lora_lab with PagedAdamW (bitsandbytes, CUDA)")
     parser.add_argument("--tiny", action="store_true", help="a two-layer Llama on the CPU (a smoke run)")
     parser.add_argument("--out", type=Path, help="(default: experiments/results/qlora_3b_<device>)")
     args = parser.parse_args()
@@ -124,23 +139,27 @@ def main() -> None:
     seq = min(args.seq, config["max_position_embeddings"])
     start = time.perf_counter()
     rows = []
+    variants = [(0, None, "floor", False), (0, "nf4", "floor", False)]  # the floor has no rank: once per base
     for rank in args.ranks:
         for quantize in (None, "nf4"):
-            for library in args.libraries:
-                try:
-                    rows.append(measure(config, device, library, quantize, rank, seq, args.warmup, args.steps))
-                except torch.OutOfMemoryError as err:
-                    print(f"{library} {quantize or 'bf16'} r={rank}: out of memory ({err})", flush=True)
-                    continue
-                finally:
-                    gc.collect()  # the variant's model and optimizer go before the next is built
-                    if device.type == "cuda":
-                        torch.cuda.empty_cache()
-                print(rows[-1], flush=True)
-    for row in rows:  # tokens/s against PEFT on the same base and rank
+            variants += [(rank, quantize, library, False) for library in args.libraries]
+            variants += [(rank, quantize, "lora_lab", True)] if args.paged and device.type == "cuda" else []
+    for rank, quantize, library, paged in variants:
+        try:
+            rows.append(measure(config, device, library, quantize, rank, seq, args.warmup, args.steps, paged))
+        except torch.OutOfMemoryError as err:
+            print(f"{library} {quantize or 'bf16'} r={rank}: out of memory ({err})", flush=True)
+            continue
+        finally:
+            gc.collect()  # the variant's model and optimizer go before the next is built
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        print(rows[-1], flush=True)
+    for row in rows:  # tokens/s against PEFT on the same base and rank; time against the floor on the same base
         same = [r for r in rows if r["library"] == "peft" and (r["base"], r["rank"]) == (row["base"], row["rank"])]
-        peer = same[0] if same else None
-        row["speed_vs_peft"] = round(row["tokens_per_s"] / peer["tokens_per_s"], 3) if peer else None
+        floor = [r for r in rows if r["library"] == "floor" and r["base"] == row["base"]]
+        row["speed_vs_peft"] = round(row["tokens_per_s"] / same[0]["tokens_per_s"], 3) if same else None
+        row["vs_floor"] = round(row["step_ms"] / floor[0]["step_ms"], 3) if floor else None
     name = "tiny-cpu" if args.tiny else device.type
     out = args.out or HERE / "results" / f"qlora_3b_{name}"
     write_csv(out.with_suffix(".csv"), rows)
