@@ -285,8 +285,8 @@ def _training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (a quick check)")
     parser.add_argument("--bucket", action="store_true", help="batch rows of similar length together (less "
                         "padding, faster epochs; the batches differ from the default's)")  # fmt: skip
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model (the first steps compile; "
-                        "faster after, above all on GPU)")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model: the first steps "
+                        "compile (counted in the run's seconds), faster after, above all on GPU")  # fmt: skip
     parser.add_argument("--class-weights", nargs="+", metavar="W", help="loss weight of each class, as 1,3")
 
 

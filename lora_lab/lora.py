@@ -106,8 +106,12 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     return weight.data
 
 
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would compute a linear on `x` in, or None where it would not cast
+    (autocast off; float64, which autocast leaves alone)."""
+    if x.dtype == torch.float64 or not torch.is_autocast_enabled(x.device.type):
+        return None
+    return torch.get_autocast_dtype(x.device.type)
 
 
 class _LoRALinear(torch.autograd.Function):
@@ -124,36 +128,57 @@ class _LoRALinear(torch.autograd.Function):
                 bias = bias.to(dtype) if bias is not None else None
                 x_branch = x_branch.to(dtype) if x_branch is not None else None
             xb = x if x_branch is None else x_branch
-            out = F.linear(x, weight, bias)  # (..., out)
-            h = F.linear(xb, A)  # (..., rank)
-            out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, h.shape[-1]), B.t(), alpha=scaling)
-        ctx.save_for_backward(weight, A, B, h, xb)
-        ctx.scaling, ctx.separate_branch = scaling, x_branch is not None
+            x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+            h = xb.reshape(-1, xb.shape[-1]).mm(A.t())  # (N, rank)
+            # The output is made here and filled in place: not a view, so callers may change it
+            # in place (ReLU(inplace=True), out += residual) as they could the base's output.
+            out = x.new_empty(*x.shape[:-1], weight.shape[0])
+            flat = out.view(-1, weight.shape[0])  # (N, out)
+            if bias is None:
+                torch.mm(x2, weight.t(), out=flat)
+            else:
+                torch.addmm(bias, x2, weight.t(), out=flat)
+            flat.addmm_(h, B.t(), alpha=scaling)
+        need_x, _, _, need_A, need_B, _, need_xb, _ = ctx.needs_input_grad
+        ctx.save_for_backward(
+            weight if need_x or need_xb or need_A else None,
+            A if need_x or need_xb else None,
+            B,
+            h if need_B else None,
+            xb if need_A else None,  # only what a gradient needs: the input may change in place later
+        )
+        ctx.scaling, ctx.separate_branch, ctx.in_features = scaling, x_branch is not None, x.shape[-1]
         return out
 
     @staticmethod
     def backward(ctx, grad):
+        if torch.is_grad_enabled():
+            raise RuntimeError(
+                "lora_lab's fused LoRA linear has a first-order backward only, and this backward asks for a "
+                "graph of its own (create_graph=True: higher-order gradients, gradient penalties, MAML). Set "
+                "LinearWithLoRA.fused = False (on the class, or on each layer) to differentiate twice"
+            )
         weight, A, B, h, xb = ctx.saved_tensors
         need_x, _, _, need_A, need_B, _, need_xb, _ = ctx.needs_input_grad
         s = ctx.scaling
-        g = grad.reshape(-1, grad.shape[-1]).to(weight.dtype)  # (N, out)
+        g = grad.reshape(-1, grad.shape[-1]).to(B.dtype)  # (N, out)
         # The skinny products are written so that the long N side is the inner dimension of a
         # contiguous operand (B^T g^T rather than g B, h^T g rather than g^T h): 2-6x faster on
         # CPU BLAS for these shapes, the same numbers.
-        gh_t = B.t().mm(g.t()).mul_(s)  # (rank, N): (scaling * g B)^T
+        gh_t = B.t().mm(g.t()).mul_(s) if need_x or need_xb or need_A else None  # (rank, N): (s g B)^T
         grad_x = grad_A = grad_B = grad_xb = None
         if need_A:
             grad_A = gh_t.mm(xb.reshape(-1, xb.shape[-1]))  # (rank, in)
         if need_B:
-            grad_B = h.reshape(-1, h.shape[-1]).t().mm(g).mul_(s).t()  # (out, rank)
+            grad_B = h.t().mm(g).mul_(s).t()  # (out, rank)
+        lead = grad.shape[:-1]
         if need_x:
             grad_x = g.mm(weight)  # (N, in)
             if not ctx.separate_branch:
                 grad_x.addmm_(gh_t.t(), A)
+            grad_x = grad_x.view(*lead, ctx.in_features)
         if ctx.separate_branch and need_xb:
-            grad_xb = gh_t.t().mm(A).view(xb.shape)
-        if grad_x is not None:
-            grad_x = grad_x.view(*grad.shape[:-1], -1)
+            grad_xb = gh_t.t().mm(A).view(*lead, ctx.in_features)
         # Each gradient in its input's dtype (fp32 A and B under autocast, whose copies were bf16).
         x_dtype, A_dtype, B_dtype, xb_dtype = ctx.dtypes
         return (
@@ -179,7 +204,33 @@ def lora_linear(
 ) -> torch.Tensor:
     """``F.linear(x, weight, bias) + scaling * F.linear(F.linear(x_branch, A), B)`` as one autograd
     node, for a `weight` and `bias` that do not train. `x_branch` defaults to `x` (no dropout)."""
-    return _LoRALinear.apply(x, weight, bias, A, B, scaling, x_branch, _autocast_dtype(x.device.type))
+    return _LoRALinear.apply(x, weight, bias, A, B, scaling, x_branch, _autocast_dtype(x))
+
+
+_PLAIN_TENSORS = (torch.Tensor, nn.Parameter)
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
+
+
+def _global_hooks() -> bool:
+    hooks = nn.modules.module
+    return bool(
+        hooks._global_forward_hooks
+        or hooks._global_forward_pre_hooks
+        or hooks._global_backward_hooks
+        or hooks._global_backward_pre_hooks
+    )
+
+
+def _transformed() -> bool:
+    """True under torch.func transforms, forward-mode AD or TorchScript tracing."""
+    functorch = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)()
+    forward_ad = getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0
+    return functorch or forward_ad or torch.jit.is_tracing()
 
 
 class LoRALayer(nn.Module):
@@ -293,19 +344,31 @@ class LinearWithLoRA(nn.Module):
         return getattr(self.base, "bias", None)
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """Whether `lora_linear` computes exactly what base(x) + lora(x) would: a plain nn.Linear
-        or Conv1D base (a subclass may change its forward), frozen, with no hooks to run, and one
-        dtype for input, base and adapter unless autocast decides."""
-        base, weight, bias = self.base, self.base.weight, getattr(self.base, "bias", None)
+        """Whether `lora_linear` computes exactly what base(x) + lora(x) would, and nothing the two
+        modules would do is skipped: plain nn.Linear / Conv1D base and LoRALayer (a subclass may
+        change its forward), base frozen, no hooks on either (nor global ones), no forward replaced
+        on the instance (accelerate's offloading), plain tensors on the input's device, one dtype
+        unless autocast decides, and no transform the hand-written backward cannot serve
+        (torch.func, forward-mode AD, TorchScript tracing)."""
+        base, lora = self.base, self.lora
+        weight, bias = base.weight, getattr(base, "bias", None)
+        tensors = (weight, lora.A, lora.B) if bias is None else (weight, bias, lora.A, lora.B)
         return (
             self.fused
             and self._plain_base
+            and type(lora) is LoRALayer
             and not x.is_nested  # nn.TransformerEncoder's fast path in eval
+            and type(x) is torch.Tensor
+            and all(type(t) in _PLAIN_TENSORS and t.device == x.device for t in tensors)
+            and x.device.type != "meta"
             and not weight.requires_grad
             and (bias is None or not bias.requires_grad)
-            and not (base._forward_hooks or base._forward_pre_hooks)
-            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-            and (torch.is_autocast_enabled(x.device.type) or x.dtype == weight.dtype == self.lora.A.dtype)
+            and not any(_has_hooks(m) for m in (base, lora))
+            and not _global_hooks()
+            and "forward" not in vars(base)
+            and not hasattr(base, "_hf_hook")
+            and (_autocast_dtype(x) is not None or x.dtype == weight.dtype == lora.A.dtype == lora.B.dtype)
+            and not _transformed()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -383,3 +383,91 @@ def test_a_lora_llama_layer_compiles_whole():
     _compiled_matches_eager(
         model.model.layers[0], {"position_embeddings": rope}, lambda: hidden.clone().requires_grad_()
     )
+
+
+def _grad_fn(layer, x) -> str:
+    return type(layer(x).grad_fn).__name__
+
+
+def test_fusion_steps_aside_for_what_it_cannot_serve():
+    """Found by attacking the fused path: each of these gave silently wrong numbers or crashed
+    until `_fusable` refused it; now each takes the two-module path and matches it."""
+    x = torch.randn(3, 12, requires_grad=True)
+    fused, _ = _fused_and_plain("linear", True)
+    assert _grad_fn(fused, x) == "_LoRALinearBackward"
+    # accelerate's offloading replaces forward on the instance (the weight lives on meta until then)
+    layer, _ = _fused_and_plain("linear", True)
+    real = layer.base.forward
+    layer.base.forward = lambda inp: real(inp)
+    assert _grad_fn(layer, x) == "AddBackward0"
+    # hooks on the branch, backward hooks on the base
+    layer, _ = _fused_and_plain("linear", True)
+    layer.lora.register_forward_hook(lambda module, inputs, out: out * 2)
+    assert _grad_fn(layer, x) == "AddBackward0"
+    layer, _ = _fused_and_plain("linear", True)
+    layer.base.register_full_backward_hook(lambda module, gin, gout: None)
+    assert _grad_fn(layer, x) != "_LoRALinearBackward"
+
+    # a LoRALayer subclass with its own forward
+    class Gated(LoRALayer):
+        def forward(self, x):
+            return torch.tanh(super().forward(x))
+
+    layer, _ = _fused_and_plain("linear", True)
+    layer.lora.__class__ = Gated
+    assert _grad_fn(layer, x) == "AddBackward0"
+
+    # a tensor subclass as the weight (quantized-weight subclasses override F.linear)
+    class Marked(torch.Tensor):
+        pass
+
+    layer, plain = _fused_and_plain("linear", True)
+    layer.base.weight = nn.Parameter(layer.base.weight.detach().as_subclass(Marked), requires_grad=False)
+    assert _grad_fn(layer, x) != "_LoRALinearBackward"
+    # float64 under autocast: autocast leaves float64 alone, so must we
+    layer, plain = _fused_and_plain("linear", True)
+    layer.double()
+    plain.double()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x.double())
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, plain(x.double()))
+    # inputs on the meta device
+    layer, _ = _fused_and_plain("linear", True)
+    assert layer.to("meta")(torch.empty(3, 12, device="meta")).shape == (3, 10)
+
+
+def test_fused_output_may_change_in_place_and_batches_may_be_empty():
+    fused, plain = _fused_and_plain("linear", True)
+    x = torch.randn(2, 4, 12, requires_grad=True)
+    for layer in (fused, plain):  # ReLU(inplace=True) or a residual += after a 3-D linear
+        out = layer(x)
+        out += 1.0
+        torch.relu_(out)
+        out.sum().backward()
+    torch.testing.assert_close(fused.lora.A.grad, plain.lora.A.grad)
+    for shape in [(0, 12), (2, 0, 12)]:  # an expert with no tokens, an empty sequence
+        x = torch.randn(shape, requires_grad=True)
+        out = fused(x)
+        assert out.shape == (*shape[:-1], 10)
+        out.sum().backward()
+        assert x.grad.shape == shape
+
+
+def test_fused_refuses_second_derivatives_and_torch_func_falls_back():
+    fused, plain = _fused_and_plain("linear", True)
+    x = torch.randn(3, 12)
+    (grad_a,) = torch.autograd.grad(fused(x).pow(2).sum(), fused.lora.A, create_graph=False)
+    with pytest.raises(RuntimeError, match="first-order backward only.*fused = False"):
+        torch.autograd.grad(fused(x).pow(2).sum(), fused.lora.A, create_graph=True)
+    plain_a = torch.autograd.grad(plain(x).pow(2).sum(), plain.lora.A, create_graph=True)[0]
+    torch.testing.assert_close(grad_a, plain_a.detach())
+    # torch.func: per-parameter gradients through the functional API take the two-module path
+    params = {k: v.detach() for k, v in fused.named_parameters()}
+    loss = lambda p: torch.func.functional_call(fused, p, (x,)).pow(2).sum()  # noqa: E731
+    grads = torch.func.grad(loss)(params)
+    torch.testing.assert_close(grads["lora.A"], grad_a)
+    # TorchScript tracing records the plain modules, so the trace can be saved
+    traced = torch.jit.trace(fused, x, check_trace=False)
+    assert "_LoRALinear" not in str(traced.graph)
+    torch.testing.assert_close(traced(x), plain(x))
