@@ -35,6 +35,7 @@ import argparse
 import copy
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -114,6 +115,7 @@ CASES = {
     "minilm": Case(_minilm, ["query", "key", "value", "dense"], 8, 16, 64, ["classifier"], classify=True),
     "llama": Case(_llama, "all-linear", 8, 4, 128, []),
 }
+VARIANTS = ["frozen floor", "lora_lab", "lora_lab unfused", "peft", "full"]
 TINY = Case(_tiny_gpt, lora_targets("attn+ffn"), 4, 2, 16, [])
 
 
@@ -238,6 +240,8 @@ def run_case(name: str, case: Case, args: argparse.Namespace) -> list[dict]:
         "peft": peft_model,
         "full": copy.deepcopy(base).requires_grad_(True),
     }
+    if args.only:  # a pair timed alone (e.g. the floor and lora_lab): no neighbour's memory traffic in between
+        train_models = {n: m for n, m in train_models.items() if n in args.only}
     if args.compile:
         train_models["frozen floor, compiled"] = torch.compile(train_models["frozen floor"])
         train_models["lora_lab, compiled"] = torch.compile(lora)
@@ -287,6 +291,8 @@ def run_case(name: str, case: Case, args: argparse.Namespace) -> list[dict]:
             }
         )
 
+    if args.only:
+        return rows
     merged = copy.deepcopy(lora)
     merge_lora(merged)
     infer_models = {"base": base, "lora_lab unmerged": lora, "lora_lab merged": merged, "peft unmerged": peft_model}
@@ -328,6 +334,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="timed rounds")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
+    parser.add_argument("--only", action="append", choices=VARIANTS, help="time only these training variants "
+                        "(repeat; no forward rows)")  # fmt: skip
     parser.add_argument("--compile", action="store_true", help="add the floor and lora_lab under torch.compile")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tiny", action="store_true", help="a two-block GPT: checks that it runs, times nothing")
@@ -342,8 +350,11 @@ def main() -> None:
     cuda = args.device.startswith("cuda")
     machine = torch.cuda.get_device_name() if cuda else f"{platform.machine()}, {torch.get_num_threads()} CPU threads"
     tag = f"{'cuda' if cuda else 'cpu'}_{args.dtype}"
+    if args.only:
+        tag += "_" + "-".join(n.replace(" ", "_") for n in args.only)
+    command = "python experiments/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     header = (
-        f"{'smoke run, ' if args.tiny else ''}{args.dtype}, {machine}, torch {torch.__version__}; "
+        f"`{command}`\n\n{'smoke run, ' if args.tiny else ''}{args.dtype}, {machine}, torch {torch.__version__}; "
         f"{args.steps} rounds after {args.warmup} warm-up, variants round-robin; {minutes:.1f} min.\n"
         "ms: median time; spread_pct: half the interquartile range over the median; vs_floor / vs_peft: median "
         "over rounds of the time over the frozen floor's (the base model's, for forward) / PEFT's in the same "

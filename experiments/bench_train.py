@@ -38,6 +38,7 @@ HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
 from finetune import SPAM, header  # noqa: E402
 
+from lora_lab import data as D  # noqa: E402
 from lora_lab import export_peft_adapter  # noqa: E402
 from lora_lab.files import write_csv, write_text  # noqa: E402
 from lora_lab.models import load_pretrained  # noqa: E402
@@ -54,20 +55,30 @@ VARIANTS = ("lora_lab", "peft")
 
 
 def models(cfg: TrainConfig, device: torch.device, variants=VARIANTS):
-    """(dataset, loaded, {variant: model}) with one adapter: PEFT's is lora_lab's, exported."""
+    """(dataset, loaded, {variant: model}): lora_lab's as `train` prepares it, PEFT's on a second copy of
+    the base with lora_lab's adapter exported into it. PEFT alone (its memory, in a child process) is
+    PEFT's own initialisation of the same config, so that no lora_lab model is held beside it."""
     import peft
 
-    dataset, loaded = prepare(cfg, device)
-    built = {"lora_lab": loaded.model}
-    if "peft" in variants:
-        base = load_pretrained(
+    def base(dataset):
+        return load_pretrained(
             cfg.model, cfg.task(), num_labels=len(getattr(dataset, "labels", [])), max_length=cfg.max_length,
             device=device,
         )  # fmt: skip
+
+    if "lora_lab" not in variants:
+        dataset = D.load_dataset(cfg.dataset, cfg.data_path, cfg.seed, cfg.text_column, cfg.label_column, cfg.balanced)
+        loaded = base(dataset)
+        config = peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules=cfg.targets,
+                                 modules_to_save=[loaded.head] if loaded.head else None)  # fmt: skip
+        return dataset, loaded, {"peft": peft.get_peft_model(loaded.model, config)}
+    dataset, loaded = prepare(cfg, device)
+    built = {"lora_lab": loaded.model}
+    if "peft" in variants:
         with tempfile.TemporaryDirectory() as tmp:
             export_peft_adapter(loaded.model, tmp, extra=[loaded.head] if loaded.head else [])
-            built["peft"] = peft.PeftModel.from_pretrained(base.model, tmp, is_trainable=True)
-    return dataset, loaded, {v: built[v] for v in variants}
+            built["peft"] = peft.PeftModel.from_pretrained(base(dataset).model, tmp, is_trainable=True)
+    return dataset, loaded, built
 
 
 def train_some(model, dataset, loaded, cfg: TrainConfig, device: torch.device, steps: int):

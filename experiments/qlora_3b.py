@@ -139,9 +139,14 @@ def main() -> None:
     seq = min(args.seq, config["max_position_embeddings"])
     start = time.perf_counter()
     rows = []
-    variants = [(0, None, "floor", False), (0, "nf4", "floor", False)]  # the floor has no rank: once per base
+    import importlib.util
+
+    bases = (None, "nf4") if importlib.util.find_spec("bitsandbytes") else (None,)
+    if len(bases) == 1:
+        print("bitsandbytes is not installed: the nf4 (QLoRA) variants are left out", flush=True)
+    variants = [(0, quantize, "floor", False) for quantize in bases]  # the floor has no rank: once per base
     for rank in args.ranks:
-        for quantize in (None, "nf4"):
+        for quantize in bases:
             variants += [(rank, quantize, library, False) for library in args.libraries]
             variants += [(rank, quantize, "lora_lab", True)] if args.paged and device.type == "cuda" else []
     for rank, quantize, library, paged in variants:
