@@ -11,7 +11,7 @@ Cases (random weights of the real architectures; timing does not depend on the v
 Variants of one AdamW training step (forward, backward, optimizer step):
   frozen floor      no adapters, every weight frozen, gradients through the activations only: what
                     any LoRA step must at least cost (LoRA's own, small, FLOPs come on top)
-  lora_lab          LinearWithLoRA as shipped (the fused node `lora.lora_linear`)
+  lora_lab          LinearWithLoRA as shipped (the fused node `fused.lora_linear`)
   lora_lab unfused  the same with `fused = False`: base and branch as two modules (prices the fusion)
   peft              Hugging Face PEFT's LoRA, same targets, same adapter weights
   full              every weight trains

@@ -272,11 +272,11 @@ def fit(
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         from torch import _dynamo as dynamo
-        from torch._inductor import config as inductor
 
-        dynamo.reset()  # each run compiles afresh: a sweep's points never reach dynamo's recompile limit
-        inductor.fallback_random = True  # dropout draws eager's masks: the numbers of an eager run
-        trained = torch.compile(trained)
+        # Each run compiles afresh (this drops whatever else the process compiled), so a sweep's points
+        # never reach dynamo's recompile limit; dropout draws eager's masks: the numbers of an eager run.
+        dynamo.reset()
+        trained = torch.compile(trained, options={"fallback_random": True})
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     per_epoch = math.ceil(math.ceil(len(train_rows) / cfg.batch_size) // size / cfg.grad_accum)
     total = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)

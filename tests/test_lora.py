@@ -400,6 +400,10 @@ def test_fusion_steps_aside_for_what_it_cannot_serve():
     real = layer.base.forward
     layer.base.forward = lambda inp: real(inp)
     assert _grad_fn(layer, x) == "AddBackward0"
+    layer, _ = _fused_and_plain("linear", True)
+    real_branch = layer.lora.forward
+    layer.lora.forward = lambda inp: 0.5 * real_branch(inp)
+    assert _grad_fn(layer, x) == "AddBackward0"
     # hooks on the branch, backward hooks on the base
     layer, _ = _fused_and_plain("linear", True)
     layer.lora.register_forward_hook(lambda module, inputs, out: out * 2)
