@@ -103,7 +103,6 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps per variant and round")
     parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--compile", action="store_true", help="also lora_lab with --compile")
     parser.add_argument("--memory-of", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=HERE / "results")
     args = parser.parse_args()
@@ -119,18 +118,14 @@ def main() -> None:
 
     started = time.perf_counter()
     dataset, loaded, built = models(cfg, device)
-    configs = {name: cfg for name in built}
-    if args.compile:
-        built["lora_lab, --compile"] = built["lora_lab"]
-        configs["lora_lab, --compile"] = dataclasses.replace(cfg, compile=True)
-    for name, model in built.items():  # warm-up (and compilation) outside the timed rounds
-        train_some(model, dataset, loaded, configs[name], device, 2)
+    for model in built.values():  # warm-up outside the timed rounds
+        train_some(model, dataset, loaded, cfg, device, 2)
     tokens = {name: [] for name in built}
     seconds = {name: [] for name in built}
     names = list(built)
     for r in range(args.rounds):
         for name in names if r % 2 == 0 else names[::-1]:
-            n, s = train_some(built[name], dataset, loaded, configs[name], device, args.steps)
+            n, s = train_some(built[name], dataset, loaded, cfg, device, args.steps)
             tokens[name].append(n)
             seconds[name].append(s)
     rows = []
@@ -142,7 +137,7 @@ def main() -> None:
                 "tokens_per_second": sum(tokens[name]) / sum(seconds[name]),
                 "seconds_per_step": statistics.median(seconds[name]) / args.steps,
                 "time_vs_peft": statistics.median(ratios),
-                "peak_mib": memory_of(name, args) if name in VARIANTS else None,
+                "peak_mib": memory_of(name, args),
             }
         )
     title = f"End-to-end training throughput: {args.case}, lora_lab against PEFT in one loop"

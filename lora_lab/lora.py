@@ -191,7 +191,7 @@ class LinearWithLoRA(nn.Module):
         # Without autograd (inference) the branch is added into the base output in place, so no
         # second output-sized tensor is allocated. Only for nn.Linear and Conv1D: a custom autograd
         # Function (bitsandbytes' 4-bit matmul) may return a view that must not be modified.
-        self._plain_base = self._add_in_place = type(base) is nn.Linear or type(base) is _hf_conv1d()
+        self._plain_base = type(base) is nn.Linear or type(base) is _hf_conv1d()
         self.merged = False  # True while the update lives inside base.weight
         self.enabled = True  # False inside `disable_lora`
 
@@ -248,7 +248,7 @@ class LinearWithLoRA(nn.Module):
             dropped = lora.dropout(x) if lora.dropout is not None and lora.dropout.training else None
             return lora_linear(x, weight, base.bias, lora.A, lora.B, lora.scaling, dropped)
         out = self.base(x)
-        if self._add_in_place and not torch.is_grad_enabled():
+        if self._plain_base and not torch.is_grad_enabled():
             return out.add_(self.lora(x))
         # Under autograd an ordinary add is faster: linear returns a view, and changing a view in
         # place routes its gradient through an extra copy (CopySlices): 5-16% per training step of

@@ -318,7 +318,8 @@ def test_fusion_steps_aside_where_it_would_change_the_meaning():
     fused, plain = _fused_and_plain("linear", True)
     fused.base.to(torch.bfloat16)
     plain.base.to(torch.bfloat16)
-    xb = x.to(torch.bfloat16)
+    xb = x.to(torch.bfloat16).requires_grad_()
+    assert _grad_fn(fused, xb) != "_LoRALinearBackward"
     torch.testing.assert_close(fused(xb), plain(xb), atol=0, rtol=0)
 
     # subclasses of nn.Linear keep their own forward
