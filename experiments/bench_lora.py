@@ -15,7 +15,8 @@ Variants of one AdamW training step (forward, backward, optimizer step):
   lora_lab unfused  the same with `fused = False`: base and branch as two modules (prices the fusion)
   peft              Hugging Face PEFT's LoRA, same targets, same adapter weights
   full              every weight trains
-and `--compile` adds the floor and lora_lab under torch.compile (inductor). Forward-only inference
+and `--compile [MODE]` adds the floor and lora_lab under torch.compile (inductor; MODE "reduce-overhead"
+replays each step as CUDA graphs on a GPU, "max-autotune" searches GEMM kernels). Forward-only inference
 rows: the base, lora_lab unmerged and merged, PEFT unmerged.
 
 Timing: every variant is warmed up, then all run round-robin, the order reversed every other round;
@@ -59,6 +60,9 @@ from lora_lab import (
 from lora_lab.files import write_csv, write_text
 from lora_lab.lora import lora_modules
 from lora_lab.params import markdown_table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from finetune import command_line  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -243,8 +247,10 @@ def run_case(name: str, case: Case, args: argparse.Namespace) -> list[dict]:
     if args.only:  # a pair timed alone (e.g. the floor and lora_lab): no neighbour's memory traffic in between
         train_models = {n: m for n, m in train_models.items() if n in args.only}
     if args.compile:
-        train_models["frozen floor, compiled"] = torch.compile(train_models["frozen floor"])
-        train_models["lora_lab, compiled"] = torch.compile(lora)
+        mode = None if args.compile == "default" else args.compile
+        suffix = "compiled" if mode is None else f"compiled {mode}"
+        train_models[f"frozen floor, {suffix}"] = torch.compile(train_models["frozen floor"], mode=mode)
+        train_models[f"lora_lab, {suffix}"] = torch.compile(lora, mode=mode)
 
     def loss_of(model) -> torch.Tensor:
         with autocast:
@@ -257,6 +263,8 @@ def run_case(name: str, case: Case, args: argparse.Namespace) -> list[dict]:
         opt = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=1e-4)  # the floor has none
 
         def step() -> None:
+            if args.compile == "reduce-overhead":  # a new step: CUDA graph outputs of the last may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             loss_of(model).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -274,6 +282,10 @@ def run_case(name: str, case: Case, args: argparse.Namespace) -> list[dict]:
         peaks[n] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     saved = {n: _saved_mib(m, lambda m=m: loss_of(m)) for n, m in train_models.items() if "compiled" not in n}
     times = _measure(steps, device, args.warmup - 1, args.steps, f"{name} train")
+
+    def floor_of(variant: str) -> str:  # a compiled variant against the floor compiled the same way
+        return "frozen floor," + variant.partition(",")[2] if "compiled" in variant else "frozen floor"
+
     rows = []
     for n, m in train_models.items():
         rows.append(
@@ -284,7 +296,7 @@ def run_case(name: str, case: Case, args: argparse.Namespace) -> list[dict]:
                 "trainable": sum(p.numel() for p in m.parameters() if p.requires_grad),
                 "ms": statistics.median(times[n]),
                 "spread_pct": _spread(times[n]),
-                "vs_floor": _paired(times, n, "frozen floor"),
+                "vs_floor": _paired(times, n, floor_of(n)),
                 "vs_peft": _paired(times, n, "peft"),
                 "activation_mib": saved.get(n),
                 "peak_mib": peaks[n],
@@ -336,7 +348,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--only", action="append", choices=VARIANTS, help="time only these training variants "
                         "(repeat; no forward rows)")  # fmt: skip
-    parser.add_argument("--compile", action="store_true", help="add the floor and lora_lab under torch.compile")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=["default", "reduce-overhead", "max-autotune"],
+        help="add the floor and lora_lab under torch.compile, in this mode (default: default)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tiny", action="store_true", help="a two-block GPT: checks that it runs, times nothing")
     args = parser.parse_args()
@@ -352,13 +370,14 @@ def main() -> None:
     tag = f"{'cuda' if cuda else 'cpu'}_{args.dtype}"
     if args.only:
         tag += "_" + "-".join(n.replace(" ", "_") for n in args.only)
-    command = "python experiments/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    command = command_line()
     header = (
         f"`{command}`\n\n{'smoke run, ' if args.tiny else ''}{args.dtype}, {machine}, torch {torch.__version__}; "
         f"{args.steps} rounds after {args.warmup} warm-up, variants round-robin; {minutes:.1f} min.\n"
         "ms: median time; spread_pct: half the interquartile range over the median; vs_floor / vs_peft: median "
-        "over rounds of the time over the frozen floor's (the base model's, for forward) / PEFT's in the same "
-        "round; activation_mib: saved for backward; peak_mib: CUDA peak over what was resident.\n\n"
+        "over rounds of the time over the frozen floor's (compiled alike, for a compiled variant; the base "
+        "model's, for forward) / PEFT's in the same round; activation_mib: saved for backward; peak_mib: CUDA "
+        "peak over what was resident.\n\n"
     )
     write_csv(args.out / f"bench_lora_{tag}.csv", rows)
     write_text(args.out / f"bench_lora_{tag}.md", header + markdown_table(rows) + "\n")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -52,9 +53,13 @@ def machine() -> str:
     return f"{platform.machine()} {device}, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def command_line() -> str:
+    """This script's command line, quoted so that it can be pasted back into a shell."""
+    return "python " + shlex.join([f"experiments/{Path(sys.argv[0]).name}", *sys.argv[1:]])
+
+
 def header(title: str, seconds: float) -> str:
-    command = "python experiments/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
-    return f"# {title}\n\n`{command}` on {machine()}; wall time {seconds / 60:.1f} min.\n\n"
+    return f"# {title}\n\n`{command_line()}` on {machine()}; wall time {seconds / 60:.1f} min.\n\n"
 
 
 def row(name: str, m: dict) -> str:

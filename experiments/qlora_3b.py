@@ -34,7 +34,7 @@ from lora_lab.params import count_parameters, markdown_table
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from finetune import machine  # noqa: E402
+from finetune import command_line, machine  # noqa: E402
 
 OPENLLAMA_3B = dict(hidden_size=3200, intermediate_size=8640, num_hidden_layers=26, num_attention_heads=32,
                     vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6,
@@ -168,7 +168,7 @@ def main() -> None:
     name = "tiny-cpu" if args.tiny else device.type
     out = args.out or HERE / "results" / f"qlora_3b_{name}"
     write_csv(out.with_suffix(".csv"), rows)
-    command = "python experiments/" + " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    command = command_line()
     title = "a two-layer Llama (smoke run, CPU)" if args.tiny else "OpenLLaMA 3B architecture, random init"
     text = (
         f"# LoRA and QLoRA memory and speed: {title}\n\n`{command}` on {machine()}; wall time "
