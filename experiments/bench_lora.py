@@ -15,8 +15,9 @@ Variants of one AdamW training step (forward, backward, optimizer step):
   lora_lab unfused  the same with `fused = False`: base and branch as two modules (prices the fusion)
   peft              Hugging Face PEFT's LoRA, same targets, same adapter weights
   full              every weight trains
-and `--compile [MODE]` adds the floor and lora_lab under torch.compile (inductor; MODE "reduce-overhead"
-replays each step as CUDA graphs on a GPU, "max-autotune" searches GEMM kernels). Forward-only inference
+and `--compile [MODE]` adds the floor and lora_lab under torch.compile (inductor; on a GPU, MODE
+"reduce-overhead" replays forward and backward as CUDA graphs, "max-autotune" also searches GEMM
+kernels; the loss and AdamW stay eager). Forward-only inference
 rows: the base, lora_lab unmerged and merged, PEFT unmerged.
 
 Timing: every variant is warmed up, then all run round-robin, the order reversed every other round;
@@ -249,8 +250,9 @@ def run_case(name: str, case: Case, args: argparse.Namespace) -> list[dict]:
     if args.compile:
         mode = None if args.compile == "default" else args.compile
         suffix = "compiled" if mode is None else f"compiled {mode}"
-        train_models[f"frozen floor, {suffix}"] = torch.compile(train_models["frozen floor"], mode=mode)
-        train_models[f"lora_lab, {suffix}"] = torch.compile(lora, mode=mode)
+        for eager in [n for n in ("frozen floor", "lora_lab") if n in train_models]:
+            train_models[f"{eager}, {suffix}"] = torch.compile(train_models[eager], mode=mode)
+    cuda_graphs = args.compile in ("reduce-overhead", "max-autotune")
 
     def loss_of(model) -> torch.Tensor:
         with autocast:
@@ -263,7 +265,7 @@ def run_case(name: str, case: Case, args: argparse.Namespace) -> list[dict]:
         opt = torch.optim.AdamW(params or [torch.zeros(1, requires_grad=True)], lr=1e-4)  # the floor has none
 
         def step() -> None:
-            if args.compile == "reduce-overhead":  # a new step: CUDA graph outputs of the last may be reused
+            if cuda_graphs:  # a new step: the CUDA graphs may reuse the last step's outputs
                 torch.compiler.cudagraph_mark_step_begin()
             loss_of(model).backward()
             opt.step()
@@ -273,15 +275,18 @@ def run_case(name: str, case: Case, args: argparse.Namespace) -> list[dict]:
 
     steps = {n: train_step(m) for n, m in train_models.items()}
     peaks = {}
-    for n, fn in steps.items():  # warm up alone, reading each one's peak memory on CUDA
+    for n, fn in steps.items():  # warm up alone (compiling, if so), then a step's CUDA peak over what stays
+        fn()
+        _sync(device)
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
+            resident = torch.cuda.memory_allocated(device)
         fn()
         _sync(device)
-        peaks[n] = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+        peaks[n] = (torch.cuda.max_memory_allocated(device) - resident) / 2**20 if device.type == "cuda" else None
     saved = {n: _saved_mib(m, lambda m=m: loss_of(m)) for n, m in train_models.items() if "compiled" not in n}
-    times = _measure(steps, device, args.warmup - 1, args.steps, f"{name} train")
+    times = _measure(steps, device, max(args.warmup - 2, 0), args.steps, f"{name} train")
 
     def floor_of(variant: str) -> str:  # a compiled variant against the floor compiled the same way
         return "frozen floor," + variant.partition(",")[2] if "compiled" in variant else "frozen floor"
@@ -343,7 +348,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--batch", type=int, help="rows per batch (default: the case's)")
     parser.add_argument("--seq", type=int, help="tokens per row (default: the case's)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=2, help="calls before timing (at least 2)")
     parser.add_argument("--steps", type=int, default=10, help="timed rounds")
     parser.add_argument("--threads", type=int, help="CPU threads (default: torch's)")
     parser.add_argument("--only", action="append", choices=VARIANTS, help="time only these training variants "
@@ -358,6 +363,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tiny", action="store_true", help="a two-block GPT: checks that it runs, times nothing")
     args = parser.parse_args()
+    args.warmup = max(args.warmup, 2)  # a training variant's peak memory is read on its second call
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -370,6 +376,10 @@ def main() -> None:
     tag = f"{'cuda' if cuda else 'cpu'}_{args.dtype}"
     if args.only:
         tag += "_" + "-".join(n.replace(" ", "_") for n in args.only)
+    if args.compile:
+        tag += "_compiled" + ("" if args.compile == "default" else f"-{args.compile}")
+    if args.tiny:  # a smoke run never replaces real figures
+        tag += "_tiny"
     command = command_line()
     header = (
         f"`{command}`\n\n{'smoke run, ' if args.tiny else ''}{args.dtype}, {machine}, torch {torch.__version__}; "
@@ -377,7 +387,7 @@ def main() -> None:
         "ms: median time; spread_pct: half the interquartile range over the median; vs_floor / vs_peft: median "
         "over rounds of the time over the frozen floor's (compiled alike, for a compiled variant; the base "
         "model's, for forward) / PEFT's in the same round; activation_mib: saved for backward; peak_mib: CUDA "
-        "peak over what was resident.\n\n"
+        "peak of one step over what stayed allocated (every variant's weights and optimizer state).\n\n"
     )
     write_csv(args.out / f"bench_lora_{tag}.csv", rows)
     write_text(args.out / f"bench_lora_{tag}.md", header + markdown_table(rows) + "\n")

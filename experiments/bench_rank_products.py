@@ -2,8 +2,8 @@
 
 For each linear that LoRA wraps in one transformer block of each `bench_lora.py` case (same shapes,
 tokens per batch and rank), this times the frozen base's two GEMMs (the forward x W^T and the input
-gradient g W) and the six rank-r products the fused LoRA linear adds (`lora_lab/fused.py`, in the
-same orientation):
+gradient g W, as an nn.Linear runs them: no bias, and for HF GPT-2's Conv1D the transposed layout)
+and the six rank-r products the fused LoRA linear adds (`lora_lab/fused.py`, in its orientation):
 
   h = x A^T               forward, reads x
   y += s h B^T            forward, reads and writes y
@@ -12,11 +12,13 @@ same orientation):
   dB = s (h^T g)^T        backward, reads g
   dx += (s g B) A         backward, reads and writes dx
 
-Each is timed from a cold cache (64 MiB written in between), as inside a model step, and beside it
-the time to read its large operand once (a sum): the speed memory allows. The summary sets the
-products' time against the base GEMMs' and against two references: the products at the base GEMMs'
-FLOP rate (their share of the arithmetic) and at the streaming rate. This is what LoRA adds to a
-step on the machine, however the code around the products is written.
+Each is timed from a cold cache (64 MiB written in between), and beside it the time to read its
+large operand once (a sum; for the two in-place products, which also write it, a lower bound). The
+summary sets the products' time against the base GEMMs' and against two references: the products at
+the base GEMMs' FLOP rate (their share of the arithmetic) and at the streaming rate. Inside a step
+some operands are still in cache from the op before (y after the base GEMM wrote it, g read twice in
+a row), and the first block's linears skip dx; so the sum is an estimate, on the high side, of what
+LoRA adds to a step however the code around the products is written.
 
     python experiments/bench_rank_products.py                  # the four bench_lora cases
     python experiments/bench_rank_products.py --block gpt2 --rank 16
@@ -145,7 +147,7 @@ def main() -> None:
         if args.rank:
             block = replace(block, rank=args.rank)
         block_rows = [
-            {"case": name, "layer": layer, "shape": f"{block.tokens}x{d_in}->{d_out}", **row}
+            {"case": name, "layer": layer, "shape": f"{block.tokens}x{d_in}->{d_out}", "rank": block.rank, **row}
             for layer, d_in, d_out in block.linears
             for row in products(block.tokens, d_in, d_out, block.rank, median_ms)
         ]
@@ -167,7 +169,13 @@ def main() -> None:
         "operand's size over the time; read_ms, the time to read that operand once (a sum).\n\n"
     )
     table = [{k: v for k, v in r.items() if k != "flops"} for r in rows]
-    stem = "bench_rank_products" + ("_tiny" if args.tiny else "")
+    stem = "bench_rank_products"  # the default run's name; any other run says how it differs
+    if args.tiny:
+        stem += "_tiny"
+    if args.block:
+        stem += "_" + "-".join(blocks)
+    if args.rank:
+        stem += f"_r{args.rank}"
     write_csv(args.out / f"{stem}.csv", table)
     text = header + markdown_table(summary) + "\n" + detail + markdown_table(table) + "\n"
     write_text(args.out / f"{stem}.md", text)

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU half of the performance measurements (issue 10), one script of about 8 minutes on an H100/H200:
+# The GPU half of the performance measurements (issue 10), one script of about 9 minutes on an H100/H200:
 #   1. GPT-2 124M, bf16 autocast, 8 x 512: frozen floor, lora_lab (fused), unfused, PEFT, full, and the floor
 #      and lora_lab under torch.compile; unmerged / merged inference against the base
 #   2. the OpenLLaMA 3B architecture (random init), 1 x 512, gradient checkpointing: LoRA and QLoRA nf4 at r=8,
 #      lora_lab and PEFT + bitsandbytes, the frozen floor, PagedAdamW; peak memory and tokens/s
-#   3. the floor and lora_lab of step 1 alone and as CUDA graphs (torch.compile mode "reduce-overhead")
+#   3. the floor and lora_lab of step 1 alone, and with forward and backward as CUDA graphs (torch.compile
+#      mode "reduce-overhead")
 # Results land in experiments/results/ (bench_lora_cuda_bfloat16*.*, qlora_3b_cuda.*) with the GPU named.
 #
 #     bash experiments/gpu_perf.sh

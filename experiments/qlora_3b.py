@@ -123,7 +123,7 @@ def measure(config: dict, device: torch.device, library: str, quantize: str | No
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--seq", type=int, default=512)
@@ -133,7 +133,7 @@ def main() -> None:
     parser.add_argument("--paged", action="store_true", help="also lora_lab with PagedAdamW (bitsandbytes, CUDA)")
     parser.add_argument("--tiny", action="store_true", help="a two-layer Llama on the CPU (a smoke run)")
     parser.add_argument("--out", type=Path, help="(default: experiments/results/qlora_3b_<device>)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     config = TINY if args.tiny else OPENLLAMA_3B
     seq = min(args.seq, config["max_position_embeddings"])

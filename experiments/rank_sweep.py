@@ -91,6 +91,5 @@ if __name__ == "__main__":
             raise SystemExit("--random-init is for openllama-instructions (memory and speed without the weights)")
         import qlora_3b
 
-        sys.argv = [sys.argv[0], *[a for a in sys.argv[2:] if a != "--random-init"]]
-        raise SystemExit(qlora_3b.main())
+        raise SystemExit(qlora_3b.main([a for a in sys.argv[2:] if a != "--random-init"]))
     raise SystemExit(run(sys.argv[1], sys.argv[2:]))

@@ -34,7 +34,7 @@ def test_bench_lora_runs_on_a_tiny_gpt(tmp_path):
            "--warmup", "1", "--steps", "1", "--out", str(tmp_path), "--compile", "reduce-overhead"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = list(csv.DictReader(open(tmp_path / "bench_lora_cpu_float32.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "bench_lora_cpu_float32_compiled-reduce-overhead_tiny.csv")))
     train = {r["variant"]: r for r in rows if r["mode"] == "train step"}
     assert {"frozen floor", "full", "lora_lab", "peft", "lora_lab, compiled reduce-overhead"} <= set(train)
     assert int(train["frozen floor"]["trainable"]) == 0 and float(train["frozen floor"]["vs_floor"]) == 1.0
