@@ -17,7 +17,7 @@ would hold every variant's.
     python experiments/bench_train.py --case minilm-sms
     python experiments/bench_train.py --case smollm2-instructions --data-path ../shared/data/instruction-data.json
 
-Writes experiments/results/bench_train_<device>.{csv,md} with the command, the machine and the wall time.
+Writes experiments/results/bench_train_<case>_<device>.{csv,md} with the command, the machine and the wall time.
 """
 
 from __future__ import annotations

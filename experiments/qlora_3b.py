@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import sys
 import time
 from pathlib import Path
@@ -139,8 +140,6 @@ def main(argv: list[str] | None = None) -> None:
     seq = min(args.seq, config["max_position_embeddings"])
     start = time.perf_counter()
     rows = []
-    import importlib.util
-
     bases = (None, "nf4") if importlib.util.find_spec("bitsandbytes") else (None,)
     if len(bases) == 1:
         print("bitsandbytes is not installed: the nf4 (QLoRA) variants are left out", flush=True)
