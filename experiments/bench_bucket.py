@@ -20,13 +20,15 @@ from finetune import SPAM, header  # noqa: E402
 
 from lora_lab import data as D  # noqa: E402
 from lora_lab.files import write_text  # noqa: E402
-from lora_lab.train import collate_for, prepare, train  # noqa: E402
+from lora_lab.run import prepare, train  # noqa: E402
 
 
 def padding(cfg) -> tuple[float, int]:
     """(padded positions over all positions, number of batches) of one epoch's training batches."""
     dataset, loaded = prepare(cfg)
-    batches = D.batches(dataset.train, cfg.batch_size, collate_for(cfg, loaded.tokenizer), True, cfg.seed, cfg.bucket)
+    batches = D.batches(
+        dataset.train, cfg.batch_size, cfg.make_task(loaded.kind).collate(loaded.tokenizer), True, cfg.seed, cfg.bucket
+    )
     real = sum(int(b["attention_mask"].sum()) for b in batches)
     total = sum(b["attention_mask"].numel() for b in batches)
     return 1 - real / total, len(batches)

@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from lora_lab.files import write_csv, write_text
-from lora_lab.params import markdown_table
+from lora_lab.report import markdown_table
 
 sys.path.insert(0, str(Path(__file__).parent))
 from finetune import command_line  # noqa: E402

@@ -40,10 +40,13 @@ from finetune import SPAM, header  # noqa: E402
 
 from lora_lab import data as D  # noqa: E402
 from lora_lab import export_peft_adapter  # noqa: E402
+from lora_lab.config import TrainConfig  # noqa: E402
 from lora_lab.files import write_csv, write_text  # noqa: E402
+from lora_lab.loop import fit  # noqa: E402
 from lora_lab.models import load_pretrained  # noqa: E402
-from lora_lab.params import markdown_table  # noqa: E402
-from lora_lab.train import TrainConfig, collate_for, fit, peak_memory_mib, prepare, reset_peak_memory  # noqa: E402
+from lora_lab.params import peak_memory_mib, reset_peak_memory  # noqa: E402
+from lora_lab.report import markdown_table  # noqa: E402
+from lora_lab.run import prepare  # noqa: E402
 
 CASES = {
     "minilm-sms": SPAM,
@@ -84,7 +87,8 @@ def models(cfg: TrainConfig, device: torch.device, variants=VARIANTS):
 def train_some(model, dataset, loaded, cfg: TrainConfig, device: torch.device, steps: int):
     """(real tokens, seconds) of `steps` optimizer steps of `fit` on the first batches of epoch 1."""
     short = dataclasses.replace(cfg, epochs=1, max_steps=steps)
-    fitted = fit(model, dataset.train, collate_for(cfg, loaded.tokenizer), [], short, loaded.kind, device)
+    task = cfg.make_task(loaded.kind)
+    fitted = fit(model, dataset.train, task.collate(loaded.tokenizer), [], short, task, device)
     return fitted.tokens, fitted.seconds
 
 

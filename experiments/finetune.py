@@ -28,10 +28,13 @@ import torch
 
 from lora_lab import data as D
 from lora_lab.cli import answer
+from lora_lab.config import TrainConfig
 from lora_lab.files import write_bytes, write_text
 from lora_lab.inject import inject_lora
+from lora_lab.loop import evaluate, fit
 from lora_lab.lora import lora_modules
-from lora_lab.train import TrainConfig, classification_metrics, evaluate, fit, load_run, train
+from lora_lab.run import load_run, train
+from lora_lab.tasks import classification_metrics
 
 RESULTS = Path(__file__).parent / "results"
 RUNS = Path(__file__).parent / "runs"  # whole run directories (adapters included); not committed
@@ -98,9 +101,10 @@ def peft_same_settings(cfg: TrainConfig) -> dict:
     collate = lambda rows: D.classification_batch(rows, loaded.tokenizer)  # noqa: E731
     val = D.batches(dataset.val, cfg.batch_size, collate, shuffle=False)
     torch.manual_seed(cfg.seed)  # the same dropout masks as lora_lab's run
-    fitted = fit(model, dataset.train, collate, val, cfg, "hf", torch.device("cpu"))
+    task = cfg.make_task("hf")
+    fitted = fit(model, dataset.train, collate, val, cfg, task, torch.device("cpu"))
     seconds = fitted.seconds  # training alone, as lora_lab's train_seconds
-    test = evaluate(model, D.batches(dataset.test, cfg.batch_size, collate, False), "hf", "classification", "", "cpu")
+    test = evaluate(model, D.batches(dataset.test, cfg.batch_size, collate, False), task, torch.device("cpu"))
     trainable, _ = model.get_nb_trainable_parameters()
     return {"trainable_params": trainable, "train_seconds": seconds, "history": fitted.history,
             "test": classification_metrics(test["labels"], test["preds"], dataset.labels)}  # fmt: skip
@@ -115,7 +119,7 @@ def sms_minilm() -> None:
     text += (
         "LoRA r=8, alpha=16 on query/key/value/dense, the classification head trained whole; AdamW lr 1e-3, "
         "cosine after 5% warmup, 3 epochs, batch 16, seed 123. Both libraries from the same initial adapter "
-        "and head, the same batches, driven by the same loop (`lora_lab.train.fit`).\n\n"
+        "and head, the same batches, driven by the same loop (`lora_lab.loop.fit`).\n\n"
     )
     text += TABLE + "\n" + row("lora_lab", ours) + "\n" + row("PEFT", theirs) + "\n"
     write_text(RESULTS / "finetune_sms_minilm.md", text)

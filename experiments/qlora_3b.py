@@ -31,7 +31,8 @@ import torch
 from lora_lab import inject_lora, mark_only_lora_trainable
 from lora_lab.files import write_csv, write_text
 from lora_lab.models import quantize_linears
-from lora_lab.params import count_parameters, markdown_table
+from lora_lab.params import count_parameters
+from lora_lab.report import markdown_table
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))

@@ -7,6 +7,7 @@ from .adapters import (
     lora_state_dict,
     save_adapter,
 )
+from .config import TrainConfig
 from .gpt2 import GPT2_CONFIGS, GPTConfig, GPTModel, config_from_openai_settings, generate, lora_targets
 from .gpt2_weights import load_gpt2
 from .inject import (
@@ -18,6 +19,7 @@ from .inject import (
     unload_lora,
     unmerge_lora,
 )
+from .loop import TrainingError
 from .lora import LinearWithLoRA, LoRALayer
 from .models import build_model, load_pretrained
 from .params import (
@@ -29,8 +31,8 @@ from .params import (
     memory_estimate,
     parameter_report,
 )
+from .run import load_run, train
 from .tokenizer import gpt2_tokenizer
-from .train import TrainConfig, TrainingError, load_run, train
 
 __version__ = "0.1.0"
 

@@ -15,9 +15,15 @@ same measure over the right-singular vectors of the updates dW1 and dW2 asks whe
 updates act on the same input directions. A starts random and moves little in a short run, so
 its subspaces stay near random (the paper's adapters trained long on GPT-3); dW's do not.
 
-A recommended rank: the smallest r whose validation metric is within the noise of the best and
-whose top update direction the larger ranks share (mean over modules of phi_dW(1, R) >= 0.5 for
-every larger rank R).
+Chance: for unrelated random subspaces E[phi(i, j)] = max(i, j) / in, so on a narrow layer or at a
+large rank chance alone comes near 1 (phi(1, 48) is about 0.75 at in = 64). A similarity counts only
+above its chance level c, as the share of the way from chance to 1: (phi - c) / (1 - c), 0 for a
+random pair and 1 for a subspace held whole; where c = 1 (R >= in) nothing can be told from chance.
+
+A recommended rank: among the ranks the sweep's summary cannot tell from the best (the one-standard-
+error rule, `lora_lab.stats`), cheapest first, the first whose top update direction every larger rank
+holds well above chance (mean over modules of (phi_dW(1, R) - R/in) / (1 - R/in) >= 0.5 for every
+larger rank R); when none does, the cheapest of them: the metric alone decides.
 """
 
 from __future__ import annotations
@@ -26,14 +32,26 @@ import math
 import re
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .adapters import ADAPTER_FILE
 from .files import read_safetensors, write_csv
 
-SHARED = 0.5  # phi above this: a shared direction (the paper's threshold in its figure 3 discussion)
+SHARED = 0.5  # above chance by this share of the way to 1: a shared direction (the paper reads phi > 0.5)
+
+
+def chance_level(i: int, j: int, width: int) -> float:
+    """E[phi(i, j)] for two unrelated random subspaces of an input of `width` dimensions."""
+    return min(max(i, j) / width, 1.0)
+
+
+def above_chance(phi: float, chance: float) -> float:
+    """How far `phi` is above its chance level, as a share of the way from chance to 1 (0 when
+    chance is 1: nothing can be told)."""
+    return (phi - chance) / (1 - chance) if chance < 1 else 0.0
 
 
 @dataclass(frozen=True)
@@ -144,180 +162,201 @@ def spectra_rows(runs: Sequence[tuple[dict[str, str], dict]]) -> list[dict[str, 
 def similarity_rows(by_rank: dict[int, dict]) -> tuple[list[dict[str, object]], dict]:
     """For every pair of ranks r1 < r2 and every module both adapted, over A (the paper) and over dW:
     phi(1, 1), phi(r1, r2) (how much of r1's whole subspace lies in r2's), for dW also phi(1, r2)
-    (r1's top direction inside r2's subspace) and the shared directions (the largest i with
-    phi_dW(i, i) > 0.5). Also returns the A matrices phi(i, j) for the heatmaps."""
+    (r1's top direction inside r2's subspace) with its chance level r2 / in and how far above it it
+    is, and the shared directions (the largest i with phi_dW(i, i) above chance by half the way to 1).
+    Also returns the A matrices phi(i, j) for the heatmaps."""
     rows, matrices = [], {}
     ranks = sorted(by_rank)
     for a, r1 in enumerate(ranks):
         for r2 in ranks[a + 1 :]:
             for name in sorted(set(by_rank[r1]) & set(by_rank[r2])):
                 (a1, b1, _), (a2, b2, _) = by_rank[r1][name], by_rank[r2][name]
+                width = a1.shape[1]
                 phi = subspace_similarity(right_singular_vectors(a1), right_singular_vectors(a2))
                 phi_dw = subspace_similarity(update_right_vectors(a1, b1), update_right_vectors(a2, b2))
                 matrices[(r1, r2, name)] = phi
-                above = (torch.diagonal(phi_dw) > SHARED).nonzero()
+                diagonal = torch.diagonal(phi_dw).tolist()
+                shared = [i for i, v in enumerate(diagonal, 1) if above_chance(v, chance_level(i, i, width)) > SHARED]
+                chance = chance_level(1, r2, width)
                 kind, layer = module_kind(name)
                 rows.append({
                     "rank_a": r1, "rank_b": r2, "module": name, "type": kind, "layer": "" if layer is None else layer,
+                    "in_features": width,
                     "phi_A_top": round(float(phi[0, 0]), 4), "phi_A_all": round(float(phi[-1, -1]), 4),
                     "phi_dW_top": round(float(phi_dw[0, 0]), 4), "phi_dW_top_in_b": round(float(phi_dw[0, -1]), 4),
+                    "chance_top_in_b": round(chance, 4),
+                    "above_chance_top_in_b": round(above_chance(float(phi_dw[0, -1]), chance), 4),
                     "phi_dW_all": round(float(phi_dw[-1, -1]), 4),
-                    "shared_directions": int(above.max()) + 1 if len(above) else 0,
+                    "shared_directions": max(shared, default=0),
                 })  # fmt: skip
     return rows, matrices
 
 
-def recommend(
-    metrics: dict[int, list[float]], higher_is_better: bool, noise: float, sim_rows: Sequence[dict]
-) -> tuple[int, str]:
-    """The smallest rank within `noise` of the best mean metric whose top update direction every larger
-    rank shares (mean phi_dW(1, R) over modules >= 0.5). When no rank below the largest candidate
-    passes, the ranks learned different directions, and the metric alone decides: the smallest rank
-    within the noise. Returns the rank and why, in words."""
-    means = {r: statistics.fmean(v) for r, v in metrics.items() if v}
-    sign = 1 if higher_is_better else -1
-    best = max(means, key=lambda r: (sign * means[r], -r))  # ties: the smaller rank
-    close = sorted(r for r, m in means.items() if abs(m - means[best]) <= noise)
-    within = f"within the noise ({noise:.4f}) of the best (r={best}, {means[best]:.4f})"
+def recommend(candidates: Sequence[int], sim_rows: Sequence[dict], metric_reason: str) -> tuple[int, str]:
+    """The first of `candidates` (ranks the data cannot tell from the best, cheapest first) whose top
+    update direction every larger rank holds well above chance (mean over modules of
+    above_chance_top_in_b >= 0.5); else the first candidate. Returns the rank and why, in words."""
 
-    def shared_by_larger(r: int) -> dict[int, float]:
+    def held_by_larger(r: int) -> dict[int, float]:
         larger = sorted({int(x["rank_b"]) for x in sim_rows if int(x["rank_a"]) == r})
         return {
-            R: statistics.fmean(float(x["phi_dW_top_in_b"]) for x in sim_rows
+            R: statistics.fmean(float(x["above_chance_top_in_b"]) for x in sim_rows
                                 if (int(x["rank_a"]), int(x["rank_b"])) == (r, R))
             for R in larger
         }  # fmt: skip
 
-    for r in close[:-1]:
-        shared = shared_by_larger(r)
-        if shared and all(v >= SHARED for v in shared.values()):
-            listed = ", ".join(f"r={R} {v:.2f}" for R, v in shared.items())
+    def listed(held: dict[int, float]) -> str:
+        return ", ".join(f"r={R} {v:.2f}" for R, v in held.items()) or "no larger rank"
+
+    for r in candidates:
+        held = held_by_larger(r)
+        if held and all(v >= SHARED for v in held.values()):
             return r, (
-                f"r={r}: its metric {means[r]:.4f} is {within}, and every larger rank's update holds its top "
-                f"direction (mean phi_dW(1, R): {listed})"
+                f"r={r}: {metric_reason}; every larger rank's update holds its top direction well above chance "
+                f"(mean (phi_dW(1, R) - R/in) / (1 - R/in): {listed(held)})"
             )
-    r = close[0]
-    if len(close) == 1:
-        return r, f"r={r}: the best metric ({means[r]:.4f}); no other rank comes within the noise ({noise:.4f})"
-    shared = shared_by_larger(r)
-    listed = ", ".join(f"r={R} {v:.2f}" for R, v in shared.items())
+    r = candidates[0]
     return r, (
-        f"r={r}: the smallest rank {within}. The ranks did not learn shared directions (mean phi_dW(1, R) of "
-        f"r={r}: {listed}; 0.5 would be shared), so the metric alone decides"
+        f"r={r}: {metric_reason}. No candidate's top direction is held by every larger rank above chance "
+        f"(r={r}: {listed(held_by_larger(r))}; {SHARED} would be), so the metric alone decides"
     )
 
 
-def _noise(rows: Sequence[dict[str, str]], chosen: str, task: str, val_examples: int | None) -> tuple[float, str]:
-    """How far apart two ranks' validation metrics may be and still be the same: the spread over seeds
-    when there are several; else the binomial standard error of the best accuracy on the validation
-    set; for a loss with one seed, 1% of it."""
-    by_rank: dict[str, list[float]] = {}
-    for r in rows:
-        if r[chosen] not in ("", None):
-            by_rank.setdefault(r["rank"], []).append(float(r[chosen]))
-    spreads = [statistics.stdev(v) for v in by_rank.values() if len(v) > 1]
-    if spreads:
-        return max(spreads), "the largest standard deviation over seeds"
-    values = [v for vs in by_rank.values() for v in vs]
-    if task == "classification" and values:
-        p, n = max(values), val_examples
-        if n:
-            return math.sqrt(max(p * (1 - p), 1 / n) / n), f"the binomial standard error of {p:.4f} on {n} examples"
-    if task == "classification":
-        return 0.01 * max(values or [0.0]), "1% of the best (one seed)"
-    return 0.01 * min(values or [0.0]), "1% of the best loss (one seed)"
+@dataclass
+class Collected:
+    """What a sweep's adapters say, before any choice: spectra and similarity rows (every series and
+    seed), the A matrices' phi(i, j) of the pairs drawn, and the figures' names."""
+
+    spectra: list[dict] = field(default_factory=list)
+    sims: list[dict] = field(default_factory=list)
+    heatmaps: list[tuple[Path, dict, int, int, str]] = field(default_factory=list)
 
 
-def analyze_sweep(out: str | Path) -> dict[str, object]:
+def analyze_sweep(out: str | Path) -> dict[str, int]:
     """Spectra and subspace similarities of every adapter a finished sweep saved, per series (model,
     scaling, targets), and the recommended rank: written as DIR/analysis_spectra.csv,
     DIR/analysis_similarity.csv, DIR/analysis.md and figures; returns the recommendations."""
+    out = Path(out)
+    every, task = _read_sweep(out)
+    collected = collect(out, every)
+    recommendations, lines = recommend_ranks(every, task, collected.sims)
+    write_analysis(out, collected, lines)
+    return recommendations
+
+
+def _read_sweep(out: Path) -> tuple[list[dict[str, str]], str]:
+    """The rows of a sweep directory and its task, or an error that says what is missing."""
     import json
 
-    from .files import write_text
-    from .params import markdown_table
-    from .plots import plot_similarity, plot_spectra
-    from .sweep import metric_for, read_rows, series_columns, series_name
+    from .config import TrainConfig
+    from .sweep import CSV_NAME, SETTINGS, read_rows
 
-    out = Path(out)
-    if not (out / "sweep.csv").is_file() or not (out / "sweep.json").is_file():
-        raise FileNotFoundError(f"{out} is not a lora-lab sweep directory (no sweep.csv and sweep.json in it)")
+    if not (out / CSV_NAME).is_file() or not (out / SETTINGS).is_file():
+        raise FileNotFoundError(f"{out} is not a lora-lab sweep directory (no {CSV_NAME} and {SETTINGS} in it)")
     every = read_rows(out)
     rows = [r for r in every if r["status"] == "ok"]
     if not rows:
         raise ValueError(f"no point of {out} finished ({len(every)} failed): nothing to analyze")
     for r in rows:
-        if not (out / r["run"] / "adapter.safetensors").is_file():
+        if not (out / r["run"] / ADAPTER_FILE).is_file():
             raise FileNotFoundError(
-                f"{out / r['run']} (rank {r['rank']}, seed {r['seed']}) holds no adapter, though sweep.csv lists it: "
-                "delete its row from sweep.csv and run the sweep again to train it anew"
+                f"{out / r['run']} (rank {r['rank']}, seed {r['seed']}) holds no adapter, though {CSV_NAME} lists "
+                "it: delete its row and run the sweep again to train it anew"
             )
-    settings = json.loads((out / "sweep.json").read_text())
-    task = "causal-lm" if settings["dataset"] == "instructions" else "classification"
+    task = TrainConfig(dataset=json.loads((out / SETTINGS).read_text())["dataset"]).task()
+    return every, task
 
-    chosen, _, higher = metric_for(task)
-    columns, varied = series_columns(rows)
+
+def collect(out: Path, every: Sequence[dict[str, str]]) -> Collected:
+    """Read every finished point's adapter; spectra per module, similarities between the ranks of
+    each series and seed."""
+    from .report import series_columns, series_name
+
+    rows = [r for r in every if r["status"] == "ok"]
+    columns, varied = series_columns(every)
     several_seeds = len({r["seed"] for r in rows}) > 1
-    all_spectra, all_sims, lines, recommendations, figures = [], [], [], {}, []
+    collected = Collected()
     for key in dict.fromkeys(tuple(r[k] for k in columns) for r in rows):
         series = [r for r in rows if tuple(r[k] for k in columns) == key]
         name = series_name(series[0], varied)
-        adapters = {id(r): read_adapter(out / r["run"] / "adapter.safetensors") for r in series}
-        metrics_file = out / series[0]["run"] / "metrics.json"  # every run of a sweep splits the data alike
-        val_examples = json.loads(metrics_file.read_text()).get("val_examples") if metrics_file.is_file() else None
-        all_spectra += [{"series": name, **row} for row in spectra_rows([(r, adapters[id(r)]) for r in series])]
-        sims = []
+        adapters = {id(r): read_adapter(out / r["run"] / ADAPTER_FILE) for r in series}
+        collected.spectra += [{"series": name, **row} for row in spectra_rows([(r, adapters[id(r)]) for r in series])]
         for seed in dict.fromkeys(r["seed"] for r in series):
             by_rank = {int(r["rank"]): adapters[id(r)] for r in series if r["seed"] == seed}
             seed_rows, matrices = similarity_rows(by_rank)
-            sims += [{"series": name, "seed": seed, **row} for row in seed_rows]
+            collected.sims += [{"series": name, "seed": seed, **row} for row in seed_rows]
             ranks = sorted(by_rank)
             pairs = {(ranks[0], ranks[-1])} | ({(8, 64)} if {8, 64} <= set(ranks) else set())
             for r1, r2 in sorted(p for p in pairs if p[0] != p[1]):
                 suffix = ("_" + re.sub(r"[^A-Za-z0-9]+", "-", name) if varied else "") + (
                     f"_seed{seed}" if several_seeds else "")  # fmt: skip
-                figures.append(out / f"analysis_similarity_r{r1}_r{r2}{suffix}.png")
-                plot_similarity(matrices, r1, r2, figures[-1], f"{name}, seed {seed}")
-        all_sims += sims
-        # as in the summary, a rank where a seed failed is no candidate
-        failed = {r["rank"] for r in every if r["status"] != "ok" and tuple(r[k] for k in columns) == key}
-        metrics = {}
-        for r in series:
-            if r[chosen] not in ("", None) and r["rank"] not in failed:
-                metrics.setdefault(int(r["rank"]), []).append(float(r[chosen]))
-        if not metrics:
-            lines.append(f"- {name}: no rank to recommend (every rank lost a seed or has no validation metric).")
+                drawn = {module_kind(k[2]): v for k, v in matrices.items() if k[:2] == (r1, r2)}
+                path = out / f"analysis_similarity_r{r1}_r{r2}{suffix}.png"
+                collected.heatmaps.append((path, drawn, r1, r2, f"{name}, seed {seed}"))
+    return collected
+
+
+def recommend_ranks(
+    every: Sequence[dict[str, str]], task: str, sims: Sequence[dict]
+) -> tuple[dict[str, int], list[str]]:
+    """Per series: the candidates the summary's one-standard-error rule leaves (`sweep.compare_ranks`),
+    then `recommend` over the similarities. Returns {series: rank} and a line per series."""
+    from .report import compare_ranks, metric_for
+
+    chosen = metric_for(task)[0]
+    recommendations, lines = {}, []
+    for series in compare_ranks(every, task):
+        if series.choice is None:
+            lines.append(f"- {series.name}: no rank to recommend (every rank lost a seed or has no validation metric).")
             continue
-        noise, noise_why = _noise(series, chosen, task, val_examples)
-        rank, why = recommend(metrics, higher, noise, [s for s in sims if s["seed"] == series[0]["seed"]])
-        recommendations[name] = rank
-        lines.append(f"- {name}: recommended rank **r={rank}**. {why}; noise: {noise_why}.")
+        choice, estimates = series.choice, series.estimates
+        best = estimates[choice.best]
+        tied = ", ".join(f"r={r}" for r in choice.tied)
+        reason = (
+            f"the ranks the data cannot tell from the best on {chosen} (r={choice.best}, {best.mean:.4f}; within one "
+            f"standard error of the difference) are {tied}"
+        )
+        rank, why = recommend(list(choice.tied), [s for s in sims if s["series"] == series.name], reason)
+        recommendations[series.name] = rank
+        lines.append(f"- {series.name}: recommended rank **r={rank}**. {why}.")
+    return recommendations, lines
+
+
+def write_analysis(out: Path, collected: Collected, lines: Sequence[str]) -> None:
+    """The CSVs, the figures and DIR/analysis.md."""
+    from .files import write_text
+    from .plots import plot_similarity, plot_spectra
+    from .report import markdown_table
+
     spectra_path, sims_path = out / "analysis_spectra.csv", out / "analysis_similarity.csv"
-    write_csv(spectra_path, all_spectra)
-    write_csv(sims_path, all_sims, SIMILARITY_COLUMNS)
-    plot_spectra(all_spectra, out / "analysis_spectra.png")
-    table = _effective_rank_table(all_spectra)
-    pairs = _similarity_table(all_sims)
+    write_csv(spectra_path, collected.spectra)
+    write_csv(sims_path, collected.sims, SIMILARITY_COLUMNS)
+    plot_spectra(collected.spectra, out / "analysis_spectra.png")
+    for path, matrices, r1, r2, title in collected.heatmaps:
+        plot_similarity(matrices, r1, r2, path, title)
+    figures = [path.name for path, *_ in collected.heatmaps]
     text = [
         "# What the adapters learned", "",
         *lines, "",
         "Effective rank of dW = scaling * B A (exp of the entropy of its normalised singular values), mean over "
         "layers, per module type and LoRA rank:", "",
-        markdown_table(table), "",
+        markdown_table(_effective_rank_table(collected.spectra)), "",
         "Subspace similarity between ranks (LoRA paper, section 7), mean over modules, over the right-singular "
         "vectors of A (phi_A, as the paper) and of the update dW = B A (phi_dW): _top = phi(1, 1), _all = "
-        "phi(r_a, r_b), phi_dW_top_in_b = phi_dW(1, r_b) (rank a's top direction inside rank b's update), "
-        f"shared = directions i with phi_dW(i, i) > {SHARED}. Random subspaces give about r_b / in.", "",
-        markdown_table(pairs), "",
-        f"Files: {spectra_path.name}, {sims_path.name}, analysis_spectra.png"
-        + "".join(f", {f.name}" for f in figures) + ("" if figures else " (one rank: no similarity to draw)"), "",
+        "phi(r_a, r_b), phi_dW_top_in_b = phi_dW(1, r_b) (rank a's top direction inside rank b's update). "
+        "Unrelated random subspaces give phi(i, j) = max(i, j) / in on average: chance_top_in_b = r_b / in is that "
+        "level, above_chance_top_in_b = (phi - chance) / (1 - chance) how far above it (0: chance, 1: held "
+        f"whole). shared = directions i whose phi_dW(i, i) is above chance by more than {SHARED} of the way.", "",
+        markdown_table(_similarity_table(collected.sims)), "",
+        f"Files: {spectra_path.name}, {sims_path.name}, analysis_spectra.png" + "".join(f", {f}" for f in figures)
+        + ("" if figures else " (one rank: no similarity to draw)"), "",
     ]  # fmt: skip
     write_text(out / "analysis.md", "\n".join(text))
-    return recommendations
 
 
-SIMILARITY_COLUMNS = ["series", "seed", "rank_a", "rank_b", "module", "type", "layer", "phi_A_top", "phi_A_all",
-                      "phi_dW_top", "phi_dW_top_in_b", "phi_dW_all", "shared_directions"]  # fmt: skip
+SIMILARITY_COLUMNS = ["series", "seed", "rank_a", "rank_b", "module", "type", "layer", "in_features", "phi_A_top",
+                      "phi_A_all", "phi_dW_top", "phi_dW_top_in_b", "chance_top_in_b", "above_chance_top_in_b",
+                      "phi_dW_all", "shared_directions"]  # fmt: skip
 
 
 def _effective_rank_table(spectra: Sequence[dict]) -> list[dict[str, object]]:
@@ -339,6 +378,6 @@ def _similarity_table(sims: Sequence[dict]) -> list[dict[str, object]]:
     for (series, a, b), rows in groups.items():
         out.append({"series": series, "rank_a": a, "rank_b": b,
                     **{k: round(statistics.fmean(float(r[k]) for r in rows), 3)
-                       for k in ("phi_A_top", "phi_A_all", "phi_dW_top", "phi_dW_top_in_b", "phi_dW_all",
-                                 "shared_directions")}})  # fmt: skip
+                       for k in ("phi_A_top", "phi_A_all", "phi_dW_top", "phi_dW_top_in_b", "chance_top_in_b",
+                                 "above_chance_top_in_b", "phi_dW_all", "shared_directions")}})  # fmt: skip
     return out

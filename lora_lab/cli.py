@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from collections.abc import Sequence
@@ -10,7 +11,8 @@ from pathlib import Path
 
 from .inject import classifier_head_name
 from .models import MODELS, build_model, model_spec
-from .params import REPORT_DECIMALS, markdown_table, rank_report
+from .params import REPORT_DECIMALS, rank_report
+from .report import markdown_table
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64)
 DESCRIPTION = (
@@ -62,7 +64,7 @@ def _report(args: argparse.Namespace) -> int:
                 model_name=name,
             )
     if args.out:
-        from .params import write_report
+        from .report import write_report
 
         written = write_report(rows, args.out)
         print(f"wrote {', '.join(str(p) for p in written)}", file=sys.stderr)
@@ -92,39 +94,32 @@ MEMORY_NOTE = (
 
 def _train_config(args: argparse.Namespace, **point: object):
     """The TrainConfig the options of `train` (and `sweep`, which sets the point's fields) describe."""
+    import dataclasses
+
+    from .config import TrainConfig
     from .data import DATASETS
-    from .train import TrainConfig
 
     if not (args.dataset in DATASETS or args.dataset.startswith("csv:")):
         raise ValueError(f"unknown dataset {args.dataset!r}: use one of {', '.join(DATASETS)}")
-    return TrainConfig(
-        dataset=args.dataset,
-        data_path=args.data_path,
-        text_column=args.text_column,
-        label_column=args.label_column,
-        balanced=not args.full,
-        dropout=args.dropout,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        grad_accum=args.grad_accum,
-        lr=args.lr,
-        schedule=args.schedule,
-        warmup=args.warmup,
-        max_length=args.max_length,
-        template=args.template,
-        bf16=args.bf16,
-        gradient_checkpointing=args.gradient_checkpointing,
-        quantize=args.quantize,
-        max_steps=args.max_steps,
-        bucket=args.bucket,
-        compile=args.compile,
-        class_weights=_numbers(args.class_weights or [], "--class-weights", float, unique=False) or None,
-        **point,
-    )
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
+    # files by their absolute path: the same command from another folder names other files
+    if args.dataset.startswith("csv:"):
+        values["dataset"] = f"csv:{_absolute(args.dataset[4:])}"
+    if args.data_path:
+        values["data_path"] = _absolute(args.data_path)
+    weights = _numbers(args.class_weights or [], "--class-weights", float, unique=False)
+    values["class_weights"] = weights or None
+    return TrainConfig(**{**values, **point})
+
+
+def _absolute(path: str) -> str:
+    return str(Path(path).expanduser().resolve())
 
 
 def _train(args: argparse.Namespace) -> int:
-    from .train import TrainingError, train, world
+    from .distributed import world
+    from .loop import TrainingError
+    from .run import train
 
     targets = _items(args.targets)
     cfg = _train_config(
@@ -158,11 +153,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    import os
-
-    import torch
-
-    from .sweep import CSV_NAME, PLOT, SUMMARY, grid, run_sweep, shard_from_env, target_set
+    from .report import PLOT, SUMMARY
+    from .sweep import CSV_NAME, grid, run_sweep, shard_from_env, target_set
 
     models = _items(args.model)
     for name in models:
@@ -176,13 +168,10 @@ def _sweep(args: argparse.Namespace) -> int:
         target_sets=[target_set(_items(t)) for t in args.targets or [["all-linear"]]],
         seeds=_numbers(args.seeds, "--seeds"),
     )
-    device = args.device
-    if device == "auto" and "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-        device = f"cuda:{os.environ['LOCAL_RANK']}"  # torchrun: one GPU per process
     if args.ddp and args.shard:
         raise ValueError("--ddp trains every point on all processes together; it does not take --shard")
     shard = (0, 1) if args.ddp else shard_from_env(args.shard)
-    stats = run_sweep(_train_config(args, device=device), points, args.out, shard, ddp=args.ddp)
+    stats = run_sweep(_train_config(args, device=args.device), points, args.out, shard, ddp=args.ddp)
     out = Path(args.out)
     if stats["summary"]:
         print((out / SUMMARY).read_text().split("![")[0].rstrip())
@@ -207,26 +196,30 @@ def _analyze(args: argparse.Namespace) -> int:
 def _classify(args: argparse.Namespace) -> int:
     import torch
 
-    from .train import collate_for, forward_logits, load_run
+    from .run import load_run
 
     cfg, loaded, labels = load_run(args.run, task="classification")
-    collate = collate_for(cfg, loaded.tokenizer)  # as in training: same padding, same pooling
+    task = cfg.make_task(loaded.kind)
+    collate = task.collate(loaded.tokenizer)  # as in training: same padding, same pooling
     rows = [(text, 0) for text in args.texts]
     # The book's last-position pooling reads whatever the last position holds: without a fixed
     # length (pad_to) that depends on the other texts of the batch, so each text goes alone.
     groups = [[row] for row in rows] if cfg.pooling == "last-position" and not cfg.pad_to else [rows]
     with torch.no_grad():
-        probs = torch.cat(
-            [forward_logits(loaded.model, collate(g), loaded.kind, "classification", cfg.pooling) for g in groups]
-        ).softmax(-1)
+        probs = torch.cat([task.logits(loaded.model, collate(g)) for g in groups]).softmax(-1)
     for text, p in zip(args.texts, probs, strict=True):
         best = int(p.argmax())
-        print(f"{labels[best]}\t{p[best]:.3f}\t{text}")
+        if args.json:
+            print(json.dumps({"text": text, "label": labels[best], "probability": round(float(p[best]), 6),
+                              "probabilities": dict(zip(labels, (round(float(x), 6) for x in p), strict=True))},
+                             ensure_ascii=False))  # fmt: skip
+        else:  # one line per text: a tab or a newline inside the text is written as \t, \n
+            print(f"{labels[best]}\t{p[best]:.3f}\t{json.dumps(text, ensure_ascii=False)[1:-1]}")
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .train import load_run
+    from .run import load_run
 
     cfg, loaded, _ = load_run(args.run, task="causal-lm")
     for instruction in args.instructions:
@@ -244,8 +237,8 @@ def answer(loaded, template: str, instruction: str, context: str = "", max_new_t
     room = tok.max_length - max_new_tokens  # what the prompt may take of the context
     if room < 1:
         raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in {tok.max_length} tokens")
-    prompt = tok.encode(tok.prompt({"instruction": instruction, "input": context}, template))
-    ids = torch.tensor([prompt[-room:]])  # a prompt too long keeps its end, where the response starts
+    # a prompt too long keeps its end, where the response starts (and its BOS)
+    ids = torch.tensor([tok.encode_tail(tok.prompt({"instruction": instruction, "input": context}, template), room)])
     with torch.no_grad():
         if loaded.kind == "gpt":
             out = generate(loaded.model, ids, max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
@@ -257,37 +250,31 @@ def answer(loaded, template: str, instruction: str, context: str = "", max_new_t
     return tok.decode(out[0, ids.shape[1] :].tolist()).strip()
 
 
-def _training_options(parser: argparse.ArgumentParser) -> None:
-    """The options `train` and `sweep` share: data, optimisation, precision, device."""
-    parser.add_argument("--dataset", default="sms-spam", help="sms-spam, sentiment, instructions or csv:PATH "
-                        "(default: sms-spam)")  # fmt: skip
-    parser.add_argument("--data-path", help="a local copy of the dataset (default: packaged or downloaded)")
-    parser.add_argument("--text-column", default="text", help="csv: the text column (default: text)")
-    parser.add_argument("--label-column", default="label", help="csv: the label column (default: label)")
-    parser.add_argument("--full", action="store_true", help="sms-spam: all 5,574 messages, not the book's 747 + 747")
-    parser.add_argument("--dropout", type=float, default=0.0, help="dropout on the LoRA input (default: 0)")
-    parser.add_argument("--epochs", type=int, default=3, help="(default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="(default: %(default)s)")
-    parser.add_argument("--grad-accum", type=int, default=1, help="batches per optimizer step (default: 1)")
-    parser.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default: %(default)s)")
-    parser.add_argument("--schedule", choices=["cosine", "linear", "constant"], default="cosine",
-                        help="after a linear warmup (default: cosine)")  # fmt: skip
-    parser.add_argument("--warmup", type=float, default=0.05, help="warmup, a fraction of the steps (default: 0.05)")
-    parser.add_argument("--max-length", type=int, help="tokens per example, longer ones cut (default: %(default)s; "
-                        "None: the model's context)")  # fmt: skip
-    parser.add_argument("--template", choices=["alpaca", "chat"], default="alpaca",
-                        help="instructions: Alpaca prompt or the model chat template (default: alpaca)")  # fmt: skip
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations (less memory)")
-    parser.add_argument("--quantize", choices=["nf4", "int8"], help="QLoRA: the frozen base in 4-bit NF4 or 8-bit "
-                        "through bitsandbytes (pip install bitsandbytes); LoRA stays in full precision")  # fmt: skip
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda if there is one)")
-    parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (a quick check)")
-    parser.add_argument("--bucket", action="store_true", help="batch rows of similar length together (less "
-                        "padding, faster epochs; the batches differ from the default's)")  # fmt: skip
-    parser.add_argument("--compile", action="store_true", help="torch.compile the model: the first steps "
-                        "compile (counted in the run's seconds), faster after, above all on GPU")  # fmt: skip
-    parser.add_argument("--class-weights", nargs="+", metavar="W", help="loss weight of each class, as 1,3")
+def _training_options(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:
+    """The options `train` and `sweep` share, one per TrainConfig field (its help, its default, or the
+    command's own from `defaults`): data, optimisation, precision, device. The fields a point sets
+    (model, rank, alpha, targets, seed) are the command's own options."""
+    import dataclasses
+
+    from .config import TrainConfig
+
+    kinds = {"int": int, "float": float, "str": str}
+    for f in dataclasses.fields(TrainConfig):
+        cli = f.metadata.get("cli")
+        if cli == "":
+            continue
+        flag, extra = cli or "--" + f.name.replace("_", "-"), dict(f.metadata.get("argparse", {}))
+        default = (defaults or {}).get(f.name, f.default)
+        shown = "" if default is None else f" (default: {default})"
+        if f.type == "bool":
+            action = "store_false" if cli else ("store_true" if not default else argparse.BooleanOptionalAction)
+            parser.add_argument(flag, dest=f.name, action=action, default=default, help=f.metadata["help"])
+        elif f.type.startswith("list["):
+            parser.add_argument(flag, dest=f.name, nargs="+", help=f.metadata["help"], **extra)
+        else:
+            kind = kinds[f.type.split(" |")[0]]
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=f.metadata["help"] + shown,
+                                **extra)  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,13 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a target set, as for train; repeat --targets for several sets "
                        "(default: all-linear)")  # fmt: skip
     sweep.add_argument("--seeds", nargs="+", default=["123"], metavar="S", help="(default: 123)")
-    _training_options(sweep)
+    _training_options(sweep, {"epochs": 2, "batch_size": 16, "lr": 5e-4, "max_length": 128})
     sweep.add_argument("--shard", metavar="I/N", help="train only points i, i+N, i+2N ... (job arrays; torchrun "
                        "sets this from RANK and WORLD_SIZE)")  # fmt: skip
     sweep.add_argument("--ddp", action="store_true", help="under torchrun: train each point on all processes "
                        "together (DistributedDataParallel) instead of one point per process")  # fmt: skip
     sweep.add_argument("--out", default="lora-lab-sweep", help="the sweep directory (default: lora-lab-sweep)")
-    sweep.set_defaults(handler=_sweep, epochs=2, batch_size=16, lr=5e-4, max_length=128)
+    sweep.set_defaults(handler=_sweep)
 
     analyze = sub.add_parser(
         "analyze",
@@ -391,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     classify = sub.add_parser("classify", help="label texts with a trained classification run")
     classify.add_argument("--run", required=True, help="a lora-lab train run directory")
+    classify.add_argument("--json", action="store_true", help="one JSON object per line: text, label, probabilities")
     classify.add_argument("texts", nargs="+", metavar="TEXT")
     classify.set_defaults(handler=_classify)
 

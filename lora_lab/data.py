@@ -19,6 +19,7 @@ import csv
 import json
 import os
 import random
+import re
 import tarfile
 import urllib.request
 from collections import Counter
@@ -194,6 +195,14 @@ def sentiment(path: str | os.PathLike | None = None, seed: int = 123) -> Classif
 # ---- any CSV / TSV ----------------------------------------------------------------------------
 
 
+_WHOLE = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: "²" is a digit to str.isdigit, not to int()
+
+
+def _label(value: str) -> str:
+    """A label as the dataset numbers it: whole numbers by their value ("01", "+1" and "1" are one class)."""
+    return str(int(value)) if _WHOLE.fullmatch(value) else value
+
+
 def csv_dataset(
     path: str | os.PathLike, text_column: str = "text", label_column: str = "label", seed: int = 123
 ) -> ClassificationData:
@@ -203,24 +212,28 @@ def csv_dataset(
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path} (csv:PATH needs a CSV or TSV file with a header row)")
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
-        reader = csv.DictReader(f, delimiter=delimiter)
-        columns = reader.fieldnames or []
-        missing = [c for c in (text_column, label_column) if c not in columns]
-        if missing:
-            raise ValueError(
-                f"{path} has no column(s) {missing}; its columns are {columns}. Name them with "
-                "--text-column and --label-column"
-            )
-        raw = [(row[text_column] or "", (row[label_column] or "").strip()) for row in reader]
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
+            reader = csv.DictReader(f, delimiter=delimiter)
+            columns = reader.fieldnames or []
+            missing = [c for c in (text_column, label_column) if c not in columns]
+            if missing:
+                raise ValueError(
+                    f"{path} has no column(s) {missing}; its columns are {columns}. Name them with "
+                    "--text-column and --label-column"
+                )
+            raw = [(row[text_column] or "", _label((row[label_column] or "").strip())) for row in reader]
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8 (Excel: 'CSV UTF-8')"
+        ) from None
     empty = [number for number, (_, label) in enumerate(raw, start=2) if not label]
     if empty:
         raise ValueError(
             f"{path}: {len(empty)} row(s) have no {label_column!r} (first on line {empty[0]}): label or remove them"
         )
     names = sorted(
-        {label for _, label in raw},
-        key=lambda v: (not v.lstrip("-").isdigit(), int(v) if v.lstrip("-").isdigit() else 0, v),
+        {label for _, label in raw}, key=lambda v: (not _WHOLE.fullmatch(v), int(v) if _WHOLE.fullmatch(v) else 0, v)
     )
     if len(names) < 2:
         raise ValueError(
@@ -284,6 +297,17 @@ class Tokenizer:
     max_length: int
     chat: Callable[[list[dict[str, str]], bool], str] | None = field(default=None, repr=False)
     continuation: Callable[[str], list[int]] | None = field(default=None, repr=False)  # no special tokens
+    whole: Callable[[str], list[int]] | None = field(default=None, repr=False)  # `encode` without cutting
+    leading_special: int = 0  # special tokens `encode` puts first (BOS, [CLS]): kept when a prompt is cut
+
+    def encode_tail(self, text: str, room: int) -> list[int]:
+        """Ids of `text` (with the model's special tokens) cut to at most `room` by keeping its end,
+        where a prompt's "### Response:" stands, and its leading special tokens."""
+        ids = (self.whole or self.encode)(text)
+        if len(ids) <= room:
+            return ids
+        head = ids[: min(self.leading_special, room - 1)] if room > 1 else []
+        return head + ids[len(ids) - (room - len(head)) :]
 
     def encode_continuation(self, text: str) -> list[int]:
         """Ids of text that follows a prompt (a response): without BOS or other special tokens."""
@@ -325,6 +349,9 @@ def hf_text_tokenizer(tok: object, max_length: int) -> Tokenizer:
             messages, tokenize=False, add_generation_prompt=generation
         )
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    # how many special tokens open every encoding ([CLS], BOS): where a text's first token lands
+    plain, full = tok("a", add_special_tokens=False)["input_ids"], tok("a", add_special_tokens=True)["input_ids"]
+    leading = full.index(plain[0]) if plain and plain[0] in full else 0
     return Tokenizer(
         # truncated by the tokenizer, which keeps the closing special token ([SEP])
         encode=lambda text: tok(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"],
@@ -334,6 +361,8 @@ def hf_text_tokenizer(tok: object, max_length: int) -> Tokenizer:
         max_length=max_length,
         chat=chat,
         continuation=lambda text: tok(text, add_special_tokens=False)["input_ids"],
+        whole=lambda text: tok(text, add_special_tokens=True, verbose=False)["input_ids"],  # no "too long" warning
+        leading_special=leading,
     )
 
 

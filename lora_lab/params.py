@@ -7,9 +7,9 @@ Pure functions: they return numbers and rows; printing is left to the caller.
 
 from __future__ import annotations
 
-import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,36 +271,31 @@ def rank_report(
     return rows
 
 
-def markdown_table(rows: list[dict[str, object]], decimals: Mapping[str, int] | None = None) -> str:
-    """Rows of equal keys as a GitHub markdown table; ints get thousands separators, float
-    columns the `decimals` given for them (else 4 below 10 and 1 above)."""
-    if not rows:
-        return ""
-    decimals = decimals or {}
-
-    def cell(k: str, v: object) -> str:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            return str(v)
-        if isinstance(v, int):
-            return f"{v:,d}"
-        d = decimals.get(k, 4 if abs(v) < 10 else 1)
-        return f"{v:,.{d}f}"
-
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---:" for _ in keys) + "|"]
-    lines += ["| " + " | ".join(cell(k, r[k]) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
+# ---- measured, not estimated: the peak memory of this process ----------------------------------
 
 
-def write_report(rows: list[dict], out: str | os.PathLike) -> list[Path]:
-    """DIR/param_report.csv, .md (the table) and .png (trainable parameters and training memory
-    against the rank); returns the paths written."""
-    from .files import write_csv, write_text
-    from .plots import plot_param_report
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting the peak afresh (each point of a sweep in one process has its own): the
+    accelerator's peak allocation, or on Linux the process's peak resident set (VmHWM)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current resident set
+    except OSError:
+        pass  # elsewhere the figure is the process's peak so far
 
-    out = Path(out)
-    paths = [out / "param_report.csv", out / "param_report.md", out / "param_report.png"]
-    write_csv(paths[0], rows)
-    write_text(paths[1], markdown_table(rows, REPORT_DECIMALS) + "\n")
-    plot_param_report(rows, paths[2])
-    return paths
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak memory since `reset_peak_memory`: the accelerator's allocations, or the process's
+    resident set on CPU (on Linux; elsewhere since the process started)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(status.split("VmHWM:")[1].split()[0]) / 2**10  # KiB
+    except (OSError, IndexError, ValueError):
+        import resource  # POSIX only: imported where it is used, so the package imports everywhere
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux

