@@ -285,15 +285,20 @@ def collect(out: Path, every: Sequence[dict[str, str]]) -> Collected:
             by_rank = {int(r["rank"]): adapters[id(r)] for r in series if r["seed"] == seed}
             seed_rows, matrices = similarity_rows(by_rank)
             collected.sims += [{"series": name, "seed": seed, **row} for row in seed_rows]
-            ranks = sorted(by_rank)
-            pairs = {(ranks[0], ranks[-1])} | ({(8, 64)} if {8, 64} <= set(ranks) else set())
-            for r1, r2 in sorted(p for p in pairs if p[0] != p[1]):
-                suffix = ("_" + re.sub(r"[^A-Za-z0-9]+", "-", name) if varied else "") + (
-                    f"_seed{seed}" if several_seeds else "")  # fmt: skip
-                drawn = {module_kind(k[2]): v for k, v in matrices.items() if k[:2] == (r1, r2)}
-                path = out / f"analysis_similarity_r{r1}_r{r2}{suffix}.png"
-                collected.heatmaps.append((path, drawn, r1, r2, f"{name}, seed {seed}"))
+            suffix = ("_" + re.sub(r"[^A-Za-z0-9]+", "-", name) if varied else "") + (
+                f"_seed{seed}" if several_seeds else "")  # fmt: skip
+            collected.heatmaps += _heatmaps(out, sorted(by_rank), matrices, suffix, f"{name}, seed {seed}")
     return collected
+
+
+def _heatmaps(out: Path, ranks: list[int], matrices: dict, suffix: str, title: str) -> list[tuple]:
+    """The similarity figures of one series and seed: smallest against largest rank, and 8 against 64."""
+    pairs = {(ranks[0], ranks[-1])} | ({(8, 64)} if {8, 64} <= set(ranks) else set())
+    drawn = []
+    for r1, r2 in sorted(p for p in pairs if p[0] != p[1]):
+        cells = {module_kind(k[2]): v for k, v in matrices.items() if k[:2] == (r1, r2)}
+        drawn.append((out / f"analysis_similarity_r{r1}_r{r2}{suffix}.png", cells, r1, r2, title))
+    return drawn
 
 
 def recommend_ranks(

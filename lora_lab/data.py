@@ -24,12 +24,13 @@ import tarfile
 import urllib.request
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .files import write_bytes
+from .tokenizer import ALPACA_HEADER, Tokenizer, alpaca_prompt, gpt2_text_tokenizer, hf_text_tokenizer  # noqa: F401
 
 PACKAGED = Path(__file__).parent / "datasets"
 CACHE = Path(os.environ.get("LORA_LAB_CACHE", Path.home() / ".cache" / "lora_lab"))
@@ -267,103 +268,6 @@ def instructions(path: str | os.PathLike | None = None) -> InstructionData:
     if not data.train or not data.val:
         raise ValueError(f"{path}: {len(entries)} entries leave an empty split; give at least 20")
     return data
-
-
-ALPACA_HEADER = (
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-)
-
-
-def alpaca_prompt(entry: dict[str, str]) -> str:
-    """The Alpaca prompt of the book's chapter 7, up to and including ``### Response:\\n``."""
-    text = f"{ALPACA_HEADER}\n\n### Instruction:\n{entry['instruction']}"
-    if entry.get("input"):
-        text += f"\n\n### Input:\n{entry['input']}"
-    return text + "\n\n### Response:\n"
-
-
-# ---- tokenizers ------------------------------------------------------------------------------
-
-
-@dataclass
-class Tokenizer:
-    """What training needs of a tokenizer: text to ids and back, the pad and end ids, the most
-    tokens the model takes, and the model's chat template when it has one."""
-
-    encode: Callable[[str], list[int]]  # with the model's special tokens ([CLS] ... [SEP], BOS)
-    decode: Callable[[list[int]], str]
-    pad_id: int
-    eos_id: int
-    max_length: int
-    chat: Callable[[list[dict[str, str]], bool], str] | None = field(default=None, repr=False)
-    continuation: Callable[[str], list[int]] | None = field(default=None, repr=False)  # no special tokens
-    whole: Callable[[str], list[int]] | None = field(default=None, repr=False)  # `encode` without cutting
-    leading_special: int = 0  # special tokens `encode` puts first (BOS, [CLS]): kept when a prompt is cut
-
-    def encode_tail(self, text: str, room: int) -> list[int]:
-        """Ids of `text` (with the model's special tokens) cut to at most `room` by keeping its end,
-        where a prompt's "### Response:" stands, and its leading special tokens."""
-        ids = (self.whole or self.encode)(text)
-        if len(ids) <= room:
-            return ids
-        head = ids[: min(self.leading_special, room - 1)] if room > 1 else []
-        return head + ids[len(ids) - (room - len(head)) :]
-
-    def encode_continuation(self, text: str) -> list[int]:
-        """Ids of text that follows a prompt (a response): without BOS or other special tokens."""
-        return (self.continuation or self.encode)(text)
-
-    def prompt(self, entry: dict[str, str], template: str = "alpaca") -> str:
-        """The prompt text of an instruction entry: the Alpaca prompt, or the model's chat template."""
-        if template == "alpaca":
-            return alpaca_prompt(entry)
-        if self.chat is None:
-            raise ValueError("this tokenizer has no chat template: use the alpaca prompt")
-        content = entry["instruction"] + (f"\n\n{entry['input']}" if entry.get("input") else "")
-        return self.chat([{"role": "user", "content": content}], True)
-
-
-def gpt2_text_tokenizer(max_length: int, bpe_file: str | os.PathLike | None = None) -> Tokenizer:
-    """GPT-2's BPE (tiktoken) for GPTModel; pads with <|endoftext|> (50256), as the book does."""
-    from .tokenizer import END_OF_TEXT, END_OF_TEXT_ID, gpt2_tokenizer
-
-    enc = gpt2_tokenizer(bpe_file)
-    return Tokenizer(
-        encode=lambda text: enc.encode(text, allowed_special={END_OF_TEXT}),
-        decode=enc.decode,
-        pad_id=END_OF_TEXT_ID,
-        eos_id=END_OF_TEXT_ID,
-        max_length=max_length,
-    )
-
-
-def hf_text_tokenizer(tok: object, max_length: int) -> Tokenizer:
-    """A Hugging Face tokenizer: its own special tokens ([CLS] ... [SEP] for BERT), its pad token
-    (else its end token), and its chat template if it has one."""
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    if pad is None:
-        raise ValueError(f"{type(tok).__name__} has neither a pad nor an end-of-text token; set tok.pad_token")
-    chat = None
-    if getattr(tok, "chat_template", None):
-        chat = lambda messages, generation: tok.apply_chat_template(  # noqa: E731
-            messages, tokenize=False, add_generation_prompt=generation
-        )
-    eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
-    # how many special tokens open every encoding ([CLS], BOS): where a text's first token lands
-    plain, full = tok("a", add_special_tokens=False)["input_ids"], tok("a", add_special_tokens=True)["input_ids"]
-    leading = full.index(plain[0]) if plain and plain[0] in full else 0
-    return Tokenizer(
-        # truncated by the tokenizer, which keeps the closing special token ([SEP])
-        encode=lambda text: tok(text, add_special_tokens=True, truncation=True, max_length=max_length)["input_ids"],
-        decode=lambda ids: tok.decode(ids, skip_special_tokens=True),
-        pad_id=pad,
-        eos_id=eos if eos is not None else pad,
-        max_length=max_length,
-        chat=chat,
-        continuation=lambda text: tok(text, add_special_tokens=False)["input_ids"],
-        whole=lambda text: tok(text, add_special_tokens=True, verbose=False)["input_ids"],  # no "too long" warning
-        leading_special=leading,
-    )
 
 
 # ---- batches ---------------------------------------------------------------------------------

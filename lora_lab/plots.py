@@ -114,46 +114,22 @@ def plot_sweep(
 ) -> None:
     """A sweep at a glance, one colour per series (model, scaling, targets). Left: the validation
     metric's mean with its 95% interval and the test metric against the rank, the best rank starred,
-    the recommended one ringed, the baseline dashed. Middle: the validation metric against trainable
+    the recommended one ringed, the baseline dotted. Middle: the validation metric against trainable
     parameters, the Pareto front joined. Right: seconds per point. Ranks and parameters on log axes."""
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     series = list(dict.fromkeys(line["series"] for line in table))
-    percent = chosen.endswith("accuracy")
-    scale = 100.0 if percent else 1.0
-    name_of = lambda key: _LABELS.get(key, key).split(" (")[0]  # noqa: E731
+    scale = 100.0 if chosen.endswith("accuracy") else 1.0
     for name in series:
         lines = [line for line in table if line["series"] == name and not math.isnan(line[chosen])]
         if not lines:
             continue
-        ranks = [line["rank"] for line in lines]
-        values = [scale * line[chosen] for line in lines]
-        low = [scale * (line[chosen] - line["ci95_low"]) for line in lines]
-        high = [scale * (line["ci95_high"] - line[chosen]) for line in lines]
         label = f"{name}: " if len(series) > 1 else ""
-        drawn = axes[0].errorbar(ranks, values, yerr=[low, high], fmt="o-", capsize=3,
-                                 label=f"{label}{name_of(chosen)} (95% interval)")  # fmt: skip
-        color = drawn[0].get_color()
-        shown = [scale * line[reported] for line in lines]
-        if reported != chosen and not any(math.isnan(v) for v in shown):
-            axes[0].plot(ranks, shown, "s--", color=color, alpha=0.5, ms=4, label=f"{label}{name_of(reported)}")
-        for line in lines:
-            if "best" in line.get("pick", ""):
-                axes[0].plot(line["rank"], scale * line[chosen], "*", ms=17, color=color, markeredgecolor="black",
-                             zorder=5)  # fmt: skip
-            if "recommended" in line.get("pick", ""):
-                axes[0].plot(line["rank"], scale * line[chosen], "o", ms=15, mfc="none", mec="black", mew=1.8,
-                             zorder=6)  # fmt: skip
-        params = [line["trainable_params"] for line in lines]
-        front = sorted((line["trainable_params"], scale * line[chosen]) for line in lines if line.get("pareto"))
-        axes[1].plot(params, values, "o", color=color, mfc="none", label=f"{label}rank (off the front: hollow)")
-        if front:
-            axes[1].plot([x for x, _ in front], [y for _, y in front], "o-", color=color, label=f"{label}Pareto front")
-        for line, x, y in zip(lines, params, values, strict=True):
-            axes[1].annotate(f"r={line['rank']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        axes[2].plot(ranks, [line["seconds"] for line in lines], "o-", color=color, label=name)
-    what = "accuracy" if percent else "loss"
-    unit = " (%)" if percent else ""
+        color = _metric_panel(axes[0], lines, chosen, reported, scale, label)
+        _cost_panel(axes[1], lines, chosen, scale, label, color)
+        axes[2].plot([line["rank"] for line in lines], [line["seconds"] for line in lines], "o-", color=color,
+                     label=name)  # fmt: skip
+    what, unit = ("accuracy", " (%)") if scale == 100.0 else ("loss", "")
     if baseline is not None:
         for ax in axes[:2]:
             ax.axhline(scale * baseline, ls=":", color="gray", label="baseline" if ax is axes[0] else None)
@@ -173,6 +149,43 @@ def plot_sweep(
         ax.legend(loc="best", fontsize=7)
     _save(fig, path)
     plt.close(fig)
+
+
+def _name(key: str) -> str:
+    return _LABELS.get(key, key).split(" (")[0]
+
+
+def _metric_panel(ax, lines: list[dict], chosen: str, reported: str, scale: float, label: str) -> str:
+    """One series' validation mean with its 95% interval, its test metric, its best and recommended
+    ranks; returns the series' colour."""
+    ranks = [line["rank"] for line in lines]
+    values = [scale * line[chosen] for line in lines]
+    low = [scale * (line[chosen] - line["ci95_low"]) for line in lines]
+    high = [scale * (line["ci95_high"] - line[chosen]) for line in lines]
+    drawn = ax.errorbar(ranks, values, yerr=[low, high], fmt="o-", capsize=3,
+                        label=f"{label}{_name(chosen)} (95% interval)")  # fmt: skip
+    color = drawn[0].get_color()
+    shown = [scale * line[reported] for line in lines]
+    if reported != chosen and not any(math.isnan(v) for v in shown):
+        ax.plot(ranks, shown, "s--", color=color, alpha=0.5, ms=4, label=f"{label}{_name(reported)}")
+    for line, value in zip(lines, values, strict=True):
+        if "best" in line.get("pick", ""):
+            ax.plot(line["rank"], value, "*", ms=17, color=color, markeredgecolor="black", zorder=5)
+        if "recommended" in line.get("pick", ""):
+            ax.plot(line["rank"], value, "o", ms=15, mfc="none", mec="black", mew=1.8, zorder=6)
+    return color
+
+
+def _cost_panel(ax, lines: list[dict], chosen: str, scale: float, label: str, color: str) -> None:
+    """One series' validation metric against its trainable parameters, the Pareto front joined."""
+    params = [line["trainable_params"] for line in lines]
+    values = [scale * line[chosen] for line in lines]
+    front = sorted((line["trainable_params"], scale * line[chosen]) for line in lines if line.get("pareto"))
+    ax.plot(params, values, "o", color=color, mfc="none", label=f"{label}rank (off the front: hollow)")
+    if front:
+        ax.plot([x for x, _ in front], [y for _, y in front], "o-", color=color, label=f"{label}Pareto front")
+    for line, x, y in zip(lines, params, values, strict=True):
+        ax.annotate(f"r={line['rank']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
 
 
 def plot_param_report(rows: Sequence[dict], path: str | os.PathLike) -> None:

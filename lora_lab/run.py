@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -104,64 +105,88 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) ->
     if run.exists() and not run.is_dir():
         raise ValueError(f"--out {run} is a file; a run writes a directory: give a new or existing directory")
     config_text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
-    import os
-
     if distributed is None:
         distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
     rank, processes = init_distributed(cfg.device) if distributed else (0, 1)
-    main_process = rank == 0
-    resume = None
-    if (run / CONFIG).is_file():
-        defaults = dataclasses.asdict(TrainConfig())  # a field added since the run was saved: its default ran
-        saved, wanted = {**defaults, **json.loads((run / CONFIG).read_text())}, json.loads(config_text)
-        changed = sorted(k for k in set(saved) | set(wanted) if k not in HOW and saved.get(k) != wanted.get(k))
-        if changed:  # the device and compilation may change between a run and its resumption; nothing else
-            shown = ", ".join(f"{k} {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:4])
-            raise ValueError(
-                f"{run} holds a run of another config ({shown}); give another --out, or delete it to start over"
-            )
-        if (run / METRICS).is_file():
-            return json.loads((run / METRICS).read_text())  # finished already
-        if (run / CHECKPOINT).is_file():
-            resume = torch.load(run / CHECKPOINT, weights_only=False, map_location="cpu")  # any device may resume
+    finished, resume = _what_is_there(run, config_text, processes)
+    if finished is not None:
+        return finished
     random.seed(cfg.seed)
     device = device_for(cfg.device)
     reset_peak_memory(device)
     dataset, loaded = prepare(cfg, device)
     model, task = loaded.model, cfg.make_task(loaded.kind)
     if resume is not None:
-        missing = set(resume["trainable"]) - {n for n, p in model.named_parameters() if p.requires_grad}
-        if missing:
-            raise ValueError(f"{run / CHECKPOINT} does not fit this model (no trainable {sorted(missing)[:3]})")
-        model.load_state_dict(resume["trainable"], strict=False)
-        tqdm.write(f"resuming {run} after epoch {resume['epoch'] + 1}")
-    if main_process:
+        _load_trainable(model, resume, run)
+    if rank == 0:
         write_text(run / CONFIG, config_text)
     collate = task.collate(loaded.tokenizer)
     val_batches = D.batches(dataset.val, cfg.batch_size, collate, shuffle=False)
 
     def on_epoch_end(epoch, history, optimizer, scheduler, step, tokens, seconds) -> None:
-        if main_process:
+        if rank == 0:
             _save_checkpoint(run, model, epoch, history, optimizer, scheduler, step, tokens, seconds, processes)
 
     if resume is None:  # where training starts from, for the before-and-after in metrics.json
-        initial = evaluate(model, val_batches, task, device)
-        initial = {k: v for k, v in initial.items() if k in ("loss", "loss_se", "accuracy")}
-        if main_process:
+        initial = {k: v for k, v in evaluate(model, val_batches, task, device).items() if k in INITIAL}
+        if rank == 0:
             write_text(run / "initial.json", json.dumps(initial))
         torch.manual_seed(cfg.seed)  # dropout masks from here on (a resumed run restores its RNG state)
     else:
         initial = json.loads((run / "initial.json").read_text())
-    if resume is not None and resume.get("processes", 1) != processes:
+    fitted = fit(model, dataset.train, collate, val_batches, cfg, task, device, on_epoch_end, resume, distributed)
+    val = fitted.last_val or evaluate(model, val_batches, task, device)  # a run resumed after its last epoch
+    test = evaluate(model, D.batches(dataset.test, cfg.batch_size, collate, shuffle=False), task, device)
+    metrics = _metrics(cfg, task, model, dataset, fitted, device, processes, initial, val, test)
+    if task.classifies:
+        metrics.update(_classification_metrics(model, dataset, cfg, task, collate, device, val, test))
+    if rank == 0:
+        _write_run(run, cfg, loaded, model, fitted, metrics, initial)
+    barrier()  # every process returns once the run is on disk
+    return metrics
+
+
+INITIAL = ("loss", "loss_se", "accuracy")  # what initial.json keeps of the validation before training
+
+
+def _what_is_there(run: Path, config_text: str, processes: int) -> tuple[dict | None, dict | None]:
+    """(metrics of a finished run, checkpoint to resume) in `run`, either or none; a run of another
+    config, or a checkpoint of another number of processes, is refused."""
+    if not (run / CONFIG).is_file():
+        return None, None
+    defaults = dataclasses.asdict(TrainConfig())  # a field added since the run was saved: its default ran
+    saved, wanted = {**defaults, **json.loads((run / CONFIG).read_text())}, json.loads(config_text)
+    changed = sorted(k for k in set(saved) | set(wanted) if k not in HOW and saved.get(k) != wanted.get(k))
+    if changed:  # the device and compilation may change between a run and its resumption; nothing else
+        shown = ", ".join(f"{k} {saved.get(k)!r} -> {wanted.get(k)!r}" for k in changed[:4])
+        raise ValueError(
+            f"{run} holds a run of another config ({shown}); give another --out, or delete it to start over"
+        )
+    if (run / METRICS).is_file():
+        return json.loads((run / METRICS).read_text()), None
+    if not (run / CHECKPOINT).is_file():
+        return None, None
+    resume = torch.load(run / CHECKPOINT, weights_only=False, map_location="cpu")  # any device may resume
+    if resume.get("processes", 1) != processes:
         raise ValueError(
             f"{run / CHECKPOINT} was trained on {resume.get('processes', 1)} process(es), this is {processes}: "
             "a step's batch would change mid-run. Resume with as many processes, or give another --out"
         )
-    fitted = fit(model, dataset.train, collate, val_batches, cfg, task, device, on_epoch_end, resume, distributed)
-    val = fitted.last_val or evaluate(model, val_batches, task, device)  # a run resumed after its last epoch
-    test = evaluate(model, D.batches(dataset.test, cfg.batch_size, collate, shuffle=False), task, device)
+    return None, resume
+
+
+def _load_trainable(model: nn.Module, resume: dict, run: Path) -> None:
+    missing = set(resume["trainable"]) - {n for n, p in model.named_parameters() if p.requires_grad}
+    if missing:
+        raise ValueError(f"{run / CHECKPOINT} does not fit this model (no trainable {sorted(missing)[:3]})")
+    model.load_state_dict(resume["trainable"], strict=False)
+    tqdm.write(f"resuming {run} after epoch {resume['epoch'] + 1}")
+
+
+def _metrics(cfg, task: Task, model, dataset, fitted: Fitted, device, processes: int, initial, val, test) -> dict:
+    """metrics.json of any task: counts, speed, memory, and every loss with its standard error."""
     count = count_parameters(model)
-    metrics: dict = {
+    metrics = {
         "model": cfg.model,
         "dataset": cfg.dataset,
         "task": task.name,
@@ -185,14 +210,9 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) ->
         "test_loss": test["loss"],
         "test_loss_se": test["loss_se"],
     }
-    if task.classifies:
-        metrics.update(_classification_metrics(model, dataset, cfg, task, collate, device, val, test))
-    else:
+    if not task.classifies:
         metrics["val_baseline"] = initial["loss"]  # the untrained model's loss: what training must beat
         metrics["test_perplexity"] = math.exp(min(test["loss"], 50))
-    if main_process:
-        _write_run(run, cfg, loaded, model, fitted, metrics, initial)
-    barrier()  # every process returns once the run is on disk
     return metrics
 
 

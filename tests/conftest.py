@@ -76,6 +76,14 @@ def tokens() -> torch.Tensor:
     return torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(42))
 
 
+try:  # the quant extra: bitsandbytes runs its 4-bit and 8-bit linears on the CPU too
+    import bitsandbytes as bnb
+except ImportError:
+    bnb = None
+# Per test, never per file: without bitsandbytes every other test of a file still runs.
+needs_bnb = pytest.mark.skipif(bnb is None, reason="bitsandbytes not installed (pip install -e '.[quant]')")
+
+
 # Real data beside the repository (../shared/data), or wherever LORA_LAB_DATA points.
 SHARED_DATA = Path(os.environ.get("LORA_LAB_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -166,3 +174,14 @@ def tiny_bert_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def letters_data(tmp_path_factory) -> Path:
     return letters_csv(tmp_path_factory.mktemp("letters") / "letters.csv")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Plain `python -m pytest -q` leaves out the tests marked real (and slow): say so, and how to run them."""
+    deselected = terminalreporter.stats.get("deselected", [])
+    real = [item for item in deselected if item.get_closest_marker("real")]
+    if real and "real" not in (config.getoption("markexpr") or "").replace("not real", ""):
+        terminalreporter.write_line(
+            f"{len(real)} real-model tests were left out (they take minutes): python -m pytest -q -m 'not slow' "
+            "runs them too, as CI does"
+        )

@@ -171,6 +171,7 @@ def test_a_prompt_too_long_keeps_its_end_and_its_first_special_token(tmp_path):
     assert gpt.encode_tail("abcdefghij", 4) == [ord(c) for c in "ghij"]  # no special tokens: the last four
 
 
+@pytest.mark.real
 def test_a_long_alpaca_prompt_keeps_its_response_header_with_smollm2s_tokenizer():
     """The case found on main: a 77-token prompt at 64 tokens ended in "word word word"."""
     import importlib.util

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.real  # scripts in subprocesses, some on the real MiniLM: CI's selection, not plain pytest
 
 
 def test_qlora_3b_script_runs_on_a_tiny_llama(tmp_path):

@@ -2,7 +2,7 @@ import copy
 
 import pytest
 import torch
-from conftest import randomize_lora, tiny_hf_gpt2, tiny_llama, tiny_model
+from conftest import bnb, needs_bnb, randomize_lora, tiny_hf_gpt2, tiny_llama, tiny_model
 from torch import nn
 
 from lora_lab import (
@@ -195,9 +195,7 @@ def test_merge_refuses_tied_weights():
         merge_lora(model)
 
 
-bnb = pytest.importorskip("bitsandbytes")
-
-
+@needs_bnb
 def test_qlora_step_changes_only_lora_parameters(tokens):
     """A tiny model whose linears are 4-bit (NF4), as in QLoRA: one AdamW step moves A and B only."""
     model = tiny_model()

