@@ -73,7 +73,11 @@ def run(case: str, extra: list[str]) -> int:
         write_bytes(results / path.name, path.read_bytes())
     seconds = time.perf_counter() - start
     command = "lora-lab sweep " + " ".join(args + extra)
-    text = header(title, seconds) + f"Runs `{command}` (then `lora-lab analyze`).\n\n"
+    from lora_lab.sweep import read_rows
+
+    trained = sum(float(r["seconds"] or 0) for r in read_rows(out))
+    text = header(title, seconds) + f"Runs `{command}` (then `lora-lab analyze`). The points' own training time adds "
+    text += f"up to {trained / 60:.1f} min (what a resumed command skips is not in its wall time).\n\n"
     text += (out / "summary.md").read_text().split("\n", 2)[2]
     if (out / "analysis.md").is_file():
         text += "\n" + (out / "analysis.md").read_text()

@@ -242,6 +242,41 @@ def _apply(
     first, so only the name the adapter gives changes (PEFT's `modules_to_save` keep their own
     copy too). Merged wrappers are unmerged for the copy and merged again with the new update.
     """
+    problems, to_wrap = _check_modules(model, plan, lora)
+    state = model.state_dict()
+    keys = _plain_names(model, state)
+    for key, tensor in extra.items():
+        if key not in keys:
+            problems.append(f"{key}: the adapter holds this tensor, the model has no such entry")
+        elif (have := tuple(state[keys[key]].shape)) != tuple(tensor.shape):
+            problems.append(f"{key}: {tuple(tensor.shape)} in the adapter, {have} in the model")
+    if problems:
+        raise ValueError(
+            f"adapter {source} does not fit this {type(model).__name__} (was it trained on a "
+            "model of another size or architecture?):\n  - " + "\n  - ".join(problems)
+        )
+    wrap_modules(model, to_wrap)
+    wrappers = _lora_modules(model)
+    merged = [w for w in wrappers.values() if w.merged]
+    with torch.no_grad():
+        for w in merged:
+            w.unmerge()
+        for name, (a, b) in lora.items():
+            wrappers[name].lora.A.copy_(a)
+            wrappers[name].lora.B.copy_(b)
+    if extra:
+        _untie(model, (keys[k] for k in extra))
+        model.load_state_dict({keys[k]: v for k, v in extra.items()}, strict=False)
+    for w in merged:
+        w.merge()
+    return list(plan)
+
+
+def _check_modules(
+    model: nn.Module, plan: Mapping[str, LoRASettings], lora: LoRATensors
+) -> tuple[list[str], dict[str, LoRASettings]]:
+    """What does not fit between the adapter's modules and the model's (every problem, not the
+    first), and the modules still to wrap, by their names in the model."""
     modules = _plain_names(model, (n for n, _ in model.named_modules()))
     named = dict(model.named_modules())
     problems: list[str] = []
@@ -278,33 +313,7 @@ def _apply(
     for name in _lora_modules(model):
         if name not in plan:
             problems.append(f"{name}: LoRA-wrapped in the model, but the adapter has no weights for it")
-    state = model.state_dict()
-    keys = _plain_names(model, state)
-    for key, tensor in extra.items():
-        if key not in keys:
-            problems.append(f"{key}: the adapter holds this tensor, the model has no such entry")
-        elif (have := tuple(state[keys[key]].shape)) != tuple(tensor.shape):
-            problems.append(f"{key}: {tuple(tensor.shape)} in the adapter, {have} in the model")
-    if problems:
-        raise ValueError(
-            f"adapter {source} does not fit this {type(model).__name__} (was it trained on a "
-            "model of another size or architecture?):\n  - " + "\n  - ".join(problems)
-        )
-    wrap_modules(model, to_wrap)
-    wrappers = _lora_modules(model)
-    merged = [w for w in wrappers.values() if w.merged]
-    with torch.no_grad():
-        for w in merged:
-            w.unmerge()
-        for name, (a, b) in lora.items():
-            wrappers[name].lora.A.copy_(a)
-            wrappers[name].lora.B.copy_(b)
-    if extra:
-        _untie(model, (keys[k] for k in extra))
-        model.load_state_dict({keys[k]: v for k, v in extra.items()}, strict=False)
-    for w in merged:
-        w.merge()
-    return list(plan)
+    return problems, to_wrap
 
 
 def _most_common(values: Iterable) -> object:

@@ -121,40 +121,12 @@ def find_targets(model: nn.Module, targets: Targets) -> list[str]:
     """The qualified names that `targets` selects, in model order, checked: every name must match
     something, every match must be linear-like and not wrapped yet."""
     candidates = list(_candidates(model))
-    bypassed = _bypassed(model)
     if isinstance(targets, str) and targets == ALL_LINEAR:
-        head = output_head_name(model)
-        in_head = (lambda n: n == head or n.startswith(head + ".")) if head else (lambda n: False)
-        chosen = [(n, m) for n, m in candidates if _is_linear(m) and not in_head(n)]
-        skipped = [n for n, _ in chosen if n in bypassed]
-        if skipped:
-            warnings.warn(
-                f"'{ALL_LINEAR}' leaves out {skipped}: {bypassed[skipped[0]]}. lora_lab does not adapt "
-                "torch's nn.MultiheadAttention; its other linears get LoRA.",
-                stacklevel=3,
-            )
-            chosen = [(n, m) for n, m in chosen if n not in bypassed]
+        chosen = _all_linear(model, candidates)
     elif callable(targets):
         chosen = [(n, m) for n, m in candidates if targets(n, m)]
     else:
-        keys = [targets] if isinstance(targets, str) else list(targets)
-        if not keys:
-            raise ValueError("targets is empty: name at least one module, or use 'all-linear'")
-        if ALL_LINEAR in keys:
-            raise ValueError(
-                f"'{ALL_LINEAR}' stands alone: it already takes every linear but the output head. "
-                f"Give '{ALL_LINEAR}' or a list of module names, not both (got {keys})"
-            )
-        unmatched = [k for k in keys if not any(name_matches(n, k) for n, _ in candidates)]
-        if unmatched:
-            linears = [n for n, m in candidates if _is_linear(m)]
-            example = f" (e.g. '{linears[0].rsplit('.', 1)[-1]}')" if linears else ""
-            raise ValueError(
-                f"target(s) {unmatched} match no module of {type(model).__name__}; "
-                f"{_linear_names_summary(model)}. Use a qualified name or a dotted suffix of one{example}, "
-                f"a list of them, '{ALL_LINEAR}', or a callable (name, module) -> bool."
-            )
-        chosen = [(n, m) for n, m in candidates if any(name_matches(n, k) for k in keys)]
+        chosen = _by_name(model, candidates, targets)
     if not chosen:
         raise ValueError(f"targets {targets!r} select no module; {_linear_names_summary(model)}")
     wrapped = [n for n, m in chosen if isinstance(m, LinearWithLoRA)]
@@ -171,6 +143,45 @@ def find_targets(model: nn.Module, targets: Targets) -> list[str]:
             f"({_linear_names_summary(model)})."
         )
     return [n for n, _ in chosen]
+
+
+def _all_linear(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    """Every linear-like module but the output head and those whose parent bypasses them (warned)."""
+    head = output_head_name(model)
+    in_head = (lambda n: n == head or n.startswith(head + ".")) if head else (lambda n: False)
+    chosen = [(n, m) for n, m in candidates if _is_linear(m) and not in_head(n)]
+    bypassed = _bypassed(model)
+    skipped = [n for n, _ in chosen if n in bypassed]
+    if skipped:
+        warnings.warn(
+            f"'{ALL_LINEAR}' leaves out {skipped}: {bypassed[skipped[0]]}. lora_lab does not adapt "
+            "torch's nn.MultiheadAttention; its other linears get LoRA.",
+            stacklevel=4,
+        )
+    return [(n, m) for n, m in chosen if n not in bypassed]
+
+
+def _by_name(model: nn.Module, candidates: list[tuple[str, nn.Module]], targets) -> list[tuple[str, nn.Module]]:
+    """The modules a name or list of names selects (qualified names or dotted suffixes), each name
+    matching something."""
+    keys = [targets] if isinstance(targets, str) else list(targets)
+    if not keys:
+        raise ValueError("targets is empty: name at least one module, or use 'all-linear'")
+    if ALL_LINEAR in keys:
+        raise ValueError(
+            f"'{ALL_LINEAR}' stands alone: it already takes every linear but the output head. "
+            f"Give '{ALL_LINEAR}' or a list of module names, not both (got {keys})"
+        )
+    unmatched = [k for k in keys if not any(name_matches(n, k) for n, _ in candidates)]
+    if unmatched:
+        linears = [n for n, m in candidates if _is_linear(m)]
+        example = f" (e.g. '{linears[0].rsplit('.', 1)[-1]}')" if linears else ""
+        raise ValueError(
+            f"target(s) {unmatched} match no module of {type(model).__name__}; "
+            f"{_linear_names_summary(model)}. Use a qualified name or a dotted suffix of one{example}, "
+            f"a list of them, '{ALL_LINEAR}', or a callable (name, module) -> bool."
+        )
+    return [(n, m) for n, m in candidates if any(name_matches(n, k) for k in keys)]
 
 
 def _pattern_value(pattern: Mapping[str, float], name: str, default: float) -> float:

@@ -137,7 +137,8 @@ def fit(
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
             if _done(cfg, fitted):
                 break
-        _finish_epoch(model, val_batches, task, device, cfg, epoch, fitted, sums, started, batches, size)
+        skipped = sum(w == 0 for w in weights)  # batches no process had anything to learn from
+        _finish_epoch(model, val_batches, task, device, cfg, epoch, fitted, sums, started, batches, size, skipped)
         if on_epoch_end is not None:
             on_epoch_end(epoch, fitted.history, optimizer, scheduler, fitted.steps, fitted.tokens, fitted.seconds)
     return fitted
@@ -190,14 +191,13 @@ def _done(cfg: TrainConfig, fitted: Fitted) -> bool:
 
 
 def _finish_epoch(model, val_batches, task: Task, device, cfg: TrainConfig, epoch: int, fitted: Fitted, sums,
-                  started: float, batches, size: int) -> None:  # fmt: skip
+                  started: float, batches, size: int, skipped: int) -> None:  # fmt: skip
     """The epoch's totals over all processes, its validation and its line of the history."""
     sums = sum_over_processes(sums, size, device)
     fitted.tokens += int(sums[2])
     fitted.seconds += time.perf_counter() - started
     if not sums[1] and not _done(cfg, fitted):
         raise TrainingError(f"nothing to learn in epoch {epoch + 1}: {_why_nothing(cfg, batches, size)}")
-    skipped = sum(1 for b in batches if task.weight(b) == 0)
     if skipped:
         tqdm.write(f"epoch {epoch + 1}: skipped {skipped} batch(es) whose responses --max-length cut off entirely")
     fitted.last_val = _validate(model, val_batches, task, device, cfg, epoch, fitted.steps)

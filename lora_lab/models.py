@@ -18,6 +18,7 @@ from torch import nn
 
 from .gpt2 import GPT2_ALIASES, GPT2_CONFIGS, HUB_IDS, GPTModel
 from .gpt2_weights import hub_files, hub_snapshot, is_path_like
+from .quantize import QUANTIZE, bnb_config, keep_training_layout, quantize_linears
 
 
 @contextmanager
@@ -269,68 +270,6 @@ def hf_weights_location(name_or_path: str) -> tuple[str, str | None]:
     )
 
 
-QUANTIZE = ("nf4", "int8")
-
-
-def _bitsandbytes():
-    try:
-        import bitsandbytes
-    except ImportError as err:
-        raise ImportError(
-            "--quantize needs bitsandbytes: pip install bitsandbytes (or pip install -e '.[quant]')"
-        ) from err
-    return bitsandbytes
-
-
-def quantize_linears(
-    model: nn.Module,
-    quantize: str,
-    skip: tuple[str, ...] = (),
-    device: torch.device | str = "cpu",
-    compute_dtype: torch.dtype = torch.float32,
-) -> list[str]:
-    """Replace every `nn.Linear` of `model` (but those named in `skip` and what they hold) with a
-    frozen bitsandbytes layer holding the same weights: 4-bit NF4 with double quantization (QLoRA),
-    or 8-bit (LLM.int8()); quantized as they move to `device`. Returns the names replaced."""
-    if quantize not in QUANTIZE:
-        raise ValueError(f"unknown quantization {quantize!r}: use {' or '.join(QUANTIZE)}")
-    bnb = _bitsandbytes()
-    names = []
-    for name, module in list(model.named_modules()):
-        if type(module) is not nn.Linear or any(name == s or name.startswith(s + ".") for s in skip):
-            continue
-        if quantize == "nf4":
-            new = bnb.nn.Linear4bit(
-                module.in_features, module.out_features, module.bias is not None, compute_dtype=compute_dtype,
-                compress_statistics=True, quant_type="nf4",
-            )  # fmt: skip
-        else:
-            new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, module.bias is not None,
-                                      has_fp16_weights=False, threshold=6.0)  # fmt: skip
-        new.load_state_dict(module.state_dict())
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, new.to(device))  # .to quantizes
-        names.append(name)
-    model.to(device)  # the rest (embeddings, norms, the head) stays in full precision
-    for param in model.parameters():
-        param.requires_grad_(False)
-    return names
-
-
-def _bnb_config(quantize: str, skip: list[str], compute_dtype: torch.dtype):
-    from transformers import BitsAndBytesConfig
-
-    _bitsandbytes()
-    if quantize == "nf4":
-        return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip,
-        )  # fmt: skip
-    if quantize == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    raise ValueError(f"unknown quantization {quantize!r}: use {' or '.join(QUANTIZE)}")
-
-
 def load_pretrained(
     name_or_path: str,
     task: str,
@@ -346,63 +285,87 @@ def load_pretrained(
     `quantize` "nf4" or "int8" stores the frozen base's linears (not the head) through
     bitsandbytes, computing in `compute_dtype`: transformers' BitsAndBytesConfig for Hugging Face
     checkpoints, `quantize_linears` for GPTModel and GGUF files."""
-    from . import data
-
     if task not in ("classification", "causal-lm"):
         raise ValueError(f"unknown task {task!r}: classification or causal-lm")
     if quantize is not None and quantize not in QUANTIZE:
         raise ValueError(f"unknown quantization {quantize!r}: use {' or '.join(QUANTIZE)}")
     name = ALIASES.get(name_or_path, name_or_path)
     if name in GPT2_CONFIGS:
-        from .gpt2_weights import load_gpt2
+        return _load_gpt2(name, task, num_labels, max_length, quantize, device, compute_dtype)
+    return _load_hf(name_or_path, task, num_labels, max_length, quantize, device, compute_dtype)
 
-        model = load_gpt2(name)
-        tok = data.gpt2_text_tokenizer(min(max_length or model.cfg.context_length, model.cfg.context_length))
-        head = None
-        if task == "classification":
-            model.out_head = nn.Linear(model.cfg.emb_dim, num_labels)
-            head = "out_head"
-        if quantize:
-            model.to(compute_dtype)  # what is not quantized stays in the compute dtype, as QLoRA keeps it
-            quantize_linears(model, quantize, ("out_head",), device, compute_dtype)
-            _keep_training_layout(model)
-        return Pretrained(model.to(device), tok, "gpt", head, HUB_IDS[name])
+
+def _hf_tokenizer(directory: str, gguf: str | None, max_length: int | None):
     import transformers
 
-    directory, gguf = hf_weights_location(name_or_path)
-    extra = {"gguf_file": gguf} if gguf else {}
-    hf_tok = transformers.AutoTokenizer.from_pretrained(directory, **extra)
+    from . import data
+
+    hf_tok = transformers.AutoTokenizer.from_pretrained(directory, **({"gguf_file": gguf} if gguf else {}))
     limit = getattr(hf_tok, "model_max_length", None)
     limit = limit if isinstance(limit, int) and limit < 1_000_000 else 2048
-    tok = data.hf_text_tokenizer(hf_tok, min(max_length or limit, limit))
-    auto = transformers.AutoModelForSequenceClassification if task == "classification" else None
-    auto = auto or transformers.AutoModelForCausalLM
-    labels = {"num_labels": num_labels, "pad_token_id": tok.pad_id} if task == "classification" else {}
+    return data.hf_text_tokenizer(hf_tok, min(max_length or limit, limit))
+
+
+def _load_hf(name_or_path: str, task: str, num_labels: int, max_length: int | None, quantize: str | None, device,
+             compute_dtype: torch.dtype) -> Pretrained:  # fmt: skip
+    """A Hugging Face checkpoint (directory, hub id, packaged weights or GGUF file) with its tokenizer."""
+    import transformers
+
+    from .inject import classifier_head_name, output_head_name
+
+    directory, gguf = hf_weights_location(name_or_path)
+    tok = _hf_tokenizer(directory, gguf, max_length)
+    classifies = task == "classification"
+    auto = transformers.AutoModelForSequenceClassification if classifies else transformers.AutoModelForCausalLM
+    labels = {"num_labels": num_labels, "pad_token_id": tok.pad_id} if classifies else {}
+    extra: dict = {"gguf_file": gguf} if gguf else {}
     # QLoRA keeps what is not quantized in the compute dtype (bf16 with --bf16), as the report counts it
     dtype = compute_dtype if quantize else torch.float32
     if quantize and not gguf:
         skip = _unquantized_modules(auto, directory, labels)
-        extra.update(quantization_config=_bnb_config(quantize, skip, compute_dtype), device_map={"": str(device)})
+        extra.update(quantization_config=bnb_config(quantize, skip, compute_dtype), device_map={"": str(device)})
     with _quiet_transformers():  # the new head's "newly initialized" report is expected: checked below
         model, info = auto.from_pretrained(directory, dtype=dtype, output_loading_info=True, **labels, **extra)
-    from .inject import classifier_head_name, output_head_name
-
-    head = classifier_head_name(model) if task == "classification" else None
-    missing = [k for k in info.get("missing_keys", []) if not (head and (k == head or k.startswith(head + ".")))]
-    if missing:
-        warnings.warn(
-            f"{directory}: {len(missing)} weight(s) are not in the checkpoint and start random: "
-            f"{', '.join(sorted(missing)[:4])}{' ...' if len(missing) > 4 else ''}",
-            stacklevel=2,
-        )
+    head = classifier_head_name(model) if classifies else None
+    _warn_missing(directory, info.get("missing_keys", []), head)
     if quantize and gguf:  # GGUF files load dequantized; bitsandbytes quantizes them again here
         keep = tuple(n for n in {output_head_name(model), classifier_head_name(model)} if n)
         quantize_linears(model, quantize, keep, device, compute_dtype)
     elif not quantize:
         model.to(device)
     if quantize:
-        _keep_training_layout(model)
+        keep_training_layout(model)
     return Pretrained(model, tok, "hf", head, directory + (f"/{gguf}" if gguf else ""))
+
+
+def _warn_missing(directory: str, missing_keys: list[str], head: str | None) -> None:
+    """Weights the checkpoint lacks start random: say which (the new head's are expected)."""
+    missing = [k for k in missing_keys if not (head and (k == head or k.startswith(head + ".")))]
+    if missing:
+        warnings.warn(
+            f"{directory}: {len(missing)} weight(s) are not in the checkpoint and start random: "
+            f"{', '.join(sorted(missing)[:4])}{' ...' if len(missing) > 4 else ''}",
+            stacklevel=4,
+        )
+
+
+def _load_gpt2(name: str, task: str, num_labels: int, max_length: int | None, quantize: str | None, device,
+               compute_dtype: torch.dtype) -> Pretrained:  # fmt: skip
+    """OpenAI's GPT-2 weights in our GPTModel, with the book's new `out_head` for classification."""
+    from . import data
+    from .gpt2_weights import load_gpt2
+
+    model = load_gpt2(name)
+    tok = data.gpt2_text_tokenizer(min(max_length or model.cfg.context_length, model.cfg.context_length))
+    head = None
+    if task == "classification":
+        model.out_head = nn.Linear(model.cfg.emb_dim, num_labels)
+        head = "out_head"
+    if quantize:
+        model.to(compute_dtype)  # what is not quantized stays in the compute dtype, as QLoRA keeps it
+        quantize_linears(model, quantize, ("out_head",), device, compute_dtype)
+        keep_training_layout(model)
+    return Pretrained(model.to(device), tok, "gpt", head, HUB_IDS[name])
 
 
 def _unquantized_modules(auto: type, directory: str, labels: dict) -> list[str]:
@@ -422,15 +385,6 @@ def _unquantized_modules(auto: type, directory: str, labels: dict) -> list[str]:
     except (ImportError, AttributeError, ValueError, OSError):
         pass  # older transformers: the names above
     return sorted(keep)
-
-
-def _keep_training_layout(model: nn.Module) -> None:
-    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into an inference layout at the
-    first forward without gradients (an evaluation) and keeps it, and its training forward then fails
-    in that layout (bitsandbytes 0.50). A model that trains and evaluates in turn keeps one layout."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
 
 
 @contextmanager

@@ -253,6 +253,11 @@ def _why(lines: list[dict], estimates: dict[int, S.Estimate], choice: S.Choice, 
         )
     if some_failed:
         text += " Ranks where a seed failed are not candidates."
+    if any(math.isnan(e.data_se) for e in estimates.values()):
+        text += (
+            " The validation set's own noise is unknown for rows written before lora_lab recorded it (no val_scored "
+            "or final_val_loss_se): with one seed those ranks show no error bar, so train them again to compare."
+        )
     flagged = [f"r={line['rank']} ({line['flags']})" for line in lines if line["flags"]]
     if flagged:
         text += f" Weak: {'; '.join(flagged)}."

@@ -1,0 +1,80 @@
+"""QLoRA's frozen base: a model's linears stored in 4-bit NF4 or 8-bit through bitsandbytes (which
+runs on CPUs too), everything else in the compute dtype. Hugging Face checkpoints go through
+transformers' BitsAndBytesConfig (`bnb_config`); our GPTModel and GGUF files through
+`quantize_linears`, which swaps the linears for bitsandbytes layers in place."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+QUANTIZE = ("nf4", "int8")
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+    except ImportError as err:
+        raise ImportError(
+            "--quantize needs bitsandbytes: pip install bitsandbytes (or pip install -e '.[quant]')"
+        ) from err
+    return bitsandbytes
+
+
+def quantize_linears(
+    model: nn.Module,
+    quantize: str,
+    skip: tuple[str, ...] = (),
+    device: torch.device | str = "cpu",
+    compute_dtype: torch.dtype = torch.float32,
+) -> list[str]:
+    """Replace every `nn.Linear` of `model` (but those named in `skip` and what they hold) with a
+    frozen bitsandbytes layer holding the same weights: 4-bit NF4 with double quantization (QLoRA),
+    or 8-bit (LLM.int8()); quantized as they move to `device`. Returns the names replaced."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantization {quantize!r}: use {' or '.join(QUANTIZE)}")
+    bnb = _bitsandbytes()
+    names = []
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or any(name == s or name.startswith(s + ".") for s in skip):
+            continue
+        if quantize == "nf4":
+            new = bnb.nn.Linear4bit(
+                module.in_features, module.out_features, module.bias is not None, compute_dtype=compute_dtype,
+                compress_statistics=True, quant_type="nf4",
+            )  # fmt: skip
+        else:
+            new = bnb.nn.Linear8bitLt(module.in_features, module.out_features, module.bias is not None,
+                                      has_fp16_weights=False, threshold=6.0)  # fmt: skip
+        new.load_state_dict(module.state_dict())
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new.to(device))  # .to quantizes
+        names.append(name)
+    model.to(device)  # the rest (embeddings, norms, the head) stays in full precision
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return names
+
+
+def bnb_config(quantize: str, skip: list[str], compute_dtype: torch.dtype):
+    """transformers' BitsAndBytesConfig for `quantize`, leaving the modules in `skip` in full precision."""
+    from transformers import BitsAndBytesConfig
+
+    _bitsandbytes()
+    if quantize == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=compute_dtype, llm_int8_skip_modules=skip,
+        )  # fmt: skip
+    if quantize == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    raise ValueError(f"unknown quantization {quantize!r}: use {' or '.join(QUANTIZE)}")
+
+
+def keep_training_layout(model: nn.Module) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight into an inference layout at the
+    first forward without gradients (an evaluation) and keeps it, and its training forward then fails
+    in that layout (bitsandbytes 0.50). A model that trains and evaluates in turn keeps one layout."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
