@@ -27,13 +27,12 @@ from pathlib import Path
 import torch
 
 from lora_lab import data as D
-from lora_lab.cli import answer
 from lora_lab.config import TrainConfig
 from lora_lab.files import write_bytes, write_text
 from lora_lab.inject import inject_lora
 from lora_lab.loop import evaluate, fit
 from lora_lab.lora import lora_modules
-from lora_lab.run import load_run, train
+from lora_lab.run import answer, load_run, train
 from lora_lab.tasks import classification_metrics
 
 RESULTS = Path(__file__).parent / "results"

@@ -177,7 +177,8 @@ def similarity_rows(by_rank: dict[int, dict]) -> tuple[list[dict[str, object]], 
                 matrices[(r1, r2, name)] = phi
                 diagonal = torch.diagonal(phi_dw).tolist()
                 shared = [i for i, v in enumerate(diagonal, 1) if above_chance(v, chance_level(i, i, width)) > SHARED]
-                chance = chance_level(1, r2, width)
+                # dW of rank r2 has at most min(r2, in, out) directions: phi(1, j) and its chance at that j
+                chance = chance_level(1, phi_dw.shape[1], width)
                 kind, layer = module_kind(name)
                 rows.append({
                     "rank_a": r1, "rank_b": r2, "module": name, "type": kind, "layer": "" if layer is None else layer,
@@ -185,7 +186,8 @@ def similarity_rows(by_rank: dict[int, dict]) -> tuple[list[dict[str, object]], 
                     "phi_A_top": round(float(phi[0, 0]), 4), "phi_A_all": round(float(phi[-1, -1]), 4),
                     "phi_dW_top": round(float(phi_dw[0, 0]), 4), "phi_dW_top_in_b": round(float(phi_dw[0, -1]), 4),
                     "chance_top_in_b": round(chance, 4),
-                    "above_chance_top_in_b": round(above_chance(float(phi_dw[0, -1]), chance), 4),
+                    # empty where chance is 1: a subspace that spans the whole input says nothing
+                    "above_chance_top_in_b": round(above_chance(float(phi_dw[0, -1]), chance), 4) if chance < 1 else "",
                     "phi_dW_all": round(float(phi_dw[-1, -1]), 4),
                     "shared_directions": max(shared, default=0),
                 })  # fmt: skip
@@ -198,12 +200,13 @@ def recommend(candidates: Sequence[int], sim_rows: Sequence[dict], metric_reason
     above_chance_top_in_b >= 0.5); else the first candidate. Returns the rank and why, in words."""
 
     def held_by_larger(r: int) -> dict[int, float]:
-        larger = sorted({int(x["rank_b"]) for x in sim_rows if int(x["rank_a"]) == r})
-        return {
-            R: statistics.fmean(float(x["above_chance_top_in_b"]) for x in sim_rows
-                                if (int(x["rank_a"]), int(x["rank_b"])) == (r, R))
-            for R in larger
-        }  # fmt: skip
+        """Mean over modules of how far above chance rank R holds r's top direction, for every larger R
+        where some module can tell (chance below 1)."""
+        told: dict[int, list[float]] = {}
+        for x in sim_rows:
+            if int(x["rank_a"]) == r and x["above_chance_top_in_b"] not in ("", None):
+                told.setdefault(int(x["rank_b"]), []).append(float(x["above_chance_top_in_b"]))
+        return {R: statistics.fmean(v) for R, v in sorted(told.items())}
 
     def listed(held: dict[int, float]) -> str:
         return ", ".join(f"r={R} {v:.2f}" for R, v in held.items()) or "no larger rank"
@@ -379,10 +382,12 @@ def _similarity_table(sims: Sequence[dict]) -> list[dict[str, object]]:
     groups: dict[tuple, list[dict]] = {}
     for row in sims:
         groups.setdefault((row["series"], row["rank_a"], row["rank_b"]), []).append(row)
-    out = []
-    for (series, a, b), rows in groups.items():
-        out.append({"series": series, "rank_a": a, "rank_b": b,
-                    **{k: round(statistics.fmean(float(r[k]) for r in rows), 3)
-                       for k in ("phi_A_top", "phi_A_all", "phi_dW_top", "phi_dW_top_in_b", "chance_top_in_b",
-                                 "above_chance_top_in_b", "phi_dW_all", "shared_directions")}})  # fmt: skip
-    return out
+
+    def mean(rows: list[dict], key: str) -> float:  # modules where a figure says nothing (chance 1) left out
+        values = [float(r[key]) for r in rows if r[key] not in ("", None)]
+        return round(statistics.fmean(values), 3) if values else math.nan
+
+    keys = ("phi_A_top", "phi_A_all", "phi_dW_top", "phi_dW_top_in_b", "chance_top_in_b", "above_chance_top_in_b",
+            "phi_dW_all", "shared_directions")  # fmt: skip
+    return [{"series": s, "rank_a": a, "rank_b": b, **{k: mean(rows, k) for k in keys}}
+            for (s, a, b), rows in groups.items()]  # fmt: skip

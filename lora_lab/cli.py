@@ -108,6 +108,8 @@ def _train_config(args: argparse.Namespace, **point: object):
     if args.data_path:
         values["data_path"] = _absolute(args.data_path)
     weights = _numbers(args.class_weights or [], "--class-weights", float, unique=False)
+    if args.class_weights is not None and not weights:
+        raise ValueError("--class-weights takes one weight per class, such as 1,3")
     values["class_weights"] = weights or None
     return TrainConfig(**{**values, **point})
 
@@ -219,35 +221,12 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from .run import load_run
+    from .run import answer, load_run
 
     cfg, loaded, _ = load_run(args.run, task="causal-lm")
     for instruction in args.instructions:
         print(answer(loaded, cfg.template, instruction, args.input, args.max_new_tokens))
     return 0
-
-
-def answer(loaded, template: str, instruction: str, context: str = "", max_new_tokens: int = 128) -> str:
-    """The tuned model's greedy answer to an instruction (with an optional input)."""
-    import torch
-
-    from .gpt2 import generate
-
-    tok = loaded.tokenizer
-    room = tok.max_length - max_new_tokens  # what the prompt may take of the context
-    if room < 1:
-        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in {tok.max_length} tokens")
-    # a prompt too long keeps its end, where the response starts (and its BOS)
-    ids = torch.tensor([tok.encode_tail(tok.prompt({"instruction": instruction, "input": context}, template), room)])
-    with torch.no_grad():
-        if loaded.kind == "gpt":
-            out = generate(loaded.model, ids, max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
-        else:
-            out = loaded.model.generate(
-                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
-                eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
-            )  # fmt: skip
-    return tok.decode(out[0, ids.shape[1] :].tolist()).strip()
 
 
 def _training_options(parser: argparse.ArgumentParser, defaults: dict | None = None) -> None:

@@ -4,6 +4,7 @@ run directory's config.json holds exactly these values."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,7 +73,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         whole = {"rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
         bad = [f"--{k.replace('_', '-')} {v}" for k, v in whole.items() if not isinstance(v, int) or v < 1]
-        bad += [f"--{k} {v}" for k, v in {"lr": self.lr, "alpha": self.alpha}.items() if not v > 0]
+        bad += [f"--{k} {v}" for k, v in {"lr": self.lr, "alpha": self.alpha}.items() if not 0 < v < math.inf]
         if self.max_steps is not None and self.max_steps < 1:
             bad.append(f"--max-steps {self.max_steps}")
         if self.max_length is not None and self.max_length < 2:
@@ -81,8 +82,13 @@ class TrainConfig:
             bad.append(f"--dropout {self.dropout} / --warmup {self.warmup} (fractions)")
         if bad:
             raise ValueError(f"{', '.join(bad)}: counts must be at least 1 (max-length 2), lr and alpha positive")
+        for name, value in {"clip": self.clip, "weight_decay": self.weight_decay}.items():
+            if not 0 <= value < math.inf:  # a negative max norm turns every gradient around: training climbs
+                raise ValueError(f"--{name.replace('_', '-')} {value}: must be 0 or more (0: off)")
+        if self.positive_label is not None and self.task() != CLASSIFICATION:
+            raise ValueError("--positive-label is for classification; instruction tuning has no classes")
         if self.class_weights is not None:
-            self.make_task("hf")  # refuses negative weights, or weights for instruction tuning
+            self.make_task("hf")  # refuses negative or infinite weights, or weights for instruction tuning
 
     def task(self) -> str:
         return CAUSAL_LM if self.dataset == "instructions" else CLASSIFICATION

@@ -16,6 +16,7 @@ cached under ``~/.cache/lora_lab`` (sentence polarity, the book's instruction se
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import random
@@ -199,7 +200,7 @@ def sentiment(path: str | os.PathLike | None = None, seed: int = 123) -> Classif
 _WHOLE = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: "²" is a digit to str.isdigit, not to int()
 
 
-def _label(value: str) -> str:
+def label_name(value: str) -> str:
     """A label as the dataset numbers it: whole numbers by their value ("01", "+1" and "1" are one class)."""
     return str(int(value)) if _WHOLE.fullmatch(value) else value
 
@@ -214,20 +215,20 @@ def csv_dataset(
         raise FileNotFoundError(f"no such file: {path} (csv:PATH needs a CSV or TSV file with a header row)")
     delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
     try:
-        with open(path, encoding="utf-8-sig", newline="") as f:  # -sig: Excel's "CSV UTF-8" starts with a BOM
-            reader = csv.DictReader(f, delimiter=delimiter)
-            columns = reader.fieldnames or []
-            missing = [c for c in (text_column, label_column) if c not in columns]
-            if missing:
-                raise ValueError(
-                    f"{path} has no column(s) {missing}; its columns are {columns}. Name them with "
-                    "--text-column and --label-column"
-                )
-            raw = [(row[text_column] or "", _label((row[label_column] or "").strip())) for row in reader]
+        text = path.read_bytes().decode("utf-8-sig")  # -sig: Excel's "CSV UTF-8" starts with a BOM
     except UnicodeDecodeError as err:
         raise ValueError(
             f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8 (Excel: 'CSV UTF-8')"
         ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    columns = reader.fieldnames or []
+    missing = [c for c in (text_column, label_column) if c not in columns]
+    if missing:
+        raise ValueError(
+            f"{path} has no column(s) {missing}; its columns are {columns}. Name them with "
+            "--text-column and --label-column"
+        )
+    raw = [(row[text_column] or "", label_name((row[label_column] or "").strip())) for row in reader]
     empty = [number for number, (_, label) in enumerate(raw, start=2) if not label]
     if empty:
         raise ValueError(

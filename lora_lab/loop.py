@@ -197,9 +197,10 @@ def _finish_epoch(model, val_batches, task: Task, device, cfg: TrainConfig, epoc
     fitted.tokens += int(sums[2])
     fitted.seconds += time.perf_counter() - started
     if not sums[1] and not _done(cfg, fitted):
-        raise TrainingError(f"nothing to learn in epoch {epoch + 1}: {_why_nothing(cfg, batches, size)}")
-    if skipped:
-        tqdm.write(f"epoch {epoch + 1}: skipped {skipped} batch(es) whose responses --max-length cut off entirely")
+        raise TrainingError(f"nothing to learn in epoch {epoch + 1}: {_why_nothing(cfg, task, batches, size)}")
+    if skipped and world()[0] == 0:
+        why = task.why_unlearnable(cfg.max_length)
+        tqdm.write(f"epoch {epoch + 1}: skipped {skipped} batch(es) with nothing to learn: {why}")
     fitted.last_val = _validate(model, val_batches, task, device, cfg, epoch, fitted.steps)
     row = {"epoch": epoch + 1, "step": fitted.steps, "train_loss": float(sums[0] / max(sums[1], 1)),
            "val_loss": fitted.last_val["loss"]}  # fmt: skip
@@ -243,10 +244,10 @@ def _check_finite(loss: torch.Tensor, size: int, cfg: TrainConfig, step: int, ep
         )
 
 
-def _why_nothing(cfg: TrainConfig, batches: Sequence, size: int) -> str:
+def _why_nothing(cfg: TrainConfig, task: Task, batches: Sequence, size: int) -> str:
     if not batches:
         return f"no batch for each of {size} processes: the training set is too small"
-    return f"every batch was skipped (--max-length {cfg.max_length} cuts off every response); raise --max-length"
+    return f"every batch was skipped: {task.why_unlearnable(cfg.max_length)}"
 
 
 def _validate(model, val_batches, task: Task, device, cfg: TrainConfig, epoch: int, step: int) -> dict:

@@ -109,9 +109,7 @@ def _log2_ranks(ax, ranks: Sequence[int]) -> None:
     ax.grid(alpha=0.3)
 
 
-def plot_sweep(
-    table: Sequence[dict], path: str | os.PathLike, chosen: str, reported: str, baseline: float | None = None
-) -> None:
+def plot_sweep(table: Sequence[dict], path: str | os.PathLike, chosen: str, reported: str) -> None:
     """A sweep at a glance, one colour per series (model, scaling, targets). Left: the validation
     metric's mean with its 95% interval and the test metric against the rank, the best rank starred,
     the recommended one ringed, the baseline dotted. Middle: the validation metric against trainable
@@ -129,10 +127,11 @@ def plot_sweep(
         _cost_panel(axes[1], lines, chosen, scale, label, color)
         axes[2].plot([line["rank"] for line in lines], [line["seconds"] for line in lines], "o-", color=color,
                      label=name)  # fmt: skip
+        baseline = lines[0].get("baseline", math.nan)  # each model's own (an untrained loss differs by model)
+        if not math.isnan(baseline):
+            for ax in axes[:2]:
+                ax.axhline(scale * baseline, ls=":", color=color, label=f"{label}baseline" if ax is axes[0] else None)
     what, unit = ("accuracy", " (%)") if scale == 100.0 else ("loss", "")
-    if baseline is not None:
-        for ax in axes[:2]:
-            ax.axhline(scale * baseline, ls=":", color="gray", label="baseline" if ax is axes[0] else None)
     axes[0].plot([], [], "*", ms=12, color="gray", markeredgecolor="black", label="best on the metric alone")
     axes[0].plot([], [], "o", ms=11, mfc="none", mec="black", mew=1.8, label="recommended")
     axes[0].set(ylabel=f"{what}{unit}", title=f"{what} by rank (chosen on validation)")
@@ -263,13 +262,14 @@ def plot_similarity(matrices: dict, r1: int, r2: int, path: str | os.PathLike, t
     image = None
     for (kind, layer), matrix in matrices.items():
         ax = axes[kinds.index(kind)][layers.index(layer)]
+        rows, cols = matrix.shape  # a rank above the layer's width has only `in` directions
         image = ax.imshow(matrix.numpy(), vmin=0, vmax=1, cmap="viridis", aspect="auto",
-                          extent=(0.5, r2 + 0.5, r1 + 0.5, 0.5))  # fmt: skip
+                          extent=(0.5, cols + 0.5, rows + 0.5, 0.5))  # fmt: skip
+        ax.set_xticks([1, cols])
+        ax.set_yticks([1, rows])
     for row, kind in enumerate(kinds):
         for col, layer in enumerate(layers):
             ax = axes[row][col]
-            ax.set_xticks([1, r2])
-            ax.set_yticks([1, r1])
             ax.tick_params(labelsize=6)
             if row == 0:
                 ax.set_title("no layer" if layer is None else f"layer {layer}", fontsize=8)

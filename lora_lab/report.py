@@ -170,7 +170,7 @@ def _data_se(row: dict[str, str], chosen: str) -> float:
 def _summary_line(runs: list[dict[str, str]], failed: int, varied: Sequence[str], task: str):
     """A rank's line of the table, and its validation estimate (None when no run has the metric)."""
     chosen, reported, higher = metric_for(task)
-    scored = [r for r in runs if _float(r[chosen]) is not None]
+    scored = [r for r in runs if _float(r.get(chosen, "")) is not None and math.isfinite(float(r[chosen]))]
     estimate = None
     if scored:
         data = [_data_se(r, chosen) for r in scored]
@@ -196,20 +196,20 @@ def _summary_line(runs: list[dict[str, str]], failed: int, varied: Sequence[str]
         line["test_f1"] = statistics.fmean(float(r["test_f1"]) for r in runs)
     line["seconds"] = statistics.fmean(float(r["seconds"]) for r in runs)
     line["peak_memory_mib"] = max(float(r["peak_memory_mib"]) for r in runs)
-    line["flags"] = _flags(runs, estimate, higher)
+    baselines = [float(r["val_baseline"]) for r in runs if r.get("val_baseline") not in ("", None)]
+    line["baseline"] = statistics.fmean(baselines) if baselines else math.nan  # of this model: its own
+    line["flags"] = _flags(runs, estimate, line["baseline"], higher)
     return line, estimate
 
 
-def _flags(runs: list[dict[str, str]], estimate: S.Estimate | None, higher: bool) -> str:
+def _flags(runs: list[dict[str, str]], estimate: S.Estimate | None, baseline: float, higher: bool) -> str:
     """What makes a rank's figure weak: a run that predicts a single class; a mean no better than the
     baseline (always the most common class, or the untrained model's loss)."""
     flags = []
     one_class = [r["seed"] for r in runs if r.get("val_classes_predicted") == "1"]
     if one_class:
         flags.append(f"predicts one class (seed {', '.join(one_class)})")
-    baselines = [float(r["val_baseline"]) for r in runs if r.get("val_baseline") not in ("", None)]
-    if estimate is not None and baselines:
-        baseline = statistics.fmean(baselines)
+    if estimate is not None and not math.isnan(baseline):
         if (estimate.mean <= baseline) if higher else (estimate.mean >= baseline):
             flags.append("no better than the baseline")
     return "; ".join(flags)
@@ -229,9 +229,9 @@ def _why(lines: list[dict], estimates: dict[int, S.Estimate], choice: S.Choice, 
     by_rank = {line["rank"]: line for line in lines}
     rec, best = estimates[choice.recommended], estimates[choice.best]
     name = by_rank[choice.recommended]["series"]
-    head = f"{name}: recommended rank **r={choice.recommended}** ({chosen} {_show(rec.mean, chosen)} ± " + (
-        f"{_gap(rec.se, chosen)}, 95% interval {_show(rec.low, chosen)} to {_show(rec.high, chosen)})"
-    )
+    noise = "noise unknown" if math.isnan(rec.se) else (
+        f"± {_gap(rec.se, chosen)}, 95% interval {_show(rec.low, chosen)} to {_show(rec.high, chosen)}")  # fmt: skip
+    head = f"{name}: recommended rank **r={choice.recommended}** ({chosen} {_show(rec.mean, chosen)}, {noise})"
     paired = rec.seeds >= 2 and set(rec.by_seed) == set(best.by_seed)
     how = f"paired over {rec.seeds} seeds" if paired else ("over the validation set" if rec.seeds == 1 else "")
     if choice.recommended == choice.best:
@@ -258,6 +258,9 @@ def _why(lines: list[dict], estimates: dict[int, S.Estimate], choice: S.Choice, 
             " The validation set's own noise is unknown for rows written before lora_lab recorded it (no val_scored "
             "or final_val_loss_se): with one seed those ranks show no error bar, so train them again to compare."
         )
+    baseline = _baseline_text(lines, chosen)
+    if baseline:
+        text += " " + baseline
     flagged = [f"r={line['rank']} ({line['flags']})" for line in lines if line["flags"]]
     if flagged:
         text += f" Weak: {'; '.join(flagged)}."
@@ -271,7 +274,6 @@ def write_summary(out: Path, rows: Sequence[dict[str, str]], task: str) -> None:
     failed = [r for r in rows if r["status"] != "ok"]
     chosen, reported, _ = metric_for(task)
     positive = sorted({r.get("positive_class", "") for r in rows if r.get("positive_class")})
-    baseline = _baseline_text(rows, task)
     unit = "example" if task == "classification" else "response token"
     text = [
         f"# Rank sweep: {len(rows)} points",
@@ -283,7 +285,6 @@ def write_summary(out: Path, rows: Sequence[dict[str, str]], task: str) -> None:
         f"and better. Losses: unweighted mean cross-entropy per {unit}. Seconds: training time per point.",
         "",
         *[f"- {p}" for p in paragraphs],
-        *([f"- Baseline: {baseline}."] if baseline else []),
         "",
         markdown_table(_display(table, chosen, reported, positive), {"alpha": 1}) if table else "(no point finished)",
         "",
@@ -294,23 +295,20 @@ def write_summary(out: Path, rows: Sequence[dict[str, str]], task: str) -> None:
                  f"{r['status']}" for r in failed]  # fmt: skip
         text += [""]
     if table:
-        plot_sweep(table, out / PLOT, chosen, reported, _baseline_value(rows))
+        plot_sweep(table, out / PLOT, chosen, reported)
         text += [f"![sweep]({PLOT})", ""]
     write_text(out / SUMMARY, "\n".join(text))
 
 
-def _baseline_value(rows: Sequence[dict[str, str]]) -> float | None:
-    values = [float(r["val_baseline"]) for r in rows if r.get("val_baseline") not in ("", None)]
-    return statistics.fmean(values) if values else None
-
-
-def _baseline_text(rows: Sequence[dict[str, str]], task: str) -> str:
-    value = _baseline_value(rows)
-    if value is None:
+def _baseline_text(lines: Sequence[dict], chosen: str) -> str:
+    """The series' baseline in words (its model's: the untrained loss differs between models)."""
+    values = [line["baseline"] for line in lines if not math.isnan(line["baseline"])]
+    if not values:
         return ""
-    if task == "classification":
-        return f"always answering the most common training class scores {100 * value:.2f}% on validation"
-    return f"the untrained model's validation loss is {value:.4f}"
+    value = statistics.fmean(values)
+    if chosen.endswith("accuracy"):
+        return f"Baseline: always answering the most common training class scores {100 * value:.2f}% on validation."
+    return f"Baseline: the untrained model's validation loss is {value:.4f}."
 
 
 def _display(table: list[dict], chosen: str, reported: str, positive: list[str]) -> list[dict]:
@@ -320,7 +318,7 @@ def _display(table: list[dict], chosen: str, reported: str, positive: list[str])
     for line in table:
         row = {}
         for k, v in line.items():
-            if k in ("ci95_low", "ci95_high"):
+            if k in ("ci95_low", "ci95_high", "baseline"):
                 continue
             if k == f"{chosen}_se":
                 row["se (points)" if percent else "se"] = (100 * v if percent else v) if not math.isnan(v) else "-"

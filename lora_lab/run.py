@@ -140,6 +140,7 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) ->
     metrics = _metrics(cfg, task, model, dataset, fitted, device, processes, initial, val, test)
     if task.classifies:
         metrics.update(_classification_metrics(model, dataset, cfg, task, collate, device, val, test))
+    metrics = _finite(metrics)  # JSON has no NaN: a figure that cannot be had is None
     if rank == 0:
         _write_run(run, cfg, loaded, model, fitted, metrics, initial)
     barrier()  # every process returns once the run is on disk
@@ -242,9 +243,21 @@ def positive_index(labels: Sequence[str], positive: str | None) -> int:
     named, else the second in the labels' order (1 of 0/1, spam of ham/spam)."""
     if positive is None:
         return 1
-    if positive not in labels:
+    name = D.label_name(positive.strip())  # as the CSV's labels are read: "01" is class 1
+    if name not in labels:
         raise ValueError(f"--positive-label {positive!r} is not a label of this dataset; its labels are {list(labels)}")
-    return list(labels).index(positive)
+    return list(labels).index(name)
+
+
+def _finite(value: object) -> object:
+    """`value` with every NaN or infinite float as None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _write_run(run: Path, cfg: TrainConfig, loaded, model: nn.Module, fitted: Fitted, metrics: dict, initial: dict):
@@ -260,7 +273,7 @@ def _write_run(run: Path, cfg: TrainConfig, loaded, model: nn.Module, fitted: Fi
     lines = [",".join(fitted.history[0])] + [",".join(str(v) for v in row.values()) for row in fitted.history]
     write_text(run / HISTORY, "\n".join(lines) + "\n")
     plot_history(fitted.history, run / "history.png", f"{cfg.model} on {cfg.dataset}, LoRA r={cfg.rank}", initial)
-    write_text(run / METRICS, json.dumps(metrics, indent=2) + "\n")
+    write_text(run / METRICS, json.dumps(_finite(metrics), indent=2) + "\n")  # strict JSON: NaN as null
     (run / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the adapter and metrics hold it
 
 
@@ -285,3 +298,24 @@ def load_run(run: str | Path, task: str | None = None):
     load_adapter(loaded.model, run / ADAPTER_FILE)
     loaded.model.eval()
     return cfg, loaded, labels
+
+
+def answer(loaded, template: str, instruction: str, context: str = "", max_new_tokens: int = 128) -> str:
+    """The tuned model's greedy answer to an instruction (with an optional input)."""
+    from .gpt2 import generate
+
+    tok = loaded.tokenizer
+    room = tok.max_length - max_new_tokens  # what the prompt may take of the context
+    if room < 1:
+        raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in {tok.max_length} tokens")
+    # a prompt too long keeps its end, where the response starts (and its BOS)
+    ids = torch.tensor([tok.encode_tail(tok.prompt({"instruction": instruction, "input": context}, template), room)])
+    with torch.no_grad():
+        if loaded.kind == "gpt":
+            out = generate(loaded.model, ids, max_new_tokens=max_new_tokens, eos_id=tok.eos_id)
+        else:
+            out = loaded.model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False,
+                eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+            )  # fmt: skip
+    return tok.decode(out[0, ids.shape[1] :].tolist()).strip()

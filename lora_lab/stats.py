@@ -45,8 +45,11 @@ def t95(df: int) -> float:
 
 
 def binomial_se(p: float, n: int) -> float:
-    """Standard error of an accuracy p measured on n examples."""
-    return math.sqrt(max(p * (1 - p), 0.0) / n) if n > 0 else math.nan
+    """Standard error of an accuracy p measured on n examples; at 0% or 100% that of one example
+    either way (p (1 - p) never below (1/n)(1 - 1/n)), as a perfect score on n examples is not certainty."""
+    if n <= 0:
+        return math.nan
+    return math.sqrt(max(p * (1 - p), (1 / n) * (1 - 1 / n)) / n)
 
 
 @dataclass(frozen=True)
@@ -83,20 +86,25 @@ def estimate(
     k = len(values)
     seed_se = statistics.stdev(values) / math.sqrt(k) if k > 1 else math.nan
     se = max(_nan_to_zero(seed_se), _nan_to_zero(data_se))
+    if math.isnan(seed_se) and math.isnan(data_se):
+        se = math.nan  # one seed and no validation size: the noise is unknown, not zero
     half = max(t95(k - 1) * _nan_to_zero(seed_se), Z95 * _nan_to_zero(data_se))
     low, high = max(mean - half, bounds[0]), min(mean + half, bounds[1])
+    if math.isnan(se):
+        low = high = math.nan
     return Estimate(mean, se, low, high, dict(by_seed), seed_se, data_se)
 
 
 def difference_se(a: Estimate, b: Estimate) -> float:
-    """Standard error of mean(a) - mean(b): paired over their shared seeds when there are two or
-    more, never below the validation sets' own noise; else as if independent."""
+    """Standard error of mean(a) - mean(b): paired (seed by seed) when both have the same two or more
+    seeds, never below the validation sets' own noise; else as if independent. Unknown noise counts
+    as none."""
     floor = math.hypot(_nan_to_zero(a.data_se), _nan_to_zero(b.data_se))
     shared = [s for s in a.by_seed if s in b.by_seed]
     if len(shared) >= 2 and len(shared) == a.seeds == b.seeds:
         d = [a.by_seed[s] - b.by_seed[s] for s in shared]
         return max(statistics.stdev(d) / math.sqrt(len(d)), floor)
-    return max(math.hypot(a.se, b.se), floor)
+    return max(math.hypot(_nan_to_zero(a.se), _nan_to_zero(b.se)), floor)
 
 
 @dataclass(frozen=True)
@@ -118,10 +126,10 @@ def choose(estimates: Mapping[Hashable, Estimate], costs: Mapping[Hashable, floa
     sign = 1.0 if higher_is_better else -1.0
     top = max(sign * e.mean for e in estimates.values())
     level = [k for k, e in estimates.items() if sign * e.mean >= top - TIE * max(1.0, abs(top))]
-    best = min(level, key=lambda k: (costs[k], str(k)))
+    best = min(level, key=lambda k: (costs[k], k))
     leads = {k: sign * (estimates[best].mean - e.mean) for k, e in estimates.items()}
     ses = {k: difference_se(estimates[k], estimates[best]) if k != best else 0.0 for k in estimates}
-    tied = sorted((k for k in estimates if leads[k] <= ses[k] + TIE), key=lambda k: (costs[k], str(k)))
+    tied = sorted((k for k in estimates if leads[k] <= ses[k] + TIE), key=lambda k: (costs[k], k))
     chosen = tied[0]
     return Choice(best, chosen, max(leads[chosen], 0.0), ses[chosen], tuple(tied))
 

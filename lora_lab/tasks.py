@@ -24,6 +24,7 @@ is reported, so runs with and without them compare.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -56,10 +57,10 @@ class Task:
         if self.class_weights is not None:
             if self.name != CLASSIFICATION:
                 raise ValueError("--class-weights is for classification; instruction tuning has no classes")
-            if not all(w >= 0 for w in self.class_weights) or not any(w > 0 for w in self.class_weights):
+            if not all(0 <= w < math.inf for w in self.class_weights) or not any(w > 0 for w in self.class_weights):
                 raise ValueError(
-                    f"--class-weights {','.join(map(str, self.class_weights))}: weights must be non-negative, "
-                    "and one at least positive"
+                    f"--class-weights {','.join(map(str, self.class_weights))}: weights must be non-negative and "
+                    "finite, and one at least positive"
                 )
 
     @property
@@ -114,6 +115,12 @@ class Task:
         losses, targets = self.losses(logits, labels)
         weighted = losses if self.class_weights is None else losses * self.item_weights(targets).to(losses.dtype)
         return weighted.sum(), losses.detach()
+
+    def why_unlearnable(self, max_length: int | None) -> str:
+        """Why a batch has nothing to learn from (its weight is 0), in words for a log line."""
+        if self.classifies:
+            return "its rows all have class weight 0 (--class-weights)"
+        return f"--max-length {max_length} cuts off every response in it; raise --max-length"
 
     def predictions(self, logits: torch.Tensor) -> list[int]:
         return logits.argmax(dim=-1).tolist()

@@ -128,6 +128,20 @@ def test_unrelated_updates_share_nothing_above_chance():
     assert next(r for r in rows if (r["rank_a"], r["rank_b"]) == (4, 48))["above_chance_top_in_b"] > 0.99
 
 
+def test_chance_counts_the_directions_an_update_can_have():
+    """An update of rank 48 on a layer 64 in, 16 out has at most 16 directions: its chance level is
+    16/64, not 48/64; a rank at the layer's full input width tells nothing (left out, not counted as 0)."""
+    by_rank = {r: {"m": (*_random_lora((r, 64), (16, r), seed=r), 1.0)} for r in (1, 48)}
+    rows, _ = similarity_rows(by_rank)
+    assert rows[0]["chance_top_in_b"] == pytest.approx(16 / 64)
+    assert -0.6 < rows[0]["above_chance_top_in_b"] < 0.6  # unrelated: near chance
+    full = {r: {"m": (*_random_lora((r, 8), (8, r), seed=r), 1.0)} for r in (1, 8)}
+    rows, _ = similarity_rows(full)
+    assert rows[0]["chance_top_in_b"] == 1.0 and rows[0]["above_chance_top_in_b"] == ""
+    rank, why = recommend([1, 8], rows, "equal metrics")
+    assert rank == 1 and "no larger rank" in why
+
+
 def test_chance_level_is_the_mean_similarity_of_random_subspaces():
     """E[phi(i, j)] = max(i, j) / in for unrelated random subspaces: checked by sampling."""
     from lora_lab.analyze import chance_level

@@ -148,8 +148,9 @@ def test_csv_labels_are_numbers_by_value_and_bad_bytes_name_the_file(tmp_path):
     data = D.csv_dataset(tmp_path / "a.csv")
     assert data.labels == ["0", "1", "--5", "²"]  # "1" and "01" are one class; the rest are names, in order
     assert sum(1 for split in (data.train, data.val, data.test) for _, y in split if y == 1) == 24
-    (tmp_path / "b.csv").write_bytes(b"text,label\n\xff\xfe caf\xe9,1\n")
-    with pytest.raises(ValueError, match=r"b.csv is not UTF-8 text .* save it as UTF-8"):
+    bad = b"text,label\n" + b"fine text,1\n" * 3000
+    (tmp_path / "b.csv").write_bytes(bad + b"caf\xe9,1\n")
+    with pytest.raises(ValueError, match=rf"b.csv is not UTF-8 text \(byte {len(bad) + 3}: .* save it as UTF-8"):
         D.csv_dataset(tmp_path / "b.csv")
 
 

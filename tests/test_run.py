@@ -330,7 +330,12 @@ def test_responses_cut_off_entirely_are_skipped(bpe_file):
 
 def test_config_errors_name_the_option():
     for bad, message in [({"epochs": 0}, "--epochs 0"), ({"rank": -1}, "--rank -1"), ({"lr": 0.0}, "--lr 0.0"),
-                         ({"batch_size": 0}, "--batch-size 0"), ({"dropout": 1.0}, "--dropout 1.0")]:  # fmt: skip
+                         ({"batch_size": 0}, "--batch-size 0"), ({"dropout": 1.0}, "--dropout 1.0"),
+                         ({"lr": math.inf}, "--lr inf"),
+                         ({"clip": -1.0}, "--clip -1.0: must be 0 or more"),  # would turn every gradient around
+                         ({"weight_decay": -0.1}, "--weight-decay -0.1"), ({"clip": math.nan}, "--clip nan"),
+                         ({"dataset": "instructions", "positive_label": "yes"}, "--positive-label is for"),
+                         ({"class_weights": [math.inf, 1.0]}, "non-negative and finite")]:  # fmt: skip
         with pytest.raises(ValueError, match=message):
             TrainConfig(**bad)
 

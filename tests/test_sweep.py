@@ -145,6 +145,16 @@ def test_summary_marks_the_pareto_front_and_flags_weak_points(tmp_path):
     assert "60.00% on validation" in text and "95% interval" in text and (tmp_path / "sweep.png").is_file()
 
 
+def test_each_model_is_compared_with_its_own_baseline():
+    """Two models' untrained losses differ: each series names (and flags against) its own."""
+    loss = dict(val_accuracy="", final_val_loss_se="0.01")
+    rows = [dict(_row(r, 1, 0.0), model=m, final_val_loss=str(v), val_baseline=str(b), **loss)
+            for m, b in (("a", 5.0), ("b", 3.0)) for r, v in ((4, 3.2), (8, 3.1))]  # fmt: skip
+    table, why = summarize(rows, "causal-lm")
+    assert "validation loss is 5.0000" in why[0] and "validation loss is 3.0000" in why[1]
+    assert [line["flags"] for line in table] == ["", ""] + ["no better than the baseline"] * 2
+
+
 def test_losses_are_compared_with_their_own_standard_error():
     rows = [
         dict(_row(r, 1, 0.0), val_accuracy="", final_val_loss=str(v), final_val_loss_se="0.02")

@@ -12,7 +12,7 @@ from torch import nn
 from lora_lab import data as D
 from lora_lab import inject_lora, mark_only_lora_trainable
 from lora_lab.config import TrainConfig
-from lora_lab.loop import evaluate, fit
+from lora_lab.loop import TrainingError, evaluate, fit
 from lora_lab.tasks import Task
 
 CPU = torch.device("cpu")
@@ -141,6 +141,21 @@ def test_task_objective_is_the_weighted_sum_pytorch_means():
         total / weight, F.cross_entropy(logits, labels, weight=torch.tensor([1.0, 3.0, 0.5]).double())
     )
     torch.testing.assert_close(losses, F.cross_entropy(logits, labels, reduction="none"))
+
+
+def test_a_class_weight_of_zero_skips_with_the_right_reason():
+    """Batches of zero-weight rows have nothing to learn: skipped, and the reason names the class weights
+    (not --max-length); when nothing is left at all, training stops with that reason."""
+    rows = [("abc", 0)] * 8 + [("abz", 1)] * 8
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup=0.0, class_weights=[0.0, 1.0])
+    task = cfg.make_task("gpt")
+    assert "class weight 0" in task.why_unlearnable(None)
+    model = _classifier()
+    with pytest.raises(TrainingError, match="every batch was skipped: its rows all have class weight 0"):
+        fit(model, rows[:8], task.collate(_char_tokenizer()), [], cfg, task, CPU)
+    fitted = fit(_classifier(), rows, task.collate(_char_tokenizer()), [], cfg, task, CPU)
+    order = D.batches(rows, 8, task.collate(_char_tokenizer()), True, cfg.seed)  # the order fit draws
+    assert fitted.steps == sum(bool(b["labels"].any()) for b in order)
 
 
 def test_bad_class_weights_are_refused():
