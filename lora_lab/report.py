@@ -21,6 +21,7 @@ from . import stats as S
 from .files import write_csv, write_text
 from .params import REPORT_DECIMALS
 from .plots import plot_param_report, plot_sweep
+from .tasks import Task
 
 SUMMARY, PLOT = "summary.md", "sweep.png"
 
@@ -72,11 +73,8 @@ def _float(value: str) -> float | None:
 
 
 def metric_for(task: str) -> tuple[str, str, bool]:
-    """(column chosen on, column reported, higher is better): classification picks the rank by
-    validation accuracy and reports test accuracy; instruction tuning uses validation loss."""
-    if task == "classification":
-        return "val_accuracy", "test_accuracy", True
-    return "final_val_loss", "test_loss", False
+    """(column chosen on, column reported, higher is better) of a task by its name (`Task.metric`)."""
+    return Task(task).metric
 
 
 def series_name(row: dict[str, str], varied: Sequence[str]) -> str:
@@ -192,7 +190,7 @@ def _summary_line(runs: list[dict[str, str]], failed: int, varied: Sequence[str]
         "ci95_high": estimate.high if estimate else math.nan,
         reported: statistics.fmean(shown) if shown else math.nan,
     }
-    if task == "classification":
+    if Task(task).classifies:
         line["test_f1"] = statistics.fmean(float(r["test_f1"]) for r in runs)
     line["seconds"] = statistics.fmean(float(r["seconds"]) for r in runs)
     line["peak_memory_mib"] = max(float(r["peak_memory_mib"]) for r in runs)
@@ -274,7 +272,7 @@ def write_summary(out: Path, rows: Sequence[dict[str, str]], task: str) -> None:
     failed = [r for r in rows if r["status"] != "ok"]
     chosen, reported, _ = metric_for(task)
     positive = sorted({r.get("positive_class", "") for r in rows if r.get("positive_class")})
-    unit = "example" if task == "classification" else "response token"
+    unit = "example" if Task(task).classifies else "response token"
     text = [
         f"# Rank sweep: {len(rows)} points",
         "",

@@ -287,11 +287,11 @@ def load_run(run: str | Path, task: str | None = None):
     if not (run / CONFIG).is_file() or not (run / ADAPTER_FILE).is_file():
         raise FileNotFoundError(f"{run} is not a finished lora-lab train run (no config.json and adapter.safetensors)")
     cfg = TrainConfig(**json.loads((run / CONFIG).read_text()))
-    if task is not None and cfg.task() != task:
-        use = "lora-lab generate" if cfg.task() == "causal-lm" else "lora-lab classify"
-        raise ValueError(f"{run} is a {cfg.task()} run ({cfg.dataset}), not {task}: use {use}")
+    kind = cfg.make_task("hf")  # what the run is (how its model takes a batch does not matter here)
+    if task is not None and kind.name != Task(task).name:
+        raise ValueError(f"{run} is a {kind.name} run ({cfg.dataset}), not {task}: use {kind.tool}")
     metrics = json.loads((run / METRICS).read_text()) if (run / METRICS).is_file() else {}
-    labels = metrics.get("labels") or ([] if cfg.task() == "causal-lm" else ["0", "1"])
+    labels = metrics.get("labels") or (["0", "1"] if kind.classifies else [])
     torch.manual_seed(cfg.seed)  # as `prepare` did: a head that was not saved (frozen) comes back the same
     loaded = load_pretrained(cfg.model, cfg.task(), num_labels=len(labels), max_length=cfg.max_length,
                              quantize=cfg.quantize)  # fmt: skip

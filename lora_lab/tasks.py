@@ -68,6 +68,19 @@ class Task:
         return self.name == CLASSIFICATION
 
     @property
+    def metric(self) -> tuple[str, str, bool]:
+        """(sweep.csv column ranks are chosen on, column reported beside it, higher is better):
+        validation accuracy and test accuracy for classification, losses for causal LM."""
+        if self.classifies:
+            return "val_accuracy", "test_accuracy", True
+        return "final_val_loss", "test_loss", False
+
+    @property
+    def tool(self) -> str:
+        """The command that uses a trained run of this task."""
+        return "lora-lab classify" if self.classifies else "lora-lab generate"
+
+    @property
     def unit(self) -> str:
         """What a loss is a mean over."""
         return "examples" if self.classifies else "tokens"
