@@ -118,6 +118,7 @@ def plot_sweep(table: Sequence[dict], path: str | os.PathLike, chosen: str, repo
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     series = list(dict.fromkeys(line["series"] for line in table))
     scale = 100.0 if chosen.endswith("accuracy") else 1.0
+    baselines = []
     for name in series:
         lines = [line for line in table if line["series"] == name and not math.isnan(line[chosen])]
         if not lines:
@@ -127,11 +128,9 @@ def plot_sweep(table: Sequence[dict], path: str | os.PathLike, chosen: str, repo
         _cost_panel(axes[1], lines, chosen, scale, label, color)
         axes[2].plot([line["rank"] for line in lines], [line["seconds"] for line in lines], "o-", color=color,
                      label=name)  # fmt: skip
-        baseline = lines[0].get("baseline", math.nan)  # each model's own (an untrained loss differs by model)
-        if not math.isnan(baseline):
-            for ax in axes[:2]:
-                ax.axhline(scale * baseline, ls=":", color=color, label=f"{label}baseline" if ax is axes[0] else None)
+        baselines.append((scale * lines[0].get("baseline", math.nan), color, label))  # each model's own
     what, unit = ("accuracy", " (%)") if scale == 100.0 else ("loss", "")
+    _baselines(axes[:2], baselines, unit.strip(" ()"))
     axes[0].plot([], [], "*", ms=12, color="gray", markeredgecolor="black", label="best on the metric alone")
     axes[0].plot([], [], "o", ms=11, mfc="none", mec="black", mew=1.8, label="recommended")
     axes[0].set(ylabel=f"{what}{unit}", title=f"{what} by rank (chosen on validation)")
@@ -148,6 +147,23 @@ def plot_sweep(table: Sequence[dict], path: str | os.PathLike, chosen: str, repo
         ax.legend(loc="best", fontsize=7)
     _save(fig, path)
     plt.close(fig)
+
+
+def _baselines(axes, baselines: list[tuple[float, str, str]], unit: str) -> None:
+    """Each series' baseline as a dotted line where it falls near the data; one far off the data (an
+    untrained model's loss, a 50% majority class under 98% accuracies) is named in the legend instead,
+    so that it does not squash the differences the plot is for."""
+    for ax in axes:
+        low, high = ax.get_ylim()
+        for value, color, label in baselines:
+            if math.isnan(value):
+                continue
+            near = low - 0.5 * (high - low) <= value <= high + 0.5 * (high - low)
+            shown = f"{label}baseline {value:.4g}{unit}" + ("" if near else " (off the axis)")
+            if near:
+                ax.axhline(value, ls=":", color=color, label=shown if ax is axes[0] else None)
+            elif ax is axes[0]:
+                ax.plot([], [], ls=":", color=color, label=shown)
 
 
 def _name(key: str) -> str:
@@ -176,11 +192,15 @@ def _metric_panel(ax, lines: list[dict], chosen: str, reported: str, scale: floa
 
 
 def _cost_panel(ax, lines: list[dict], chosen: str, scale: float, label: str, color: str) -> None:
-    """One series' validation metric against its trainable parameters, the Pareto front joined."""
+    """One series' validation metric (with its 95% intervals, faint) against its trainable parameters,
+    the Pareto front joined."""
     params = [line["trainable_params"] for line in lines]
     values = [scale * line[chosen] for line in lines]
     front = sorted((line["trainable_params"], scale * line[chosen]) for line in lines if line.get("pareto"))
-    ax.plot(params, values, "o", color=color, mfc="none", label=f"{label}rank (off the front: hollow)")
+    low = [scale * (line[chosen] - line["ci95_low"]) for line in lines]
+    high = [scale * (line["ci95_high"] - line[chosen]) for line in lines]
+    ax.errorbar(params, values, yerr=[low, high], fmt="none", ecolor=color, alpha=0.35, capsize=2)  # 95% intervals
+    ax.plot(params, values, "o", color=color, mfc="none", label=f"{label}rank (off the front: hollow; 95% intervals)")
     if front:
         ax.plot([x for x, _ in front], [y for _, y in front], "o-", color=color, label=f"{label}Pareto front")
     for line, x, y in zip(lines, params, values, strict=True):
