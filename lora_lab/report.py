@@ -168,14 +168,7 @@ def _data_se(row: dict[str, str], chosen: str) -> float:
 def _summary_line(runs: list[dict[str, str]], failed: int, varied: Sequence[str], task: str):
     """A rank's line of the table, and its validation estimate (None when no run has the metric)."""
     chosen, reported, higher = metric_for(task)
-    scored = [r for r in runs if _float(r.get(chosen, "")) is not None and math.isfinite(float(r[chosen]))]
-    estimate = None
-    if scored:
-        data = [_data_se(r, chosen) for r in scored]
-        known = [x for x in data if not math.isnan(x)]
-        bounds = (0.0, 1.0) if chosen == "val_accuracy" else (0.0, math.inf)
-        data_se = statistics.fmean(known) if known else math.nan
-        estimate = S.estimate({r["seed"]: float(r[chosen]) for r in scored}, data_se, bounds)
+    estimate = _estimate(runs, chosen)
     shown = [_float(r.get(reported, "")) for r in runs if _float(r.get(reported, "")) is not None]
     line: dict[str, object] = {
         "series": series_name(runs[0], varied),
@@ -198,6 +191,18 @@ def _summary_line(runs: list[dict[str, str]], failed: int, varied: Sequence[str]
     line["baseline"] = statistics.fmean(baselines) if baselines else math.nan  # of this model: its own
     line["flags"] = _flags(runs, estimate, line["baseline"], higher)
     return line, estimate
+
+
+def _estimate(runs: list[dict[str, str]], chosen: str) -> S.Estimate | None:
+    """A rank's validation metric over the seeds that have it, with the validation set's noise."""
+    scored = [r for r in runs if _float(r.get(chosen, "")) is not None and math.isfinite(float(r[chosen]))]
+    if not scored:
+        return None
+    known = [x for x in (_data_se(r, chosen) for r in scored) if not math.isnan(x)]
+    bounds = (0.0, 1.0) if chosen == "val_accuracy" else (0.0, math.inf)
+    return S.estimate(
+        {r["seed"]: float(r[chosen]) for r in scored}, statistics.fmean(known) if known else math.nan, bounds
+    )
 
 
 def _flags(runs: list[dict[str, str]], estimate: S.Estimate | None, baseline: float, higher: bool) -> str:

@@ -44,6 +44,15 @@ def test_no_import_circle():
             visit(name, [name])
 
 
+def test_the_package_exports_the_train_function_and_every_module_imports():
+    """`lora_lab.train` is the function (no module of that name shadows it or is shadowed by it)."""
+    import importlib
+
+    assert callable(lora_lab.train) and lora_lab.train is importlib.import_module("lora_lab.run").train
+    for name in MODULES:
+        assert importlib.import_module(f"lora_lab.{name}").__name__ == f"lora_lab.{name}"
+
+
 def test_the_lora_core_and_the_figures_import_nothing_above_them():
     assert _imports(MODULES["plots"]) <= {"files"}
     assert _imports(MODULES["stats"]) == set()

@@ -134,6 +134,10 @@ def test_markdown_table():
         "|---:|---:|---:|",
         "| 8 | 1,327,104 | 1.0500 |",
     ]
+    # one count of decimals per column: seconds 13.80 beside 8.47 (not 13.8 beside 8.4750), losses above 10 keep
+    # four significant digits, and a figure that cannot be had shows as "-"
+    rows = [{"seconds": 13.8, "loss": 12.3456, "se": float("nan")}, {"seconds": 8.47, "loss": 1.0, "se": 0.5}]
+    assert markdown_table(rows).splitlines()[2:] == ["| 13.80 | 12.35 | - |", "| 8.47 | 1.00 | 0.5000 |"]
 
 
 # The test's own account of each architecture: where its head lives and what may stay in "other".
