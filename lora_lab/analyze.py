@@ -12,8 +12,7 @@ U2 (in x r2) the right-singular vectors of A1 and A2 (columns by falling singula
     phi(i, j) = ||U1[:, :i]^T U2[:, :j]||_F^2 / min(i, j),  1 <= i <= r1, 1 <= j <= r2,
 which is 1 when one top subspace holds the other and about max(i, j) / in for random ones. The
 same measure over the right-singular vectors of the updates dW1 and dW2 asks whether the two
-updates act on the same input directions. A starts random and moves little in a short run, so
-its subspaces stay near random (the paper's adapters trained long on GPT-3); dW's do not.
+updates act on the same input directions (A's row space, ordered by what B makes of it).
 
 Chance: for unrelated random subspaces E[phi(i, j)] = max(i, j) / in, so on a narrow layer or at a
 large rank chance alone comes near 1 (phi(1, 48) is about 0.75 at in = 64). A similarity counts only
@@ -307,7 +306,7 @@ def _heatmaps(out: Path, ranks: list[int], matrices: dict, suffix: str, title: s
 def recommend_ranks(
     every: Sequence[dict[str, str]], task: str, sims: Sequence[dict]
 ) -> tuple[dict[str, int], list[str]]:
-    """Per series: the candidates the summary's one-standard-error rule leaves (`sweep.compare_ranks`),
+    """Per series: the candidates the summary's one-standard-error rule leaves (`report.compare_ranks`),
     then `recommend` over the similarities. Returns {series: rank} and a line per series."""
     from .report import compare_ranks, metric_for
 

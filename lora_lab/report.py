@@ -235,8 +235,7 @@ def _why(lines: list[dict], estimates: dict[int, S.Estimate], choice: S.Choice, 
     noise = "noise unknown" if math.isnan(rec.se) else (
         f"± {_gap(rec.se, chosen)}, 95% interval {_show(rec.low, chosen)} to {_show(rec.high, chosen)}")  # fmt: skip
     head = f"{name}: recommended rank **r={choice.recommended}** ({chosen} {_show(rec.mean, chosen)}, {noise})"
-    paired = rec.seeds >= 2 and set(rec.by_seed) == set(best.by_seed)
-    how = f"paired over {rec.seeds} seeds" if paired else ("over the validation set" if rec.seeds == 1 else "")
+    how = _difference_basis(rec, best, choice.lead_se)
     if choice.recommended == choice.best:
         others = [f"r={r}" for r in choice.tied if r != choice.best]
         why = (
@@ -270,6 +269,19 @@ def _why(lines: list[dict], estimates: dict[int, S.Estimate], choice: S.Choice, 
     return text
 
 
+def _difference_basis(a: S.Estimate, b: S.Estimate, se: float) -> str:
+    """What the standard error of a difference came from, in words: the seeds' paired differences,
+    or the validation sets' noise (taken as independent: on the high side), which it never goes below."""
+    floor = math.hypot(0.0 if math.isnan(a.data_se) else a.data_se, 0.0 if math.isnan(b.data_se) else b.data_se)
+    paired = a.seeds >= 2 and set(a.by_seed) == set(b.by_seed)
+    if paired and se > floor + S.TIE:
+        return f"from the paired differences of {a.seeds} seeds"
+    if floor > 0 and se <= floor + S.TIE:
+        seeds = f"; the {a.seeds} seeds' paired differences vary less" if paired else ""
+        return f"the validation sets' noise, taken as independent{seeds}"
+    return ""
+
+
 def write_summary(out: Path, rows: Sequence[dict[str, str]], task: str) -> None:
     """DIR/summary.md (the recommendation and its reason, the table with intervals, failed points)
     and DIR/sweep.png."""
@@ -283,9 +295,13 @@ def write_summary(out: Path, rows: Sequence[dict[str, str]], task: str) -> None:
         "",
         f"Ranks are compared on the validation `{chosen}` (the test set is reported, never used to choose). The "
         "recommended rank is the one with the fewest trainable parameters whose mean is behind the best by no more "
-        "than one standard error of the difference (paired over seeds when every rank has the same seeds; never "
-        "below the validation set's own noise); ties go to fewer parameters. `pareto`: no rank is both cheaper "
-        f"and better. Losses: unweighted mean cross-entropy per {unit}. Seconds: training time per point.",
+        "than one standard error of the difference (from the seeds' paired differences when every rank has the same "
+        "seeds, never below the validation sets' own noise taken as independent); means equal to 1e-9 tie and go "
+        "to fewer parameters. `se`: the larger of the seeds' standard error of the mean and one run's validation "
+        "noise (binomial, or the loss's over its items). `95% interval`: the wider of mean ± t(seeds - 1) x the "
+        "seeds' standard error and mean ± 1.96 x the validation noise. `pareto`: no rank is both cheaper and better. "
+        f"Losses: unweighted mean cross-entropy per {unit}. `seconds`: training time per point, the mean over seeds; "
+        "`peak_memory_mib`: the largest over seeds.",
         "",
         *[f"- {p}" for p in paragraphs],
         "",

@@ -3,8 +3,9 @@
 What is trained and how a batch is scored is the task's (`tasks.py`); the loop is `loop.py`. A run
 is a directory:
 
-    config.json      exactly what ran (TrainConfig)
+    config.json      exactly what ran (TrainConfig); initial.json: the validation before training
     checkpoint.pt    trainable tensors, optimizer, schedule, history, RNG: resumes after the last epoch
+                     (deleted once the run is complete: the adapter and metrics hold it)
     adapter.safetensors, peft/   the adapter with the trained head, and its PEFT export
     metrics.json     final metrics (losses: unweighted mean cross-entropy per example or response token,
                      with standard errors; accuracies with theirs; the baseline); history.csv/.png;

@@ -20,7 +20,7 @@ Without shared seeds it is sqrt(SE_a^2 + SE_b^2).
 The recommended rank follows the one-standard-error rule (Breiman et al. 1984; Hastie et al., The
 Elements of Statistical Learning, 7.10): the cheapest rank (fewest trainable parameters) whose mean is
 behind the best by no more than the standard error of that difference, i.e. a lead the data cannot
-tell from noise. Means equal to 1e-9 are equal (0.9396 and 0.953 average to 0.9463 exactly, though a
+tell from noise. Means within 1e-9 of each other are equal (0.9396 and 0.953 average to 0.9463 exactly, though a
 float sum says 0.9462999999999999); ties go to fewer parameters.
 """
 

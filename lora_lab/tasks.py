@@ -1,7 +1,8 @@
 """What a batch means for each task: its logits, its loss, and what that loss is divided by.
 
 Classification: one label per text; the logits are (B, classes) (our GPTModel: the last real
-token's logits, as in the book's chapter 6; a Hugging Face model: its sequence-classification head).
+token's logits, or the last position, padding included, as the book's chapter 6 does; a Hugging
+Face model: its sequence-classification head).
 Causal LM (instruction tuning): the logits at every position, (B, T, vocab), against the next token;
 targets are -100 (skipped) on padding and, by default, on the prompt.
 
@@ -18,8 +19,8 @@ backpropagates sum_i w_i l_i / (the group's total weight).
 
 Reported losses (training, validation, test; metrics.json, history.csv, sweep.csv) have one
 definition: the unweighted mean cross-entropy per example (classification) or per scored token
-(causal LM), with its standard error. Class weights change what training minimises, not how a loss
-is reported, so runs with and without them compare.
+(causal LM); validation and test losses come with their standard error. Class weights change
+what training minimises, not how a loss is reported, so runs with and without them compare.
 """
 
 from __future__ import annotations
