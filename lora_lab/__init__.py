@@ -1,12 +1,6 @@
 """lora_lab: a small, readable LoRA library for PyTorch that agrees with Hugging Face PEFT."""
 
-from .adapters import (
-    export_peft_adapter,
-    import_peft_adapter,
-    load_adapter,
-    lora_state_dict,
-    save_adapter,
-)
+from .adapters import load_adapter, lora_state_dict, save_adapter
 from .config import TrainConfig
 from .gpt2 import GPT2_CONFIGS, GPTConfig, GPTModel, config_from_openai_settings, generate, lora_targets
 from .gpt2_weights import load_gpt2
@@ -31,6 +25,7 @@ from .params import (
     memory_estimate,
     parameter_report,
 )
+from .peft_format import export_peft_adapter, import_peft_adapter
 from .run import load_run, train
 from .tokenizer import gpt2_tokenizer
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 
 @contextmanager
@@ -74,3 +75,11 @@ def read_safetensors(path: str | os.PathLike, fix: str) -> tuple[dict[str, torch
             return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
     except (SafetensorError, OSError) as err:
         raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {err}. {fix}") from err
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict) -> None:
+    """Write `tensors` to a safetensors file atomically (contiguous CPU copies that share no storage,
+    as safetensors wants)."""
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(plain, tmp, metadata=metadata)

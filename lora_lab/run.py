@@ -30,13 +30,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from . import data as D
-from .adapters import ADAPTER_FILE, export_peft_adapter, save_adapter
+from .adapters import ADAPTER_FILE, save_adapter
 from .config import HOW, TrainConfig
 from .distributed import barrier, device_for, init_distributed
 from .files import atomic_path, write_text
 from .inject import inject_lora, mark_only_lora_trainable
 from .loop import Fitted, evaluate, fit
 from .params import count_parameters, peak_memory_mib, reset_peak_memory
+from .peft_format import export_peft_adapter
 from .tasks import Task, classification_metrics
 
 CONFIG, CHECKPOINT, METRICS, HISTORY = "config.json", "checkpoint.pt", "metrics.json", "history.csv"
