@@ -19,6 +19,7 @@ from torch import nn
 from .gpt2 import GPT2_ALIASES, GPT2_CONFIGS, HUB_IDS, GPTModel
 from .gpt2_weights import hub_files, hub_snapshot, is_path_like
 from .quantize import QUANTIZE, bnb_config, keep_training_layout, quantize_linears
+from .tasks import Task
 
 
 @contextmanager
@@ -285,14 +286,13 @@ def load_pretrained(
     `quantize` "nf4" or "int8" stores the frozen base's linears (not the head) through
     bitsandbytes, computing in `compute_dtype`: transformers' BitsAndBytesConfig for Hugging Face
     checkpoints, `quantize_linears` for GPTModel and GGUF files."""
-    if task not in ("classification", "causal-lm"):
-        raise ValueError(f"unknown task {task!r}: classification or causal-lm")
+    classifies = Task(task).classifies  # an unknown task is refused by name
     if quantize is not None and quantize not in QUANTIZE:
         raise ValueError(f"unknown quantization {quantize!r}: use {' or '.join(QUANTIZE)}")
     name = ALIASES.get(name_or_path, name_or_path)
     if name in GPT2_CONFIGS:
-        return _load_gpt2(name, task, num_labels, max_length, quantize, device, compute_dtype)
-    return _load_hf(name_or_path, task, num_labels, max_length, quantize, device, compute_dtype)
+        return _load_gpt2(name, classifies, num_labels, max_length, quantize, device, compute_dtype)
+    return _load_hf(name_or_path, classifies, num_labels, max_length, quantize, device, compute_dtype)
 
 
 def _hf_tokenizer(directory: str, gguf: str | None, max_length: int | None):
@@ -306,7 +306,7 @@ def _hf_tokenizer(directory: str, gguf: str | None, max_length: int | None):
     return data.hf_text_tokenizer(hf_tok, min(max_length or limit, limit))
 
 
-def _load_hf(name_or_path: str, task: str, num_labels: int, max_length: int | None, quantize: str | None, device,
+def _load_hf(name_or_path: str, classifies: bool, num_labels: int, max_length: int | None, quantize: str | None, device,
              compute_dtype: torch.dtype) -> Pretrained:  # fmt: skip
     """A Hugging Face checkpoint (directory, hub id, packaged weights or GGUF file) with its tokenizer."""
     import transformers
@@ -315,7 +315,6 @@ def _load_hf(name_or_path: str, task: str, num_labels: int, max_length: int | No
 
     directory, gguf = hf_weights_location(name_or_path)
     tok = _hf_tokenizer(directory, gguf, max_length)
-    classifies = task == "classification"
     auto = transformers.AutoModelForSequenceClassification if classifies else transformers.AutoModelForCausalLM
     labels = {"num_labels": num_labels, "pad_token_id": tok.pad_id} if classifies else {}
     extra: dict = {"gguf_file": gguf} if gguf else {}
@@ -349,7 +348,7 @@ def _warn_missing(directory: str, missing_keys: list[str], head: str | None) -> 
         )
 
 
-def _load_gpt2(name: str, task: str, num_labels: int, max_length: int | None, quantize: str | None, device,
+def _load_gpt2(name: str, classifies: bool, num_labels: int, max_length: int | None, quantize: str | None, device,
                compute_dtype: torch.dtype) -> Pretrained:  # fmt: skip
     """OpenAI's GPT-2 weights in our GPTModel, with the book's new `out_head` for classification."""
     from . import data
@@ -358,7 +357,7 @@ def _load_gpt2(name: str, task: str, num_labels: int, max_length: int | None, qu
     model = load_gpt2(name)
     tok = data.gpt2_text_tokenizer(min(max_length or model.cfg.context_length, model.cfg.context_length))
     head = None
-    if task == "classification":
+    if classifies:
         model.out_head = nn.Linear(model.cfg.emb_dim, num_labels)
         head = "out_head"
     if quantize:
