@@ -235,7 +235,7 @@ def _why(lines: list[dict], estimates: dict[int, S.Estimate], choice: S.Choice, 
     noise = "noise unknown" if math.isnan(rec.se) else (
         f"± {_gap(rec.se, chosen)}, 95% interval {_show(rec.low, chosen)} to {_show(rec.high, chosen)}")  # fmt: skip
     head = f"{name}: recommended rank **r={choice.recommended}** ({chosen} {_show(rec.mean, chosen)}, {noise})"
-    how = _difference_basis(rec, best, choice.lead_se)
+    how = S.difference_basis(rec, best)
     if choice.recommended == choice.best:
         others = [f"r={r}" for r in choice.tied if r != choice.best]
         why = (
@@ -267,19 +267,6 @@ def _why(lines: list[dict], estimates: dict[int, S.Estimate], choice: S.Choice, 
     if flagged:
         text += f" Weak: {'; '.join(flagged)}."
     return text
-
-
-def _difference_basis(a: S.Estimate, b: S.Estimate, se: float) -> str:
-    """What the standard error of a difference came from, in words: the seeds' paired differences,
-    or the validation sets' noise (taken as independent: on the high side), which it never goes below."""
-    floor = math.hypot(0.0 if math.isnan(a.data_se) else a.data_se, 0.0 if math.isnan(b.data_se) else b.data_se)
-    paired = a.seeds >= 2 and set(a.by_seed) == set(b.by_seed)
-    if paired and se > floor + S.TIE:
-        return f"from the paired differences of {a.seeds} seeds"
-    if floor > 0 and se <= floor + S.TIE:
-        seeds = f"; the {a.seeds} seeds' paired differences vary less" if paired else ""
-        return f"the validation sets' noise, taken as independent{seeds}"
-    return ""
 
 
 def write_summary(out: Path, rows: Sequence[dict[str, str]], task: str) -> None:

@@ -99,12 +99,32 @@ def difference_se(a: Estimate, b: Estimate) -> float:
     """Standard error of mean(a) - mean(b): paired (seed by seed) when both have the same two or more
     seeds, never below the validation sets' own noise; else as if independent. Unknown noise counts
     as none."""
-    floor = math.hypot(_nan_to_zero(a.data_se), _nan_to_zero(b.data_se))
-    shared = [s for s in a.by_seed if s in b.by_seed]
-    if len(shared) >= 2 and len(shared) == a.seeds == b.seeds:
-        d = [a.by_seed[s] - b.by_seed[s] for s in shared]
+    floor = _data_floor(a, b)
+    if _paired(a, b):
+        d = [a.by_seed[s] - b.by_seed[s] for s in a.by_seed]
         return max(statistics.stdev(d) / math.sqrt(len(d)), floor)
     return max(math.hypot(_nan_to_zero(a.se), _nan_to_zero(b.se)), floor)
+
+
+def _data_floor(a: Estimate, b: Estimate) -> float:
+    """The validation sets' own noise of a difference, taken as independent (on the high side)."""
+    return math.hypot(_nan_to_zero(a.data_se), _nan_to_zero(b.data_se))
+
+
+def _paired(a: Estimate, b: Estimate) -> bool:
+    return a.seeds >= 2 and set(a.by_seed) == set(b.by_seed)
+
+
+def difference_basis(a: Estimate, b: Estimate) -> str:
+    """What `difference_se(a, b)` came from, in words: the seeds' paired differences, or the
+    validation sets' noise, which it never goes below."""
+    se, floor = difference_se(a, b), _data_floor(a, b)
+    if _paired(a, b) and se > floor + TIE:
+        return f"from the paired differences of {a.seeds} seeds"
+    if floor > 0:
+        seeds = f"; the {a.seeds} seeds' paired differences vary less" if _paired(a, b) else ""
+        return f"the validation sets' noise, taken as independent{seeds}"
+    return ""
 
 
 @dataclass(frozen=True)
