@@ -4,17 +4,11 @@ from .adapters import load_adapter, lora_state_dict, save_adapter
 from .config import TrainConfig
 from .gpt2 import GPT2_CONFIGS, GPTConfig, GPTModel, config_from_openai_settings, generate, lora_targets
 from .gpt2_weights import load_gpt2
-from .inject import (
-    disable_lora,
-    inject_lora,
-    mark_only_lora_trainable,
-    merge_lora,
-    replace_linear_with_lora,
-    unload_lora,
-    unmerge_lora,
-)
+from .inject import inject_lora, mark_only_lora_trainable, replace_linear_with_lora
+from .layers import ConvWithLoRA, EmbeddingWithLoRA, MultiheadAttentionWithLoRA
 from .loop import TrainingError
-from .lora import LinearWithLoRA, LoRALayer
+from .lora import LayerWithLoRA, LinearWithLoRA, LoRALayer
+from .merge import disable_lora, merge_lora, unload_lora, unmerge_lora
 from .models import build_model, load_pretrained
 from .params import (
     MemoryEstimate,
@@ -34,6 +28,10 @@ __version__ = "0.1.0"
 __all__ = [
     "LoRALayer",
     "LinearWithLoRA",
+    "LayerWithLoRA",
+    "EmbeddingWithLoRA",
+    "ConvWithLoRA",
+    "MultiheadAttentionWithLoRA",
     "inject_lora",
     "replace_linear_with_lora",
     "mark_only_lora_trainable",

@@ -21,13 +21,13 @@ import torch
 from torch import nn
 
 from .files import read_safetensors, save_safetensors
-from .inject import LoRASettings, fold_layer_names, name_matches, wrap_modules
-from .lora import LinearWithLoRA, linear_shape, lora_modules
+from .inject import LoRASettings, build_wrappers, fold_layer_names, name_matches, place_wrappers
+from .lora import LayerWithLoRA, lora_modules
 
 ADAPTER_FILE = "adapter.safetensors"
-FORMAT_KEY, FORMAT_VERSION = "lora_lab", 1
+FORMAT_KEY, FORMAT_VERSION = "lora_lab", 2  # 2: layer kinds, DoRA, LoRA and trained biases
 
-LoRATensors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (A, B)
+LoRATensors = dict[str, dict[str, torch.Tensor]]  # module name -> {"lora.A": A, "lora.B": B, ...}
 # torch.compile keeps the compiled module as `_orig_mod`; nn.DataParallel and DDP keep theirs as
 # `module`. Adapters are saved without these, so they load into the plain model and the wrapped one.
 _COMPILED = re.compile(r"(^|\.)_orig_mod(?=\.|$)")
@@ -46,28 +46,43 @@ def plain_names(model: nn.Module, names: Iterable[str]) -> dict[str, str]:
     return {_plain_name(n, parallel): n for n in names}
 
 
-def _lora_modules(model: nn.Module) -> dict[str, LinearWithLoRA]:
+def _lora_modules(model: nn.Module) -> dict[str, LayerWithLoRA]:
     """The wrappers of `model` under their plain names."""
     wrappers = dict(lora_modules(model))
     return {plain: wrappers[n] for plain, n in plain_names(model, wrappers).items()}
 
 
+def adapter_tensors(wrapper: LayerWithLoRA) -> dict[str, torch.Tensor]:
+    """What a wrapper adds to its base: every tensor but the base's (``lora.A``, ``lora.B``, and
+    ``lora.bias``, ``lora.magnitude``, attention's ``out_lora.*`` where they exist)."""
+    return {k: v for k, v in wrapper.state_dict(keep_vars=True).items() if not k.startswith("base.")}
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of `model` (A and B of every wrapper), keyed as in `model.state_dict()`."""
-    return {
-        f"{name}.lora.{key}": tensor
-        for name, wrapper in lora_modules(model)
-        for key, tensor in wrapper.lora.state_dict().items()
-    }
+    """The LoRA tensors of `model` (A and B of every wrapper, and what its variant adds), keyed as
+    in `model.state_dict()`."""
+    return {f"{n}.{k}": t.detach() for n, w in lora_modules(model) for k, t in adapter_tensors(w).items()}
 
 
-def lora_settings(wrapper: LinearWithLoRA) -> LoRASettings:
+def lora_settings(wrapper: LayerWithLoRA) -> LoRASettings:
     lora = wrapper.lora
     p = lora.dropout.p if lora.dropout is not None else 0.0
-    return LoRASettings(lora.rank, lora.alpha, p, lora.use_rslora)
+    return LoRASettings(lora.rank, lora.alpha, p, lora.use_rslora, lora.magnitude is not None, lora.bias is not None)
 
 
-def wrappers_by_name(model: nn.Module) -> dict[str, LinearWithLoRA]:
+def trained_biases(model: nn.Module, saved: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+    """The base biases that train beside LoRA (`mark_only_lora_trainable(model, bias="lora_only"
+    or "all")`, as PEFT's `bias`), under plain names (a wrapped layer's as ``<layer>.base.bias``):
+    when every trainable parameter but LoRA's and those `saved` is a bias, else none."""
+    adapters = set(lora_state_dict(model))
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad and k not in adapters}
+    plain = {p: k for p, k in plain_names(model, params).items() if p not in set(saved)}
+    if not plain or any(p.rsplit(".", 1)[-1] != "bias" for p in plain):
+        return {}
+    return {p: params[k].detach() for p, k in plain.items()}
+
+
+def wrappers_by_name(model: nn.Module) -> dict[str, LayerWithLoRA]:
     wrappers = _lora_modules(model)
     if not wrappers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to save: call inject_lora(model, ...) first")
@@ -128,7 +143,8 @@ def warn_left_out(model: nn.Module, saved: Iterable[str], call: str) -> None:
     head the user forgot to pass as `extra`)."""
     saved = set(saved)
     params = plain_names(model, (n for n, p in model.named_parameters() if p.requires_grad))
-    left = sorted({n.rsplit(".", 1)[0] for n in params if ".lora." not in n and n not in saved})
+    adapters = set(plain_names(model, lora_state_dict(model)))
+    left = sorted({n.rsplit(".", 1)[0] for n in params if n not in adapters and n not in saved})
     if left:
         shown = fold_layer_names(left)
         warnings.warn(
@@ -153,16 +169,26 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra: Iterable[str]
     """Write the adapter of `model` (and the modules named in `extra`) to one safetensors file,
     atomically. `path` is the file, or a directory to hold ``adapter.safetensors``."""
     wrappers = wrappers_by_name(model)
-    tensors = {f"{n}.lora.{k}": t for n, w in wrappers.items() for k, t in w.lora.state_dict().items()}
-    tensors.update(extra_state(model, extra))
+    tensors = {f"{n}.{k}": t for n, w in wrappers.items() for k, t in adapter_tensors(w).items()}
+    extras = extra_state(model, extra)
+    extras.update(trained_biases(model, extras))
+    tensors.update(extras)
     warn_left_out(model, tensors, "save_adapter")
+    plain = all(
+        type(w).__name__ == "LinearWithLoRA" and not w.lora.bias and w.lora.magnitude is None for w in wrappers.values()
+    )
     info = {
-        "version": FORMAT_VERSION,
+        "version": 1 if plain else FORMAT_VERSION,  # what plain LoRA on linears writes is what version 1 read
         "modules": {
-            name: {"in_features": w.in_features, "out_features": w.out_features, **vars(lora_settings(w))}
+            name: {
+                "kind": type(w).__name__,
+                "in_features": w.in_features,
+                "out_features": w.out_features,
+                **vars(lora_settings(w)),
+            }
             for name, w in wrappers.items()
         },
-        "extra": sorted(k for k in tensors if ".lora." not in k),
+        "extra": sorted(extras),
     }
     path = _adapter_file(path)
     save_safetensors(path, tensors, {"format": "pt", FORMAT_KEY: json.dumps(info)})
@@ -190,12 +216,19 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
                 f"{path} is lora_lab adapter format {version!r}; this lora_lab reads format {FORMAT_VERSION} "
                 "and older: upgrade lora_lab (pip install -U lora-lab)"
             )
-        modules = info["modules"]
-        plan = {n: LoRASettings(m["rank"], m["alpha"], m["dropout"], m["use_rslora"]) for n, m in modules.items()}
-        lora = {n: (tensors.pop(f"{n}.lora.A"), tensors.pop(f"{n}.lora.B")) for n in plan}
+        fields = ("rank", "alpha", "dropout", "use_rslora", "use_dora", "lora_bias")
+        plan = {n: LoRASettings(*(m[f] for f in fields if f in m)) for n, m in info["modules"].items()}
+        extra = {k: tensors.pop(k) for k in info.get("extra", [])}
     except (KeyError, TypeError, json.JSONDecodeError) as err:
         raise ValueError(f"{path}: adapter settings or tensors are incomplete ({err!r})") from err
-    return apply_adapter(model, plan, lora, tensors, str(path))
+    lora: LoRATensors = {n: {} for n in plan}
+    for key, tensor in tensors.items():
+        owner = max((n for n in plan if key.startswith(n + ".")), key=len, default=None)
+        if owner is None:
+            extra[key] = tensor  # an extra tensor from a file that does not list them
+        else:
+            lora[owner][key[len(owner) + 1 :]] = tensor
+    return apply_adapter(model, plan, lora, extra, str(path))
 
 
 def _untie(model: nn.Module, keys: Iterable[str]) -> None:
@@ -219,34 +252,43 @@ def apply_adapter(
 ) -> list[str]:
     """Check an adapter against `model`, then wrap what is missing and copy the tensors in.
 
-    Names are plain (no `_orig_mod.` / `module.` from torch.compile or DDP). Tensors in `extra`
-    replace the model's; one that the model shares between two names (a tied head) is untied
-    first, so only the name the adapter gives changes (PEFT's `modules_to_save` keep their own
-    copy too). Merged wrappers are unmerged for the copy and merged again with the new update.
+    Names are plain (no `_orig_mod.` / `module.` from torch.compile or DDP); `lora` holds each
+    module's adapter tensors under their names in the wrapper (``lora.A``...). Tensors in `extra`
+    replace the model's; a wrapped layer's trained bias is named ``<layer>.base.bias``. One that
+    the model shares between two names (a tied head) is untied first, so only the name the adapter
+    gives changes (PEFT's `modules_to_save` keep their own copy too). Merged wrappers are unmerged
+    for the copy and merged again with the new update. Nothing changes unless everything fits.
     """
-    problems, to_wrap = _check_modules(model, plan, lora)
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    problems, built = _check_modules(model, plan, lora)
     state = model.state_dict()
     keys = plain_names(model, state)
+    wrapping = [n for n in plan if n not in _lora_modules(model)]
     for key, tensor in extra.items():
-        if key not in keys:
+        before = next((key.replace(f"{n}.base.", f"{n}.", 1) for n in wrapping if key.startswith(f"{n}.base.")), key)
+        if before not in keys:
             problems.append(f"{key}: the adapter holds this tensor, the model has no such entry")
-        elif (have := tuple(state[keys[key]].shape)) != tuple(tensor.shape):
+        elif (have := tuple(state[keys[before]].shape)) != tuple(tensor.shape):
             problems.append(f"{key}: {tuple(tensor.shape)} in the adapter, {have} in the model")
     if problems:
+        for param, flag in flags:  # building the wrappers froze their bases: undo that
+            param.requires_grad_(flag)
         raise ValueError(
             f"adapter {source} does not fit this {type(model).__name__} (was it trained on a "
             "model of another size or architecture?):\n  - " + "\n  - ".join(problems)
         )
-    wrap_modules(model, to_wrap)
+    place_wrappers(model, built)
     wrappers = _lora_modules(model)
     merged = [w for w in wrappers.values() if w.merged]
     with torch.no_grad():
         for w in merged:
             w.unmerge()
-        for name, (a, b) in lora.items():
-            wrappers[name].lora.A.copy_(a)
-            wrappers[name].lora.B.copy_(b)
+        for name, tensors in lora.items():
+            have = adapter_tensors(wrappers[name])
+            for key, tensor in tensors.items():
+                have[key].copy_(tensor)
     if extra:
+        keys = plain_names(model, model.state_dict())
         _untie(model, (keys[k] for k in extra))
         model.load_state_dict({keys[k]: v for k, v in extra.items()}, strict=False)
     for w in merged:
@@ -256,9 +298,9 @@ def apply_adapter(
 
 def _check_modules(
     model: nn.Module, plan: Mapping[str, LoRASettings], lora: LoRATensors
-) -> tuple[list[str], dict[str, LoRASettings]]:
+) -> tuple[list[str], dict[str, LayerWithLoRA]]:
     """What does not fit between the adapter's modules and the model's (every problem, not the
-    first), and the modules still to wrap, by their names in the model."""
+    first), and the wrappers built for the modules still to wrap, by their names in the model."""
     modules = plain_names(model, (n for n, _ in model.named_modules()))
     named = dict(model.named_modules())
     problems: list[str] = []
@@ -267,32 +309,35 @@ def _check_modules(
         module = named.get(modules.get(name, "\0"))
         if module is None:
             problems.append(f"{name}: the model has no such module")
-            continue
-        if isinstance(module, LinearWithLoRA):
+        elif isinstance(module, LayerWithLoRA):
             have = lora_settings(module)
-            if (have.rank, have.alpha, have.use_rslora) != (s.rank, s.alpha, s.use_rslora):
-                problems.append(
-                    f"{name}: wrapped with rank={have.rank}, alpha={have.alpha}, "
-                    f"rslora={have.use_rslora}; the adapter has rank={s.rank}, alpha={s.alpha}, "
-                    f"rslora={s.use_rslora}"
-                )
-            shape = (module.in_features, module.out_features)
-            if module.merged and not all(torch.isfinite(t).all() for t in lora[name]):
+            if vars(have) | {"dropout": 0} != vars(s) | {"dropout": 0}:
+                problems.append(f"{name}: wrapped with {_settings_text(have)}; the adapter has {_settings_text(s)}")
+            if module.merged and not all(torch.isfinite(t).all() for t in lora[name].values()):
                 problems.append(f"{name}: is merged, and the adapter's update has NaN or inf entries")
         else:
-            shape = linear_shape(module)
-            if shape is None:
-                problems.append(f"{name}: is {type(module).__name__}, not a linear layer")
-                continue
             to_wrap[modules[name]] = s
-        (n_in, n_out), (a, b) = shape, lora[name]
-        want_a, want_b = (s.rank, n_in), (n_out, s.rank)
-        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
-            problems.append(
-                f"{name}: the adapter's A is {tuple(a.shape)} and B {tuple(b.shape)}, the model's "
-                f"layer ({n_in} in, {n_out} out) needs A {want_a} and B {want_b}"
-            )
+    built: dict[str, LayerWithLoRA] = {}
+    try:
+        built = build_wrappers(model, to_wrap)
+    except (ValueError, TypeError) as err:
+        problems.append(str(err))
+    for name in plan:
+        wrapper = built.get(modules.get(name, "\0")) or named.get(modules.get(name, "\0"))
+        if isinstance(wrapper, LayerWithLoRA):
+            want = {k: tuple(t.shape) for k, t in adapter_tensors(wrapper).items()}
+            got = {k: tuple(t.shape) for k, t in lora[name].items()}
+            for key in sorted(want.keys() | got.keys()):
+                if want.get(key) != got.get(key):
+                    problems.append(
+                        f"{name}: the adapter's {key} is {got.get(key, 'missing')}, the model's "
+                        f"{type(wrapper.base).__name__} needs {want.get(key, 'none')}"
+                    )
     for name in _lora_modules(model):
         if name not in plan:
             problems.append(f"{name}: LoRA-wrapped in the model, but the adapter has no weights for it")
-    return problems, to_wrap
+    return problems, built
+
+
+def _settings_text(s: LoRASettings) -> str:
+    return f"rank={s.rank}, alpha={s.alpha}, rslora={s.use_rslora}, dora={s.use_dora}, lora_bias={s.lora_bias}"

@@ -8,27 +8,32 @@ name that layer), as in PEFT's `target_modules` list.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from .lora import LinearWithLoRA, check_alpha, check_rank, linear_shape, lora_modules
+from .layers import wrapper_class
+from .lora import LayerWithLoRA, check_alpha, check_rank, linear_shape, lora_modules
 
 Targets = str | Sequence[str] | Callable[[str, nn.Module], bool]
 ALL_LINEAR = "all-linear"
+WRAPPED_KINDS = (
+    "nn.Linear, transformers Conv1D, bitsandbytes Linear4bit/Linear8bitLt, nn.Embedding, "
+    "nn.Conv1d/2d/3d and nn.MultiheadAttention"
+)
 # Names under which models keep their output head, when `get_output_embeddings` does not say.
 # Classification heads: new layers that train whole (PEFT's modules_to_save), never LoRA-wrapped.
 CLASSIFIER_NAMES = ("classifier", "score", "qa_outputs", "classification_head")
 HEAD_NAMES = ("out_head", "lm_head", "head", *CLASSIFIER_NAMES)
 # Parents that read a child linear's weight directly instead of calling the child, so a LoRA
 # wrapper there would never run: nn.MultiheadAttention hands out_proj.weight (and its own
-# in_proj_weight) to F.multi_head_attention_forward.
+# in_proj_weight) to F.multi_head_attention_forward. The parent itself is wrapped instead.
 _BYPASSING_PARENTS: dict[type[nn.Module], tuple[str, ...]] = {nn.MultiheadAttention: ("out_proj",)}
+BIAS_SETTINGS = ("none", "lora_only", "all")  # PEFT's `bias`: which base biases train beside LoRA
 
 
 @dataclass(frozen=True)
@@ -39,6 +44,8 @@ class LoRASettings:
     alpha: float
     dropout: float = 0.0
     use_rslora: bool = False
+    use_dora: bool = False
+    lora_bias: bool = False
 
 
 def name_matches(name: str, key: str) -> bool:
@@ -79,7 +86,7 @@ def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if not name or (inside is not None and name.startswith(inside)):
             continue
-        inside = name + "." if isinstance(module, LinearWithLoRA) else inside
+        inside = name + "." if isinstance(module, LayerWithLoRA) else inside
         yield name, module
 
 
@@ -91,15 +98,18 @@ def _bypassed(model: nn.Module) -> dict[str, str]:
             if isinstance(parent, kind):
                 for child in children:
                     name = f"{parent_name}.{child}" if parent_name else child
-                    found[name] = (
-                        f"{type(parent).__name__} reads {child}.weight directly inside "
-                        "F.multi_head_attention_forward, so a LoRA wrapper there would never run"
-                    )
+                    found[name] = parent_name
     return found
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return linear_shape(module) is not None or isinstance(module, LinearWithLoRA)
+    return (
+        linear_shape(module) is not None or isinstance(module, LayerWithLoRA) and linear_shape(module.base) is not None
+    )
+
+
+def _adaptable(module: nn.Module) -> bool:
+    return wrapper_class(module) is not None or isinstance(module, LayerWithLoRA)
 
 
 def fold_layer_names(names: Iterable[str]) -> list[str]:
@@ -109,17 +119,18 @@ def fold_layer_names(names: Iterable[str]) -> list[str]:
 
 
 def _linear_names_summary(model: nn.Module, limit: int = 20) -> str:
-    """The linear-like module names of `model`, layer indices folded to N, for error messages."""
-    names = fold_layer_names(name for name, module in _candidates(model) if _is_linear(module))
+    """The names of the modules of `model` that LoRA can wrap, layer indices folded to N, for errors."""
+    bypassed = _bypassed(model)
+    names = fold_layer_names(n for n, m in _candidates(model) if _adaptable(m) and n not in bypassed)
     if not names:
-        return "the model has no linear-like modules (nn.Linear, Conv1D, bitsandbytes linears)"
+        return f"the model has no layer LoRA wraps ({WRAPPED_KINDS})"
     more = f", ... ({len(names) - limit} more)" if len(names) > limit else ""
-    return "its linear-like modules are: " + ", ".join(names[:limit]) + more
+    return "the layers LoRA can wrap are: " + ", ".join(names[:limit]) + more
 
 
 def find_targets(model: nn.Module, targets: Targets) -> list[str]:
     """The qualified names that `targets` selects, in model order, checked: every name must match
-    something, every match must be linear-like and not wrapped yet."""
+    something, every match must be a layer kind LoRA wraps and not wrapped yet."""
     candidates = list(_candidates(model))
     if isinstance(targets, str) and targets == ALL_LINEAR:
         chosen = _all_linear(model, candidates)
@@ -129,36 +140,47 @@ def find_targets(model: nn.Module, targets: Targets) -> list[str]:
         chosen = _by_name(model, candidates, targets)
     if not chosen:
         raise ValueError(f"targets {targets!r} select no module; {_linear_names_summary(model)}")
-    wrapped = [n for n, m in chosen if isinstance(m, LinearWithLoRA)]
+    wrapped = [n for n, m in chosen if isinstance(m, LayerWithLoRA)]
     if wrapped:
         raise ValueError(
             f"already wrapped with LoRA: {wrapped}. Wrap each module once: call unload_lora(model) "
             "first to start again, or target only the modules that are not wrapped yet."
         )
-    not_linear = [f"{n} ({type(m).__name__})" for n, m in chosen if linear_shape(m) is None]
-    if not_linear:
+    not_wrappable = [f"{n} ({type(m).__name__})" for n, m in chosen if wrapper_class(m) is None]
+    if not_wrappable:
         raise ValueError(
-            f"targets match modules that are not linear-like: {not_linear}. LoRA wraps nn.Linear, "
-            f"transformers Conv1D and bitsandbytes linears; name those inside instead "
-            f"({_linear_names_summary(model)})."
+            f"targets match modules that LoRA does not wrap: {not_wrappable}. lora_lab wraps {WRAPPED_KINDS}; "
+            f"name those inside instead ({_linear_names_summary(model)})."
         )
+    _refuse_bypassed(model, [n for n, _ in chosen])
     return [n for n, _ in chosen]
 
 
+def _refuse_bypassed(model: nn.Module, names: Iterable[str]) -> None:
+    bypassed = _bypassed(model)
+    never_run = [n for n in names if n in bypassed]
+    if never_run:
+        parent = bypassed[never_run[0]] or "the model itself"
+        raise ValueError(
+            f"cannot adapt {never_run} alone: nn.MultiheadAttention reads out_proj.weight directly inside "
+            f"F.multi_head_attention_forward, so a wrapper there would never run. Target the attention module "
+            f"itself ({parent!r}): that adapts its in_proj_weight and out_proj together, as PEFT does."
+        )
+
+
 def _all_linear(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
-    """Every linear-like module but the output head and those whose parent bypasses them (warned)."""
+    """Every linear-like module but the output head; an nn.MultiheadAttention, whose out_proj it
+    would otherwise name and never run, is taken whole (its in_proj and out_proj)."""
     head = output_head_name(model)
     in_head = (lambda n: n == head or n.startswith(head + ".")) if head else (lambda n: False)
-    chosen = [(n, m) for n, m in candidates if _is_linear(m) and not in_head(n)]
     bypassed = _bypassed(model)
-    skipped = [n for n, _ in chosen if n in bypassed]
-    if skipped:
-        warnings.warn(
-            f"'{ALL_LINEAR}' leaves out {skipped}: {bypassed[skipped[0]]}. lora_lab does not adapt "
-            "torch's nn.MultiheadAttention; its other linears get LoRA.",
-            stacklevel=4,
-        )
-    return [(n, m) for n, m in chosen if n not in bypassed]
+    modules = dict(candidates)
+    chosen = []
+    for name, module in candidates:
+        if _is_linear(module) and not in_head(name):
+            parent = bypassed.get(name)
+            chosen.append((name, module) if parent is None else (parent, modules[parent]))
+    return list(dict(chosen).items())
 
 
 def _by_name(model: nn.Module, candidates: list[tuple[str, nn.Module]], targets) -> list[tuple[str, nn.Module]]:
@@ -192,25 +214,13 @@ def _pattern_value(pattern: Mapping[str, float], name: str, default: float) -> f
 
 def wrap_modules(model: nn.Module, plan: Mapping[str, LoRASettings]) -> list[str]:
     """Wrap the modules named exactly in `plan` with their settings. All wrappers are built before
-    any is put in place, so a bad setting leaves the model untouched. Each wrapper takes the
-    train/eval mode of the module it replaces (a model in eval mode stays deterministic)."""
+    any is put in place, so a bad setting leaves the model untouched."""
+    return place_wrappers(model, build_wrappers(model, plan))
+
+
+def place_wrappers(model: nn.Module, wrappers: Mapping[str, LayerWithLoRA]) -> list[str]:
+    """Put wrappers from `build_wrappers` in place of the modules they wrap; their names."""
     modules = dict(model.named_modules())
-    bypassed = _bypassed(model)
-    never_run = [n for n in plan if n in bypassed]
-    if never_run:
-        raise ValueError(
-            f"cannot adapt {never_run}: {bypassed[never_run[0]]}. lora_lab does not adapt torch's "
-            "nn.MultiheadAttention (neither its in_proj_weight nor its out_proj); target the other linears "
-            "(for nn.TransformerEncoderLayer: linear1, linear2), or use an attention module that calls its "
-            "projections, as Hugging Face models do."
-        )
-    wrappers = {}
-    for name, s in plan.items():
-        try:
-            wrapper = LinearWithLoRA(modules[name], s.rank, s.alpha, s.dropout, s.use_rslora)
-        except (ValueError, TypeError) as err:
-            raise type(err)(f"{name}: {err}") from None
-        wrappers[name] = wrapper.train(modules[name].training)
     for name, wrapper in wrappers.items():
         parent_name, _, child = name.rpartition(".")
         parent = modules[parent_name]
@@ -220,7 +230,26 @@ def wrap_modules(model: nn.Module, plan: Mapping[str, LoRASettings]) -> list[str
             wrapper.register_forward_pre_hook(_no_fast_path)
         setattr(parent, child, wrapper)
     _enable_input_require_grads(model)
-    return list(plan)
+    return list(wrappers)
+
+
+def build_wrappers(model: nn.Module, plan: Mapping[str, LoRASettings]) -> dict[str, LayerWithLoRA]:
+    """The wrappers for the modules named in `plan`, built but not put in place. Each takes the
+    train/eval mode of the module it wraps (a model in eval mode stays deterministic)."""
+    _refuse_bypassed(model, plan)
+    modules = dict(model.named_modules())
+    wrappers = {}
+    for name, s in plan.items():
+        module = modules[name]
+        kind = wrapper_class(module)
+        try:
+            if kind is None:
+                raise TypeError(f"is {type(module).__name__}, a kind of layer LoRA does not wrap ({WRAPPED_KINDS})")
+            wrapper = kind(module, s.rank, s.alpha, s.dropout, s.use_rslora, lora_bias=s.lora_bias, use_dora=s.use_dora)
+        except (ValueError, TypeError) as err:
+            raise type(err)(f"{name}: {err}") from None
+        wrappers[name] = wrapper.train(module.training)
+    return wrappers
 
 
 def _no_fast_path(module: nn.Module, args: tuple) -> None:
@@ -249,13 +278,19 @@ def inject_lora(
     use_rslora: bool = False,
     rank_pattern: Mapping[str, int] | None = None,
     alpha_pattern: Mapping[str, float] | None = None,
+    *,
+    use_dora: bool = False,
+    lora_bias: bool = False,
 ) -> list[str]:
-    """Wrap the linear-like modules that `targets` selects with `LinearWithLoRA`, in place.
+    """Wrap the modules that `targets` selects with LoRA, in place: linears, embeddings,
+    convolutions and nn.MultiheadAttention, each with its kind of wrapper (`layers.wrapper_class`).
 
     `targets`: a list of names (qualified, or a dotted suffix such as ``"W_query"`` or
     ``"attn.c_attn"``), ``"all-linear"`` (every linear-like module but the output head), or a
     callable ``(name, module) -> bool``. `rank_pattern` / `alpha_pattern` give other ranks or
     alphas to the modules their keys match (same matching; the longest matching key wins).
+    `use_dora`: DoRA's magnitude per output channel (`variants.py`); `lora_bias`: a trainable bias
+    on B, as PEFT's options of those names.
     The wrapped base layers are frozen; everything else keeps its `requires_grad` (see
     `mark_only_lora_trainable`). Returns the qualified names of the wrapped modules.
     """
@@ -274,7 +309,7 @@ def inject_lora(
     modules = dict(model.named_modules())
     too_wide = {}
     for n in names:
-        width = min(linear_shape(modules[n]))
+        width = _width(modules[n])
         if _pattern_value(rank_pattern, n, rank) > width:
             too_wide[n] = width
     if too_wide:
@@ -291,10 +326,23 @@ def inject_lora(
             _pattern_value(alpha_pattern, n, alpha),
             dropout,
             use_rslora,
+            use_dora,
+            lora_bias,
         )
         for n in names
     }
     return wrap_modules(model, plan)
+
+
+def _width(module: nn.Module) -> int:
+    """The largest rank an update of `module` can have: min(in, out) in the linear layout."""
+    if isinstance(module, nn.Embedding):
+        return min(module.num_embeddings, module.embedding_dim)
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return min(module.in_channels * math.prod(module.kernel_size), module.out_channels)
+    return min(linear_shape(module))
 
 
 def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float) -> list[str]:
@@ -304,9 +352,14 @@ def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float) -> list[
     return inject_lora(model, lambda _, m: isinstance(m, nn.Linear), rank, alpha)
 
 
-def mark_only_lora_trainable(model: nn.Module, train: Iterable[str] = ()) -> None:
+def mark_only_lora_trainable(model: nn.Module, train: Iterable[str] = (), bias: str = "none") -> None:
     """Freeze every parameter but the LoRA ones (found by module type) and those of the modules
-    named in `train` (same name matching as targets, e.g. a new classification head)."""
+    named in `train` (same name matching as targets, e.g. a new classification head).
+
+    `bias`, as PEFT's: ``"none"``; ``"lora_only"``, the biases of the wrapped base layers train
+    too; ``"all"``, every parameter called ``bias`` in the model trains too."""
+    if bias not in BIAS_SETTINGS:
+        raise ValueError(f"bias={bias!r}: use one of {BIAS_SETTINGS} (which base biases train beside LoRA)")
     keys = [train] if isinstance(train, str) else list(train)
     named = dict(model.named_modules())
     hits = {k: [m for n, m in named.items() if n and name_matches(n, k)] for k in keys}
@@ -319,90 +372,16 @@ def mark_only_lora_trainable(model: nn.Module, train: Iterable[str] = ()) -> Non
         )
     model.requires_grad_(False)
     for _, wrapper in lora_modules(model):
-        wrapper.lora.requires_grad_(True)
+        for child_name, child in wrapper.named_children():
+            child.requires_grad_(child_name != "base")
+        # PEFT's "lora_only" trains the bias of each layer it wraps: for attention, out_proj's
+        owner = wrapper.base.out_proj if isinstance(wrapper.base, nn.MultiheadAttention) else wrapper.base
+        if bias == "lora_only" and getattr(owner, "bias", None) is not None:
+            owner.bias.requires_grad_(True)
+    if bias == "all":
+        for module in model.modules():
+            if isinstance(module._parameters.get("bias"), nn.Parameter):
+                module.bias.requires_grad_(True)
     for found in hits.values():
         for module in found:
             module.requires_grad_(True)
-
-
-def _merge_problems(model: nn.Module, allow_quantized: bool = False) -> list[str]:
-    """Why each wrapper that is not merged yet cannot be: a weight shared with another module
-    (tied head and embedding: merging would change both), a quantized base, a non-finite update."""
-    owners: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
-    problems = []
-    for name, wrapper in lora_modules(model):
-        if wrapper.merged:
-            continue
-        shared = owners.get(id(wrapper.base.weight), [])
-        if len(shared) > 1:
-            problems.append(
-                f"{name}: its weight is shared with {shared} (tied weights), so merging would change "
-                "those too. Untie it first (give it its own copy with nn.Parameter(w.detach().clone())) "
-                "or keep the adapter unmerged"
-            )
-        problem = wrapper.merge_problem(allow_quantized)
-        if problem is not None:
-            problems.append(f"{name}: {problem}")
-    return problems
-
-
-def _check_mergeable(model: nn.Module, what: str, allow_quantized: bool = False) -> None:
-    """Raise one error naming every wrapper that cannot merge, before anything is changed."""
-    problems = _merge_problems(model, allow_quantized)
-    if problems:
-        raise ValueError(
-            f"cannot {what}: {len(problems)} LoRA layer(s) cannot merge, so nothing was changed:\n  - "
-            + "\n  - ".join(problems)
-        )
-
-
-def merge_lora(model: nn.Module) -> None:
-    """Merge every LoRA update into its base weight; the forward then costs what the base does.
-    Every wrapper is checked first: if any cannot merge, none is merged and the error names all."""
-    _check_mergeable(model, "merge")
-    for _, wrapper in lora_modules(model):
-        wrapper.merge()
-
-
-def unmerge_lora(model: nn.Module) -> None:
-    """Undo `merge_lora`, so the adapters can train again or be switched off."""
-    for _, wrapper in lora_modules(model):
-        wrapper.unmerge()
-
-
-def unload_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every wrapper with a plain module holding the merged weights, and return the model.
-
-    A quantized base is dequantized into a new `nn.Linear` (in `dtype`, default the layer's
-    compute dtype or fp32) before the merge, since merging into 4/8-bit weights would round the
-    update away. Like `merge_lora`, it checks every wrapper first and changes nothing if any fails.
-    """
-    if isinstance(model, LinearWithLoRA):
-        return model.unloaded(dtype)
-    _check_mergeable(model, "unload", allow_quantized=True)
-    modules = dict(model.named_modules())
-    for name, wrapper in list(lora_modules(model)):
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name], child, wrapper.unloaded(dtype))
-    return model
-
-
-@contextmanager
-def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model alone inside the block (merged adapters are taken out for the while).
-    Modules that an adapter replaced whole (a trained head loaded with `extra=` / PEFT's
-    `modules_to_save`) are part of the model and stay; PEFT's `disable_adapter` swaps them back."""
-    wrappers = [w for _, w in lora_modules(model)]
-    states = [(w.merged, w.enabled) for w in wrappers]
-    try:
-        for w in wrappers:
-            w.unmerge()
-            w.enabled = False
-        yield model
-    finally:
-        for w, (merged, enabled) in zip(wrappers, states, strict=True):
-            w.enabled = enabled
-            if merged:
-                w.merge()

@@ -5,10 +5,13 @@ transformers' BitsAndBytesConfig (`bnb_config`); our GPTModel and GGUF files thr
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
 QUANTIZE = ("nf4", "int8")
+QUANTIZED_WEIGHTS = {"Params4bit": "4-bit", "Int8Params": "8-bit"}  # bitsandbytes weight classes
 
 
 def _bitsandbytes():
@@ -78,3 +81,33 @@ def keep_training_layout(model: nn.Module) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
+
+
+def quantization(module: nn.Module) -> str | None:
+    """'4-bit' or '8-bit' for a bitsandbytes-quantized linear, None for a plain one."""
+    return QUANTIZED_WEIGHTS.get(type(getattr(module, "weight", None)).__name__)
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
+    """The weight of a layer as stored, as a plain tensor: bitsandbytes weights dequantized to (out, in)."""
+    weight = module.weight
+    kind = quantization(module)
+    if kind == "4-bit" and getattr(weight, "quant_state", None) is not None:
+        import bitsandbytes.functional as bnbf
+
+        data, state = weight.data, weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place at its first
+            # inference forward; undo that on copies (the inverse changes the state it is given).
+            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, copy.deepcopy(state))
+        return bnbf.dequantize_4bit(data, state)
+    if kind == "8-bit":
+        # The row scales live on the weight until the first forward, then on the layer's state.
+        scales = getattr(weight, "SCB", None)
+        if scales is None:
+            scales = getattr(getattr(module, "state", None), "SCB", None)
+        if scales is not None:
+            import bitsandbytes.functional as bnbf
+
+            return bnbf.int8_vectorwise_dequant(weight.data, scales)
+    return weight.data

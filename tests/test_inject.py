@@ -98,11 +98,11 @@ def _unchanged(model: nn.Module, before: dict) -> bool:
     [
         (
             {"targets": ["W_qeury"]},
-            r"\['W_qeury'\] match no module of TinyModel; its linear-like modules "
-            r"are: blocks.N.att.W_query, blocks.N.att.W_key",
+            r"\['W_qeury'\] match no module of TinyModel; the layers LoRA can wrap "
+            r"are: tok_emb, blocks.N.att.W_query, blocks.N.att.W_key",
         ),
-        ({"targets": ["att"]}, r"not linear-like: \['blocks.0.att \(Module\)'"),
-        ({"targets": ["norm"]}, r"not linear-like: .*LayerNorm"),
+        ({"targets": ["att"]}, r"LoRA does not wrap: \['blocks.0.att \(Module\)'"),
+        ({"targets": ["norm"]}, r"LoRA does not wrap: .*LayerNorm"),
         ({"targets": []}, "targets is empty"),
         ({"targets": ["W_query"], "rank": 0}, "rank must be a positive integer, got 0"),
         ({"targets": ["W_query"], "alpha": 0}, "alpha must be a positive number, got 0"),
@@ -259,7 +259,8 @@ def _torch_encoder(seed: int = 0) -> nn.TransformerEncoder:
 
 def test_torch_transformer_encoder_adapters_act_in_every_mode():
     """nn.TransformerEncoderLayer's inference fast path reads linear1/linear2.weight directly;
-    nn.MultiheadAttention reads out_proj.weight directly. Neither may swallow an adapter."""
+    nn.MultiheadAttention reads out_proj.weight directly. Neither may swallow an adapter:
+    "all-linear" takes each attention whole (in_proj and out_proj) instead of its out_proj."""
     model = _torch_encoder()
     x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1))
     pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
@@ -268,11 +269,8 @@ def test_torch_transformer_encoder_adapters_act_in_every_mode():
         base_train = model.train()(x, src_key_padding_mask=pad)
         base_eval = model.eval()(x, src_key_padding_mask=pad)
 
-    with pytest.warns(
-        UserWarning, match=r"leaves out \['layers.0.self_attn.out_proj', 'layers.1.self_attn.out_proj'\]"
-    ):
-        names = inject_lora(model, "all-linear", rank=4, alpha=8)
-    assert names == [f"layers.{i}.linear{j}" for i in range(2) for j in (1, 2)]
+    names = inject_lora(model, "all-linear", rank=4, alpha=8)
+    assert names == [f"layers.{i}.{n}" for i in range(2) for n in ("self_attn", "linear1", "linear2")]
     randomize_lora(model)
 
     model.train()
@@ -293,15 +291,14 @@ def test_torch_transformer_encoder_adapters_act_in_every_mode():
         torch.testing.assert_close(model(x, src_key_padding_mask=pad)[real], lora_eval[real], atol=1e-5, rtol=1e-5)
 
 
-def test_multihead_attention_out_proj_is_refused():
+def test_multihead_attention_out_proj_alone_is_refused_with_the_module_to_target():
     model = _torch_encoder()
     before = model.state_dict()
     for targets in (["out_proj"], ["linear1", "self_attn.out_proj"], lambda n, m: isinstance(m, nn.Linear)):
-        with pytest.raises(ValueError, match=r"cannot adapt .*self_attn.out_proj.*reads out_proj.weight directly"):
+        with pytest.raises(ValueError, match=r"cannot adapt .*self_attn.out_proj.*Target the attention module itself "):
             inject_lora(model, targets)
-    with pytest.raises(ValueError, match="not linear-like.*self_attn .MultiheadAttention"):
-        inject_lora(model, ["self_attn"])
     assert model.state_dict().keys() == before.keys()
+    assert inject_lora(model, ["self_attn"]) == ["layers.0.self_attn", "layers.1.self_attn"]
 
 
 @pytest.mark.parametrize("reentrant", [True, False])

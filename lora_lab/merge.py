@@ -1,0 +1,99 @@
+"""Taking LoRA in and out of a model's weights: merge, unmerge, unload, and disable for a while.
+
+Every wrapper is checked before any is changed, so a model is merged whole or not at all: a tied
+weight (merging would change its twin too), a quantized base, a non-finite update or a grouped
+convolution is named in one error with every other problem.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .lora import LayerWithLoRA, lora_modules
+
+
+def _merge_problems(model: nn.Module, allow_quantized: bool = False) -> list[str]:
+    """Why each wrapper that is not merged yet cannot be: a weight shared with another module
+    (tied head and embedding: merging would change both), a quantized base, a non-finite update."""
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    problems = []
+    for name, wrapper in lora_modules(model):
+        if wrapper.merged:
+            continue
+        shared = [n for w in wrapper.merged_weights() for n in owners.get(id(w), [])]
+        if len(shared) > len(wrapper.merged_weights()):
+            problems.append(
+                f"{name}: its weight is shared with {shared} (tied weights), so merging would change "
+                "those too. Untie it first (give it its own copy with nn.Parameter(w.detach().clone())) "
+                "or keep the adapter unmerged"
+            )
+        problem = wrapper.merge_problem(allow_quantized)
+        if problem is not None:
+            problems.append(f"{name}: {problem}")
+    return problems
+
+
+def _check_mergeable(model: nn.Module, what: str, allow_quantized: bool = False) -> None:
+    """Raise one error naming every wrapper that cannot merge, before anything is changed."""
+    problems = _merge_problems(model, allow_quantized)
+    if problems:
+        raise ValueError(
+            f"cannot {what}: {len(problems)} LoRA layer(s) cannot merge, so nothing was changed:\n  - "
+            + "\n  - ".join(problems)
+        )
+
+
+def merge_lora(model: nn.Module) -> None:
+    """Merge every LoRA update into its base weight; the forward then costs what the base does.
+    Every wrapper is checked first: if any cannot merge, none is merged and the error names all."""
+    _check_mergeable(model, "merge")
+    for _, wrapper in lora_modules(model):
+        wrapper.merge()
+
+
+def unmerge_lora(model: nn.Module) -> None:
+    """Undo `merge_lora`, so the adapters can train again or be switched off."""
+    for _, wrapper in lora_modules(model):
+        wrapper.unmerge()
+
+
+def unload_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every wrapper with a plain module holding the merged weights, and return the model.
+
+    A quantized base is dequantized into a new `nn.Linear` (in `dtype`, default the layer's
+    compute dtype or fp32) before the merge, since merging into 4/8-bit weights would round the
+    update away. Like `merge_lora`, it checks every wrapper first and changes nothing if any fails.
+    """
+    if isinstance(model, LayerWithLoRA):
+        return model.unloaded(dtype)
+    _check_mergeable(model, "unload", allow_quantized=True)
+    modules = dict(model.named_modules())
+    for name, wrapper in list(lora_modules(model)):
+        parent_name, _, child = name.rpartition(".")
+        setattr(modules[parent_name], child, wrapper.unloaded(dtype))
+    return model
+
+
+@contextmanager
+def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block (merged adapters are taken out for the while).
+    Modules that an adapter replaced whole (a trained head loaded with `extra=` / PEFT's
+    `modules_to_save`) are part of the model and stay; PEFT's `disable_adapter` swaps them back."""
+    wrappers = [w for _, w in lora_modules(model)]
+    states = [(w.merged, w.enabled) for w in wrappers]
+    try:
+        for w in wrappers:
+            w.unmerge()
+            w.enabled = False
+        yield model
+    finally:
+        for w, (merged, enabled) in zip(wrappers, states, strict=True):
+            w.enabled = enabled
+            if merged:
+                w.merge()

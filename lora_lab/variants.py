@@ -1,0 +1,67 @@
+"""How a LoRA update is applied, beyond plain ``W + scaling * B A``: DoRA (weight-decomposed LoRA).
+
+DoRA (Liu et al. 2024) splits each output channel of the adapted weight into a direction and a
+learned length. With W' = W + scaling * B A in the linear layout (out, in) and m a trainable
+vector of one length per output channel, initialised to ``||W||`` row by row:
+
+    W_dora = m / ||W'||_row * W'        (the norm over each row, taken detached)
+
+so a freshly wrapped layer still computes W. Taking the norm detached is the paper's section 4.3
+and PEFT's choice: its gradient is left out, which saves memory and changes little. In a forward
+pass the layer computes ``g * (base(x) - bias) + g * lora(x) + bias`` with g = m / ||W'||, one
+factor per output channel; merging writes W_dora into the base weight, unmerging divides g out.
+
+These are tensor functions only: every layer kind (`lora.py`, `layers.py`) brings its weight in
+the linear layout and the channel dimension of its output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def row_norm(weight: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of each row of an (out, in) weight, in fp32: DoRA's ||W||, shape (out,)."""
+    return torch.linalg.norm(weight.float(), dim=1)
+
+
+def dora_scale(magnitude: torch.Tensor, weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """g = m / ||W + delta||_row for each output channel, the norm detached (no gradient through it).
+    `weight` and `delta` are (out, in) in the linear layout; `delta` includes the scaling."""
+    with torch.no_grad():
+        norm = row_norm(weight.float() + delta.float())
+    return magnitude / norm.to(magnitude.dtype)
+
+
+def channel_view(values: torch.Tensor, out: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    """`values` (one per channel) shaped to broadcast over `out` along `channel_dim`."""
+    shape = [1] * out.dim()
+    shape[channel_dim] = -1
+    return values.to(out.dtype).view(shape)
+
+
+def dora_output(
+    out: torch.Tensor, base_no_bias: torch.Tensor, branch: torch.Tensor, scale: torch.Tensor
+) -> torch.Tensor:
+    """DoRA's forward from the base output `out` (bias included), the base output without its bias
+    (on the dropped-out input while dropout trains), the LoRA branch (scaling included) and g.
+
+    out + (g - 1) * base_no_bias + g * branch; with no dropout this is g * (Wx + BAx) + bias."""
+    return out + (scale - 1) * base_no_bias + scale * branch.to(out.dtype)
+
+
+def dora_weight(
+    weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the merged weight g * (W + delta), the norm ||W + delta|| that unmerging needs), fp32,
+    linear layout."""
+    updated = weight.float() + delta.float()
+    norm = row_norm(updated)
+    return (magnitude.float() / norm)[:, None] * updated, norm
+
+
+def undora_weight(
+    merged: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor
+) -> torch.Tensor:
+    """W again from g * (W + delta), given the norm taken at merge time."""
+    return merged.float() / (magnitude.float() / norm)[:, None] - delta.float()
