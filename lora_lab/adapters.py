@@ -175,7 +175,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra: Iterable[str]
     tensors.update(extras)
     warn_left_out(model, tensors, "save_adapter")
     plain = all(
-        type(w).__name__ == "LinearWithLoRA" and not w.lora.bias and w.lora.magnitude is None for w in wrappers.values()
+        type(w).__name__ == "LinearWithLoRA" and w.lora.bias is None and w.lora.magnitude is None
+        for w in wrappers.values()
     )
     info = {
         "version": 1 if plain else FORMAT_VERSION,  # what plain LoRA on linears writes is what version 1 read

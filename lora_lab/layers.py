@@ -71,6 +71,15 @@ class EmbeddingWithLoRA(LayerWithLoRA):
         scale = getattr(base, "embed_scale", None)  # Gemma-style embeddings scale their output
         return out if scale is None else out * torch.as_tensor(scale, dtype=out.dtype, device=out.device)
 
+    def merge_problem(self, allow_quantized: bool = False) -> str | None:
+        if self.base.max_norm is not None:
+            return (
+                f"an embedding with max_norm={self.base.max_norm}: each looked-up row is rescaled to that norm, so "
+                "E + delta E rescaled is not E rescaled plus the update (PEFT merges it anyway and changes the "
+                "outputs). Keep the adapter unmerged; it runs as it is"
+            )
+        return super().merge_problem(allow_quantized)
+
 
 class ConvWithLoRA(LayerWithLoRA):
     """A frozen `nn.Conv1d`, `nn.Conv2d` or `nn.Conv3d` plus LoRA: A a convolution like the

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -247,28 +248,15 @@ def _check_peft_config(config: Mapping[str, object], source: Path) -> None:
         )
 
 
-def import_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
-    """Load a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
-    into `model`, wrapping the modules it names. Returns the wrapped module names."""
-    directory = Path(directory)
-    config_file = directory / PEFT_CONFIG
-    if not config_file.is_file():
-        raise FileNotFoundError(
-            f"no {PEFT_CONFIG} in {directory}: a PEFT adapter directory holds {PEFT_CONFIG} and "
-            f"{PEFT_WEIGHTS} (PeftModel.save_pretrained or export_peft_adapter write them)"
-        )
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_file} is not valid JSON (corrupt?): {err}") from err
-    _check_peft_config(config, config_file)
-    r, alpha = config["r"], config["lora_alpha"]
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+def _split_peft_tensors(
+    model: nn.Module, directory: Path, trains_biases: bool
+) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    """A PEFT adapter's tensors as ({module: {our key: tensor in our shape}}, other tensors under our
+    names); a base weight it carries must be the model's own."""
     parts: dict[str, dict[str, torch.Tensor]] = {}
     extra: dict[str, torch.Tensor] = {}
     state = model.state_dict()
     plain_state = plain_names(model, state)
-    trains_biases = config.get("bias", "none") != "none"
     for key, tensor in _read_peft_weights(directory).items():
         key = key.removeprefix(PEFT_PREFIX)
         match = _PEFT_LORA_KEY.match(key)
@@ -295,6 +283,27 @@ def import_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[
             raise ValueError(f"{directory}: unsupported LoRA tensor {key} (a PEFT method lora_lab does not implement)")
         else:
             extra[key] = tensor  # modules_to_save, e.g. a classification head
+    return parts, extra
+
+
+def import_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
+    """Load a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
+    into `model`, wrapping the modules it names. Returns the wrapped module names."""
+    directory = Path(directory)
+    config_file = directory / PEFT_CONFIG
+    if not config_file.is_file():
+        raise FileNotFoundError(
+            f"no {PEFT_CONFIG} in {directory}: a PEFT adapter directory holds {PEFT_CONFIG} and "
+            f"{PEFT_WEIGHTS} (PeftModel.save_pretrained or export_peft_adapter write them)"
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_file} is not valid JSON (corrupt?): {err}") from err
+    _check_peft_config(config, config_file)
+    r, alpha = config["r"], config["lora_alpha"]
+    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    parts, extra = _split_peft_tensors(model, directory, config.get("bias", "none") != "none")
     problems = [f"{n}: has no lora_A" for n, p in parts.items() if "lora.A" not in p]
     plan: dict[str, LoRASettings] = {}
     for name, p in parts.items():
@@ -312,4 +321,12 @@ def import_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[
         )
     if problems:
         raise ValueError(f"{directory}: inconsistent PEFT adapter:\n  - " + "\n  - ".join(problems))
+    attention = [n for n, p in parts.items() if "out_lora.A" in p]
+    if attention:
+        warnings.warn(
+            f"{attention}: PEFT up to 0.21 adds nn.MultiheadAttention's out_proj update twice in its forward and "
+            "merge (huggingface/peft#3774); lora_lab adds it once, as the adapter's math says, so these layers' "
+            "outputs differ from what that PEFT computed with this adapter",
+            stacklevel=2,
+        )
     return apply_adapter(model, plan, parts, extra, str(directory))
