@@ -15,7 +15,9 @@ Variants of one AdamW training step (forward, backward, optimizer step):
   lora_lab unfused  the same with `fused = False`: base and branch as two modules (prices the fusion)
   peft              Hugging Face PEFT's LoRA, same targets, same adapter weights
   full              every weight trains
-and `--compile [MODE]` adds the floor and lora_lab under torch.compile (inductor; on a GPU, MODE
+`--dora` adds DoRA (weight-decomposed LoRA, same targets) for lora_lab and PEFT, each against its own
+plain LoRA in the same round (vs_lora); and `--compile [MODE]` adds the floor and lora_lab under
+torch.compile (inductor; on a GPU, MODE
 "reduce-overhead" replays forward and backward as CUDA graphs, "max-autotune" also searches GEMM
 kernels; the loss and AdamW stay eager). Forward-only inference
 rows: the base, lora_lab unmerged and merged, PEFT unmerged.
@@ -120,7 +122,7 @@ CASES = {
     "minilm": Case(_minilm, ["query", "key", "value", "dense"], 8, 16, 64, ["classifier"], classify=True),
     "llama": Case(_llama, "all-linear", 8, 4, 128, []),
 }
-VARIANTS = ["frozen floor", "lora_lab", "lora_lab unfused", "peft", "full"]
+VARIANTS = ["frozen floor", "lora_lab", "lora_lab unfused", "peft", "full", "lora_lab dora", "peft dora"]
 TINY = Case(_tiny_gpt, lora_targets("attn+ffn"), 4, 2, 16, [])
 
 
@@ -133,9 +135,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _lora(base: nn.Module, case: Case) -> nn.Module:
+def _lora(base: nn.Module, case: Case, use_dora: bool = False) -> nn.Module:
     model = copy.deepcopy(base)
-    inject_lora(model, case.targets, rank=case.rank, alpha=2 * case.rank)
+    inject_lora(model, case.targets, rank=case.rank, alpha=2 * case.rank, use_dora=use_dora)
     mark_only_lora_trainable(model, train=case.head)
     with torch.no_grad():  # a trained-looking adapter, so merged and unmerged differ from the base
         for _, w in lora_modules(model):
@@ -231,10 +233,14 @@ def run_case(name: str, case: Case, args: argparse.Namespace) -> list[dict]:
 
     lora = _lora(base, case)
     peft_model = _peft(lora, base, case)
+    dora = _lora(base, case, use_dora=True) if args.dora else None
+    peft_dora = _peft(dora, base, case) if args.dora else None
     with torch.no_grad():  # numbers before speed: the variants compute the same function here
-        reference = _logits(lora(x[:1]))
-        for other_name, other in (("peft", peft_model), ("unfused", _unfused(lora))):
-            diff = (_logits(other(x[:1])) - reference).abs().max().item()
+        pairs = [(lora, "peft", peft_model), (lora, "unfused", _unfused(lora))] + (
+            [(dora, "peft dora", peft_dora)] if dora else []
+        )
+        for ours, other_name, other in pairs:
+            diff = (_logits(other(x[:1])) - _logits(ours(x[:1]))).abs().max().item()
             print(f"{name}: lora_lab vs {other_name} logits on {device} (fp32): max abs diff {diff:.2e}")
             assert diff <= 1e-3, f"lora_lab and {other_name} disagree"
 
@@ -245,6 +251,8 @@ def run_case(name: str, case: Case, args: argparse.Namespace) -> list[dict]:
         "peft": peft_model,
         "full": copy.deepcopy(base).requires_grad_(True),
     }
+    if args.dora:
+        train_models.update({"lora_lab dora": dora, "peft dora": peft_dora})
     if args.only:  # a pair timed alone (e.g. the floor and lora_lab): no neighbour's memory traffic in between
         train_models = {n: m for n, m in train_models.items() if n in args.only}
     if args.compile:
@@ -302,7 +310,10 @@ def run_case(name: str, case: Case, args: argparse.Namespace) -> list[dict]:
                 "ms": statistics.median(times[n]),
                 "spread_pct": _spread(times[n]),
                 "vs_floor": _paired(times, n, floor_of(n)),
-                "vs_peft": _paired(times, n, "peft"),
+                "vs_peft": _paired(times, n, "peft dora" if "dora" in n else "peft"),
+                **(
+                    {"vs_lora": _paired(times, n, n.replace(" dora", "")) if "dora" in n else None} if args.dora else {}
+                ),
                 "activation_mib": saved.get(n),
                 "peak_mib": peaks[n],
             }
@@ -360,6 +371,7 @@ def main() -> None:
         choices=["default", "reduce-overhead", "max-autotune"],
         help="add the floor and lora_lab under torch.compile, in this mode (default: default)",
     )
+    parser.add_argument("--dora", action="store_true", help="add DoRA training steps for lora_lab and PEFT")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--tiny", action="store_true", help="a two-block GPT: checks that it runs, times nothing")
     args = parser.parse_args()
@@ -370,12 +382,16 @@ def main() -> None:
     started = time.perf_counter()
     cases = {"tiny": TINY} if args.tiny else {n: CASES[n] for n in args.case or CASES}
     rows = [row for name, case in cases.items() for row in run_case(name, case, args)]
+    columns = dict.fromkeys(k for row in rows for k in row)  # forward rows have no vs_lora
+    rows = [{k: row.get(k) for k in columns} for row in rows]
     minutes = (time.perf_counter() - started) / 60
     cuda = args.device.startswith("cuda")
     machine = torch.cuda.get_device_name() if cuda else f"{platform.machine()}, {torch.get_num_threads()} CPU threads"
     tag = f"{'cuda' if cuda else 'cpu'}_{args.dtype}"
     if args.only:
         tag += "_" + "-".join(n.replace(" ", "_") for n in args.only)
+    if args.dora:
+        tag += "_dora"
     if args.compile:
         tag += "_compiled" + ("" if args.compile == "default" else f"-{args.compile}")
     if args.tiny:  # a smoke run never replaces real figures

@@ -456,3 +456,29 @@ def test_torch_transformer_encoder_trains_with_attention_lora():
     assert "encoder.layers.0.self_attn" in names and "head" not in names
     losses = _train(model, [(x, y)], steps=40)
     assert sum(losses[-5:]) / 5 < 0.5 * losses[0], losses[::5]
+
+
+def test_parameter_report_counts_every_kind_as_peft():
+    """The report's LoRA row: A, B, DoRA's magnitudes and attention's second branch, as PEFT counts them."""
+    from lora_lab import parameter_report
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.conv, self.lin = nn.Embedding(20, 8), nn.Conv2d(4, 8, 3), nn.Linear(8, 8)
+
+    torch.manual_seed(0)
+    base = Mixed()
+    ours = copy.deepcopy(base)
+    inject_lora(ours, ["emb", "conv", "lin"], rank=2, use_dora=True)
+    mark_only_lora_trainable(ours)
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["emb", "conv", "lin"], use_dora=True)
+    )
+    lora_row = next(r for r in parameter_report(ours) if r.group == "LoRA")
+    assert lora_row.parameters == lora_row.trainable == theirs.get_nb_trainable_parameters()[0]
+    # closed form: A + B + magnitude per layer, in the linear layout (in, out)
+    assert lora_row.parameters == sum(2 * (i + o) + o for i, o in ((20, 8), (4 * 9, 8), (8, 8)))
+    attention = Attention()
+    inject_lora(attention, ["mha"], rank=2)
+    assert next(r for r in parameter_report(attention) if r.group == "LoRA").parameters == 2 * (8 + 24) + 2 * (8 + 8)
