@@ -62,6 +62,7 @@ def _report(args: argparse.Namespace) -> int:
                 _ranks(args.ranks),
                 "all-linear" if targets == ["all-linear"] else targets,
                 model_name=name,
+                use_dora=args.dora,
             )
     if args.out:
         from .report import write_report
@@ -289,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="module names or dotted suffixes (q_proj,v_proj), or all-linear: every linear but the output head "
         "(default: all-linear); repeat --targets to compare target sets",
+    )
+    report.add_argument(
+        "--dora", action="store_true", help="DoRA: count its magnitude vector (one per output channel) too"
     )
     report.add_argument("--out", help="also write DIR/param_report.csv, .md and .png (a plot against the rank)")
     report.add_argument("--format", choices=["table", "csv"], default="table", help="markdown table (default) or CSV")

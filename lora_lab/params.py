@@ -238,23 +238,26 @@ def rank_report(
     ranks: Iterable[int],
     targets: Targets = "all-linear",
     model_name: str = "",
+    use_dora: bool = False,
 ) -> list[dict[str, float | int | str]]:
     """For each rank (each once, in the order given): LoRA on `targets` of a model fresh from
     `build()`, everything else frozen but a classification head (`classifier`, `score`, ...), which
     trains whole as PEFT's modules_to_save do: what that leaves to train, and the training memory
     (weights, gradients, AdamW; no activations) over an fp32, bf16 or NF4 base next to full
     fine-tuning. Counts are exact; fractions and MiB are rounded as `REPORT_DECIMALS` says. Build on
-    the meta device to count models of any size."""
+    the meta device to count models of any size. `use_dora`: DoRA's magnitude vectors counted too."""
     from .inject import find_targets
 
     rows = []
     label = targets if isinstance(targets, str) else "+".join(targets) if not callable(targets) else "callable"
+    label += ", DoRA" if use_dora else ""
     for rank in dict.fromkeys(ranks):
         model = build()
         head = classifier_head_name(model)
         linears = find_targets(model, "all-linear")  # what QLoRA quantizes: every linear but the head
-        quantizable = {id(model.get_submodule(n).weight) for n in linears}
-        names = inject_lora(model, targets, rank=rank, alpha=2 * rank)
+        # (an nn.MultiheadAttention that "all-linear" takes whole has no one weight to quantize)
+        quantizable = {id(w) for n in linears if (w := getattr(model.get_submodule(n), "weight", None)) is not None}
+        names = inject_lora(model, targets, rank=rank, alpha=2 * rank, use_dora=use_dora)
         mark_only_lora_trainable(model, train=[head] if head else [])
         count = count_parameters(model)
         row: dict[str, float | int | str] = {"model": model_name, "targets": label} if model_name else {}

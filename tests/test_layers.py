@@ -482,3 +482,30 @@ def test_parameter_report_counts_every_kind_as_peft():
     attention = Attention()
     inject_lora(attention, ["mha"], rank=2)
     assert next(r for r in parameter_report(attention) if r.group == "LoRA").parameters == 2 * (8 + 24) + 2 * (8 + 8)
+
+
+def test_embeddings_of_a_tied_hugging_face_model_equal_peft(tmp_path):
+    """Llama with tie_word_embeddings: LoRA on embed_tokens changes the lookup, while the tied lm_head
+    keeps the base weight, as PEFT does by default; outputs and gradients equal PEFT's, and merging
+    (which would move the head too) is refused with the reason."""
+    from conftest import tiny_llama
+
+    base = tiny_llama(tie=True)
+    ours = copy.deepcopy(base)
+    inject_lora(ours, ["embed_tokens", "q_proj"], rank=4, alpha=8)
+    mark_only_lora_trainable(ours)
+    _randomize(ours)
+    export_peft_adapter(ours, tmp_path / "a")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a", is_trainable=True)
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(0))
+    out, ref = ours(ids).logits, theirs(ids).logits
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    assert (out - base(ids).logits).abs().max() > 1e-3
+    _loss(out).backward(), _loss(ref).backward()
+    peft_params = dict(theirs.named_parameters())
+    for name, param in ours.named_parameters():
+        if param.requires_grad:
+            theirs_grad = peft_params[_peft_name(name, set(peft_params))].grad
+            torch.testing.assert_close(param.grad, theirs_grad, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match=r"embed_tokens: its weight is shared with .*lm_head.weight"):
+        merge_lora(ours)
