@@ -34,6 +34,7 @@ class TrainConfig:
     alpha: float = option(16.0, "LoRA alpha", cli="")
     dropout: float = option(0.0, "dropout on the LoRA input")
     use_rslora: bool = option(False, "scale by alpha / sqrt(rank) (rsLoRA)", cli="")
+    use_dora: bool = option(False, "DoRA: a learned length per output channel (weight-decomposed LoRA)")
     targets: list[str] | str = option("all-linear", "modules to adapt", cli="")
     epochs: int = option(3, "passes over the training set")
     batch_size: int = option(8, "rows per batch (per process under DDP)")

@@ -464,3 +464,17 @@ def test_classify_prints_one_line_per_text_or_json(tiny_runs, tmp_path, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["text"] for r in rows] == texts
     assert all(r["label"] in ("0", "1") and abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
+
+
+def test_a_dora_run_trains_and_loads_with_its_magnitudes(tiny_runs, tmp_path):
+    """`--use-dora`: the run's adapter holds the magnitudes, and load_run gives the trained model back."""
+    from lora_lab.run import load_run
+
+    cfg = TrainConfig(**{**vars(tiny_runs), "use_dora": True, "epochs": 1})
+    metrics = train(cfg, tmp_path / "run")
+    plain = train(TrainConfig(**{**vars(tiny_runs), "epochs": 1}), tmp_path / "plain")
+    # one magnitude per output channel of each wrapped linear on top of A and B
+    assert metrics["trainable_params"] > plain["trainable_params"]
+    _, loaded, _ = load_run(tmp_path / "run")
+    wrappers = [m for m in loaded.model.modules() if hasattr(m, "lora") and hasattr(m, "base")]
+    assert wrappers and all(w.lora.magnitude is not None for w in wrappers)
