@@ -81,10 +81,11 @@ def classifier_head_name(model: nn.Module) -> str | None:
 
 
 def _candidates(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Named submodules that a target may match: not the root, nothing inside a wrapper."""
+    """Named submodules that a target may match: not the root, nothing inside a wrapper, nor the
+    modules torch's parametrizations (weight_norm...) keep under ``parametrizations.``."""
     inside: str | None = None
     for name, module in model.named_modules():
-        if not name or (inside is not None and name.startswith(inside)):
+        if not name or (inside is not None and name.startswith(inside)) or ".parametrizations." in f".{name}":
             continue
         inside = name + "." if isinstance(module, LayerWithLoRA) else inside
         yield name, module

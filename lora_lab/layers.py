@@ -50,6 +50,11 @@ class EmbeddingWithLoRA(LayerWithLoRA):
     ) -> None:
         if lora_bias:
             raise ValueError("lora_bias is not defined for embeddings (PEFT refuses it too): leave it off here")
+        if base.sparse:
+            raise ValueError(
+                "an nn.Embedding with sparse=True: the LoRA branch's gradient cannot be sparse (PEFT fails in "
+                "backward there); build the embedding with sparse=False to adapt it"
+            )
         # Dropout is not applied to token indices (PEFT does not either), so none is kept.
         super().__init__(base, base.num_embeddings, base.embedding_dim, rank, alpha, 0.0, use_rslora, use_dora=use_dora)
         nn.init.zeros_(self.lora.A)
@@ -85,7 +90,10 @@ class ConvWithLoRA(LayerWithLoRA):
     """A frozen `nn.Conv1d`, `nn.Conv2d` or `nn.Conv3d` plus LoRA: A a convolution like the
     base's into `rank` channels, B a 1x1 convolution out of them (see the module doc)."""
 
-    channel_dim = 1
+    @property
+    def channel_dim(self) -> int:
+        """Before the spatial dimensions, counted from the end: (N, C, H, W) and unbatched (C, H, W) alike."""
+        return -1 - len(self.base.kernel_size)
 
     def __init__(
         self,

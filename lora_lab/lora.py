@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused import autocast_dtype, global_hooks, has_hooks, lora_linear, plain_tensors, transformed
-from .quantize import dequantized_weight, quantization
+from .quantize import dequantized_weight, quantization, why_not_merge_quantized
 from .variants import channel_view, dora_output, dora_scale, dora_weight, row_norm, undora_weight
 
 
@@ -249,7 +249,7 @@ class LayerWithLoRA(nn.Module):
         dropped = dropout(x) if dropout is not None and dropout.training else x
         branch = self.branch(dropped)
         if self.lora.magnitude is None:
-            return out + branch.to(out.dtype)
+            return (out + branch).to(out.dtype)  # summed in the adapter's precision, rounded once (as PEFT)
         scale = channel_view(
             dora_scale(self.lora.magnitude, self.base_weight(), self.lora.delta_weight()), out, self.channel_dim
         )
@@ -264,15 +264,14 @@ class LayerWithLoRA(nn.Module):
         """Why this layer cannot merge (a quantized base, a non-finite update...), or None."""
         kind = quantization(self.base)
         if kind is not None and not allow_quantized:
-            return (
-                f"a {kind} bitsandbytes base: the merged weight W + BA would have to be quantized "
-                "again, and that rounding is as large as the small update itself, so the merge would "
-                "lose the adapter and unmerge could not restore W. Keep the adapter unmerged (it runs "
-                "as it is), or call unload_lora(model), which dequantizes each base into a plain "
-                "nn.Linear copy and merges there"
-            )
+            return why_not_merge_quantized(kind)
         if self.lora.bias is not None and self.bias is None:
             return "the adapter has a LoRA bias (lora_bias) and the base layer has no bias to merge it into"
+        if "weight" not in self.base._parameters:
+            return (
+                "the base weight is computed (a parametrization such as weight_norm, or a hook), not stored, so a "
+                "merge could not write it; keep the adapter unmerged, it runs as it is"
+            )
         tensors = [t for t in (self.lora.bias, self.lora.magnitude) if t is not None]
         if self.lora.A.device.type != "meta" and not all(
             torch.isfinite(t).all() for t in [self.lora.delta_weight(), *tensors]
@@ -417,8 +416,9 @@ class LinearWithLoRA(LayerWithLoRA):
             return out.add_(self.lora(x))
         # Under autograd an ordinary add is faster: linear returns a view, and changing a view in
         # place routes its gradient through an extra copy (CopySlices): 5-16% per training step of
-        # GPT-2 124M on an H200 (experiments/bench_lora.py).
-        return out + self.lora(x).to(out.dtype)
+        # GPT-2 124M on an H200 (experiments/bench_lora.py). A bf16 base with fp32 adapters sums in fp32
+        # and rounds once, as PEFT and the in-place path above do.
+        return (out + self.lora(x)).to(out.dtype)
 
     def _is_conv1d(self) -> bool:
         return not isinstance(self.base, nn.Linear)

@@ -111,3 +111,14 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 
             return bnbf.int8_vectorwise_dequant(weight.data, scales)
     return weight.data
+
+
+def why_not_merge_quantized(kind: str) -> str:
+    """Why LoRA is not merged into a bitsandbytes base of `kind` ('4-bit' or '8-bit')."""
+    return (
+        f"a {kind} bitsandbytes base: the merged weight W + BA would have to be quantized "
+        "again, and that rounding is as large as the small update itself, so the merge would "
+        "lose the adapter and unmerge could not restore W. Keep the adapter unmerged (it runs "
+        "as it is), or call unload_lora(model), which dequantizes each base into a plain "
+        "nn.Linear copy and merges there"
+    )

@@ -34,10 +34,11 @@ def dora_scale(magnitude: torch.Tensor, weight: torch.Tensor, delta: torch.Tenso
 
 
 def channel_view(values: torch.Tensor, out: torch.Tensor, channel_dim: int) -> torch.Tensor:
-    """`values` (one per channel) shaped to broadcast over `out` along `channel_dim`."""
+    """`values` (one per channel) shaped to broadcast over `out` along `channel_dim` (counted from
+    the end, so an unbatched input works too)."""
     shape = [1] * out.dim()
     shape[channel_dim] = -1
-    return values.to(out.dtype).view(shape)
+    return values.view(shape)
 
 
 def dora_output(
@@ -46,8 +47,9 @@ def dora_output(
     """DoRA's forward from the base output `out` (bias included), the base output without its bias
     (on the dropped-out input while dropout trains), the LoRA branch (scaling included) and g.
 
-    out + (g - 1) * base_no_bias + g * branch; with no dropout this is g * (Wx + BAx) + bias."""
-    return out + (scale - 1) * base_no_bias + scale * branch.to(out.dtype)
+    out + (g - 1) * base_no_bias + g * branch; with no dropout this is g * (Wx + BAx) + bias. Summed in
+    the adapter's precision and rounded to the base's once (a bf16 base with fp32 adapters), as PEFT."""
+    return (out + (scale - 1) * base_no_bias + scale * branch).to(out.dtype)
 
 
 def dora_weight(

@@ -266,6 +266,7 @@ def test_trained_base_biases_count_and_travel_as_peft(bias, tmp_path):
         (MLP, ["lin"], {"lora_bias": True, "use_dora": True}, "lora_bias and use_dora do not go together"),
         (lambda: nn.Sequential(nn.ConvTranspose2d(2, 2, 3)), ["0"], {}, r"LoRA does not wrap: \['0 \(ConvTranspose2d"),
         (lambda: nn.Sequential(nn.MultiheadAttention(8, 2, kdim=4, vdim=4)), ["0"], {}, "kdim or vdim other than"),
+        (lambda: nn.Sequential(nn.Embedding(5, 4, sparse=True)), ["0"], {}, "sparse=True: the LoRA branch's gradient"),
     ],
 )
 def test_what_stays_refused_is_named_and_changes_nothing(make, targets, kwargs, message):
@@ -509,3 +510,63 @@ def test_embeddings_of_a_tied_hugging_face_model_equal_peft(tmp_path):
             torch.testing.assert_close(param.grad, theirs_grad, atol=1e-5, rtol=1e-4, msg=name)
     with pytest.raises(ValueError, match=r"embed_tokens: its weight is shared with .*lm_head.weight"):
         merge_lora(ours)
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_an_unbatched_input_to_a_dora_convolution_is_the_batched_one(dims):
+    """torch's convolutions take (C, H, W) as well as (N, C, H, W): DoRA's per-channel factor must
+    find the channels either way (with H = out_channels a wrong axis would broadcast silently)."""
+    torch.manual_seed(0)
+    model = Convs(dims)
+    inject_lora(model, ["conv"], rank=2, use_dora=True)
+    _randomize(model)
+    x = torch.randn(1, 4, *[8] * dims)  # 8 = out_channels of model.conv
+    with torch.no_grad():
+        torch.testing.assert_close(model(x[0]), model(x)[0], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_parametrized_base_runs_unmerged_and_refuses_to_merge(use_dora):
+    """weight_norm's weight is computed on every access: a merge could not write it (it would write
+    a temporary and lose the adapter), so merging and unloading are refused; the forward is right."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(weight_norm(nn.Conv1d(4, 8, 3, padding=1)), nn.GELU(), weight_norm(nn.Conv1d(8, 2, 1)))
+    plain = copy.deepcopy(model)
+    assert inject_lora(model, ["0", "2"], rank=2, use_dora=use_dora) == ["0", "2"]
+    _randomize(model)
+    x = INPUTS["conv1"]()
+    with torch.no_grad():
+        for (_, wrapper), layer in zip(lora_modules(model), (plain[0], plain[2]), strict=True):
+            merged, _ = wrapper.updated_weight()  # W + delta W (DoRA: scaled), the closed form
+            parametrize = layer.parametrizations.weight
+            layer.parametrizations.weight.original0.copy_(
+                merged.view(layer.weight.shape).norm(dim=(1, 2), keepdim=True)
+            )
+            parametrize.original1.copy_(merged.view(layer.weight.shape))
+        torch.testing.assert_close(model(x), plain(x), atol=1e-5, rtol=1e-5)
+    for action in (merge_lora, unload_lora):
+        with pytest.raises(ValueError, match="0: the base weight is computed .*keep the adapter unmerged"):
+            action(model)
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_a_bf16_base_sums_in_fp32_once_as_peft(use_dora, tmp_path):
+    """A bf16 base with fp32 adapters: the branch is added in fp32 and rounded once, in training and
+    inference alike, giving PEFT's outputs to the last bit."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(64, 64)).to(torch.bfloat16)
+    ours = copy.deepcopy(base)
+    inject_lora(ours, ["0"], rank=4, use_dora=use_dora)
+    _randomize(ours)
+    export_peft_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    x = torch.randn(8, 64).to(torch.bfloat16)
+    with torch.no_grad():
+        inference = ours(x)
+    training = ours(x)
+    assert training.dtype == inference.dtype == torch.bfloat16
+    torch.testing.assert_close(training.detach(), inference, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(inference, theirs(x), atol=0, rtol=0)
