@@ -250,9 +250,9 @@ class LayerWithLoRA(nn.Module):
         branch = self.branch(dropped)
         if self.lora.magnitude is None:
             return (out + branch).to(out.dtype)  # summed in the adapter's precision, rounded once (as PEFT)
-        scale = channel_view(
-            dora_scale(self.lora.magnitude, self.base_weight(), self.lora.delta_weight()), out, self.channel_dim
-        )
+        with torch.no_grad():  # the norm is taken detached: no graph for B A here
+            delta = self.lora.delta_weight()
+        scale = channel_view(dora_scale(self.lora.magnitude, self.base_weight(), delta), out, self.channel_dim)
         if dropped is not x:  # PEFT's rule: on a dropped-out input the base term is computed again
             base = self.base_without_bias(dropped)
         else:
@@ -371,12 +371,10 @@ class LinearWithLoRA(LayerWithLoRA):
         self.base.weight.copy_(weight.T if self._is_conv1d() else weight)
 
     def _fusable(self, x: torch.Tensor) -> bool:
-        """Whether `lora_linear` computes exactly what base(x) + lora(x) would, and nothing the two
-        modules would do is skipped: plain nn.Linear / Conv1D base and plain LoRALayer (a subclass may
-        change its forward; no DoRA, no lora bias), base frozen, no hooks on either (nor global ones),
-        no forward replaced on the instance (accelerate's offloading), plain tensors on the input's
-        device, one dtype unless autocast decides, and no transform the hand-written backward cannot
-        serve (torch.func, forward-mode AD, TorchScript tracing)."""
+        """Whether `lora_linear` computes exactly what base(x) + lora(x) would, skipping nothing: plain
+        nn.Linear / Conv1D base and plain LoRALayer (no subclass, DoRA or lora bias), base frozen, no hooks
+        (nor global ones), no forward replaced on the instance (accelerate's offloading), plain tensors on
+        the input's device, one dtype unless autocast decides, no torch.func / forward AD / tracing."""
         base, lora = self.base, self.lora
         weight, bias = base.weight, getattr(base, "bias", None)
         tensors = (weight, lora.A, lora.B) if bias is None else (weight, bias, lora.A, lora.B)
