@@ -72,14 +72,20 @@ def lora_settings(wrapper: LayerWithLoRA) -> LoRASettings:
 
 def trained_biases(model: nn.Module, saved: Iterable[str] = ()) -> dict[str, torch.Tensor]:
     """The base biases that train beside LoRA (`mark_only_lora_trainable(model, bias="lora_only"
-    or "all")`, as PEFT's `bias`), under plain names (a wrapped layer's as ``<layer>.base.bias``):
-    when every trainable parameter but LoRA's and those `saved` is a bias, else none."""
+    or "all")`, as PEFT's `bias`), under plain names (a wrapped layer's as ``<layer>.base.bias``),
+    as they are without a merged LoRA bias: when every trainable parameter but LoRA's and those
+    `saved` is a bias, else none."""
     adapters = set(lora_state_dict(model))
     params = {k: p for k, p in model.named_parameters() if p.requires_grad and k not in adapters}
     plain = {p: k for p, k in plain_names(model, params).items() if p not in set(saved)}
     if not plain or any(p.rsplit(".", 1)[-1] != "bias" for p in plain):
         return {}
-    return {p: params[k].detach() for p, k in plain.items()}
+    merged = {f"{n}.base.bias": w.lora for n, w in _lora_modules(model).items() if w.merged and w.lora.bias is not None}
+    out = {}
+    for p, k in plain.items():
+        bias = params[k].detach()
+        out[p] = bias - (merged[p].bias * merged[p].scaling).to(bias.dtype) if p in merged else bias
+    return out
 
 
 def wrappers_by_name(model: nn.Module) -> dict[str, LayerWithLoRA]:

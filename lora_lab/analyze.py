@@ -115,15 +115,40 @@ def subspace_similarity(U1: torch.Tensor, U2: torch.Tensor) -> torch.Tensor:
 
 
 def read_adapter(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{module name: (A, B, scaling)} of a lora_lab adapter file."""
+    """{module name: (A, B, scaling)} of a lora_lab adapter file, so that dW = scaling * B A in the
+    linear layout: a grouped convolution's B (out, rank / groups) comes back block-diagonal
+    (out, rank); an attention module's output projection is its own entry, ``<name>.out_proj``."""
     import json
+    import warnings
 
     tensors, metadata = read_safetensors(path, "run the sweep again to write it")
     modules = json.loads(metadata.get("lora_lab", "{}")).get("modules", {})
+    dora = [name for name, spec in modules.items() if spec.get("use_dora")]
+    if dora:
+        warnings.warn(
+            f"{path}: {len(dora)} DoRA module(s): their spectra are of scaling * B A, the direction update; the "
+            "magnitude's rescaling (m / ||W + scaling B A||) needs the base weights and is not in them",
+            stacklevel=2,
+        )
     out = {}
     for name, spec in modules.items():
         scaling = spec["alpha"] / (math.sqrt(spec["rank"]) if spec.get("use_rslora") else spec["rank"])
-        out[name] = (tensors[f"{name}.lora.A"], tensors[f"{name}.lora.B"], scaling)
+        for branch, key in (("lora", name), ("out_lora", f"{name}.out_proj")):
+            if f"{name}.{branch}.A" in tensors:
+                a, b = tensors[f"{name}.{branch}.A"], tensors[f"{name}.{branch}.B"]
+                out[key] = (a, _dense_b(b, a.shape[0]), scaling)
+    return out
+
+
+def _dense_b(b: torch.Tensor, rank: int) -> torch.Tensor:
+    """B (out, rank / groups) of a grouped convolution as the block-diagonal (out, rank) it stands for."""
+    groups = rank // b.shape[1]
+    if groups == 1:
+        return b
+    out = torch.zeros(b.shape[0], rank, dtype=b.dtype)
+    rows, cols = b.shape[0] // groups, b.shape[1]
+    for g in range(groups):
+        out[g * rows : (g + 1) * rows, g * cols : (g + 1) * cols] = b[g * rows : (g + 1) * rows]
     return out
 
 

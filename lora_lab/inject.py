@@ -180,6 +180,11 @@ def _all_linear(model: nn.Module, candidates: list[tuple[str, nn.Module]]) -> li
     for name, module in candidates:
         if _is_linear(module) and not in_head(name):
             parent = bypassed.get(name)
+            if parent == "":
+                raise ValueError(
+                    f"the model is a {type(model).__name__} itself, which cannot be replaced in place: wrap it "
+                    "directly, MultiheadAttentionWithLoRA(model, rank, alpha), or inject into a model that holds it"
+                )
             chosen.append((name, module) if parent is None else (parent, modules[parent]))
     return list(dict(chosen).items())
 
@@ -230,6 +235,12 @@ def place_wrappers(model: nn.Module, wrappers: Mapping[str, LayerWithLoRA]) -> l
             # would skip the adapter; torch leaves that path when a submodule has forward hooks.
             wrapper.register_forward_pre_hook(_no_fast_path)
         setattr(parent, child, wrapper)
+        if wrapper.lora.magnitude is not None:
+            # nn.TransformerEncoder turns a padded batch into a nested tensor in eval, and DoRA's
+            # per-channel rescaling cannot take one: padded batches then run dense, as in training.
+            for encoder in model.modules():
+                if isinstance(encoder, nn.TransformerEncoder) and any(m is wrapper for m in encoder.modules()):
+                    encoder.use_nested_tensor = False
     _enable_input_require_grads(model)
     return list(wrappers)
 

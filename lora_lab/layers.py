@@ -195,10 +195,14 @@ class MultiheadAttentionWithLoRA(LayerWithLoRA):
             embed, embed, rank, alpha, 0.0, use_rslora, use_dora=use_dora, device=weight.device, dtype=self.lora.A.dtype
         )
         self._out_norm: torch.Tensor | None = None
-        if use_dora and weight.device.type != "meta":
+        self.init_dora()
+
+    def init_dora(self) -> None:
+        """DoRA's magnitudes = ||W + delta W|| per row of in_proj_weight and of out_proj.weight."""
+        if self.lora.magnitude is not None and self.lora.A.device.type != "meta":
             with torch.no_grad():
-                self.lora.magnitude.copy_(row_norm(base.in_proj_weight))
-                self.out_lora.magnitude.copy_(row_norm(weight))
+                for lora, weight in zip((self.lora, self.out_lora), self.merged_weights(), strict=True):
+                    lora.magnitude.copy_(row_norm(weight.float() + lora.delta_weight()))
 
     def __getattr__(self, name: str):
         try:

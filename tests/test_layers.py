@@ -256,6 +256,28 @@ def test_trained_base_biases_count_and_travel_as_peft(bias, tmp_path):
     torch.testing.assert_close(again.eval()(x), want, atol=0, rtol=0)
 
 
+def test_a_merged_model_saves_its_trained_biases_unmerged(tmp_path):
+    """With lora_bias and trained base biases, a merged base bias holds both: the adapter must carry
+    the base bias alone, or loading it would add the LoRA bias twice."""
+    torch.manual_seed(0)
+    base = MLP()
+    ours = copy.deepcopy(base)
+    inject_lora(ours, ["lin", "out"], rank=2, lora_bias=True)
+    mark_only_lora_trainable(ours, bias="lora_only")
+    _randomize(ours)
+    with torch.no_grad():
+        ours.lin.base.bias.add_(0.5)
+    x = INPUTS["feat"]()
+    want = ours.eval()(x)
+    merge_lora(ours)
+    save_adapter(ours, tmp_path / "a.safetensors")
+    export_peft_adapter(ours, tmp_path / "peft")
+    for load, path in ((load_adapter, "a.safetensors"), (import_peft_adapter, "peft")):
+        fresh = copy.deepcopy(base)
+        load(fresh, tmp_path / path)
+        torch.testing.assert_close(fresh.eval()(x), want, atol=1e-6, rtol=1e-6, msg=path)
+
+
 @pytest.mark.parametrize(
     ("make", "targets", "kwargs", "message"),
     [
@@ -570,3 +592,47 @@ def test_a_bf16_base_sums_in_fp32_once_as_peft(use_dora, tmp_path):
     torch.testing.assert_close(training.detach(), inference, atol=0, rtol=0)
     with torch.no_grad():
         torch.testing.assert_close(inference, theirs(x), atol=0, rtol=0)
+
+
+def test_dora_inside_a_transformer_encoder_runs_padded_batches_in_eval():
+    """nn.TransformerEncoder makes a padded batch a nested tensor in eval under no_grad, which DoRA's
+    per-channel rescaling cannot take: those batches run dense, with the training path's outputs."""
+    torch.manual_seed(0)
+    model = _encoder()
+    model.use_nested_tensor = True
+    inject_lora(model, "all-linear", rank=2, use_dora=True)
+    _randomize(model)
+    x = INPUTS["seq"]()
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    model.eval()
+    with torch.no_grad():
+        fast = model(x, src_key_padding_mask=pad)
+    slow = model(x, src_key_padding_mask=pad)
+    torch.testing.assert_close(fast[~pad], slow.detach()[~pad], atol=1e-5, rtol=1e-5)
+
+
+def test_analyze_reads_every_branch_as_its_update(tmp_path):
+    """`analyze.read_adapter` gives (A, B, scaling) with scaling * B A = the layer's delta W: a grouped
+    convolution's B block-diagonal, attention's out_proj as its own entry; DoRA is warned about."""
+    from lora_lab.analyze import read_adapter
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Convs(2, groups=2), Attention())
+    inject_lora(model, ["0.conv", "1.mha"], rank=4)
+    _randomize(model)
+    save_adapter(model, tmp_path / "a.safetensors")
+    read = read_adapter(tmp_path / "a.safetensors")
+    assert set(read) == {"0.conv", "1.mha", "1.mha.out_proj"}
+    want = {"0.conv": model[0].conv.lora, "1.mha": model[1].mha.lora, "1.mha.out_proj": model[1].mha.out_lora}
+    for name, (a, b, scaling) in read.items():
+        torch.testing.assert_close(scaling * b @ a, want[name].delta_weight(), atol=1e-6, rtol=1e-6, msg=name)
+    dora = MLP()
+    inject_lora(dora, ["lin"], rank=2, use_dora=True)
+    save_adapter(dora, tmp_path / "d.safetensors")
+    with pytest.warns(UserWarning, match="1 DoRA module.*magnitude's rescaling .* is not in them"):
+        read_adapter(tmp_path / "d.safetensors")
+
+
+def test_a_bare_attention_module_is_refused_with_the_way_to_wrap_it():
+    with pytest.raises(ValueError, match=r"model is a MultiheadAttention itself.*MultiheadAttentionWithLoRA\(model"):
+        inject_lora(nn.MultiheadAttention(8, 2), "all-linear")
