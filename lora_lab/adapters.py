@@ -9,7 +9,9 @@ missing and copies the tensors in; PEFT's directory format (`peft_format.py`) go
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 import re
 import warnings
@@ -23,6 +25,7 @@ from torch import nn
 from .files import read_safetensors, save_safetensors
 from .inject import LoRASettings, build_wrappers, fold_layer_names, name_matches, place_wrappers
 from .lora import LayerWithLoRA, lora_modules
+from .variants import converted
 
 ADAPTER_FILE = "adapter.safetensors"
 FORMAT_KEY, FORMAT_VERSION = "lora_lab", 2  # 2: layer kinds, DoRA, LoRA and trained biases
@@ -62,6 +65,20 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA tensors of `model` (A and B of every wrapper, and what its variant adds), keyed as
     in `model.state_dict()`."""
     return {f"{n}.{k}": t.detach() for n, w in lora_modules(model) for k, t in adapter_tensors(w).items()}
+
+
+def saved_adapter(wrapper: LayerWithLoRA) -> tuple[LoRASettings, dict[str, torch.Tensor]]:
+    """(settings, tensors) as an adapter file holds them: as they are, or for an adapter started by
+    PiSSA / OLoRA over a residual base, converted to a rank-2r LoRA over the original base (the
+    scaling kept: alpha doubled, or times sqrt 2 with rsLoRA), so it loads into a fresh model."""
+    settings = lora_settings(wrapper)
+    tensors = {k: t.detach() for k, t in adapter_tensors(wrapper).items()}
+    lora = wrapper.lora
+    if getattr(lora, "A0", None) is None:
+        return settings, tensors
+    tensors["lora.A"], tensors["lora.B"] = converted(tensors["lora.A"], tensors["lora.B"], lora.A0, lora.B0)
+    alpha = settings.alpha * (math.sqrt(2) if settings.use_rslora else 2)
+    return dataclasses.replace(settings, rank=2 * settings.rank, alpha=alpha), tensors
 
 
 def lora_settings(wrapper: LayerWithLoRA) -> LoRASettings:
@@ -175,7 +192,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra: Iterable[str]
     """Write the adapter of `model` (and the modules named in `extra`) to one safetensors file,
     atomically. `path` is the file, or a directory to hold ``adapter.safetensors``."""
     wrappers = wrappers_by_name(model)
-    tensors = {f"{n}.{k}": t for n, w in wrappers.items() for k, t in adapter_tensors(w).items()}
+    saved = {n: saved_adapter(w) for n, w in wrappers.items()}
+    tensors = {f"{n}.{k}": t for n, (_, ts) in saved.items() for k, t in ts.items()}
     extras = extra_state(model, extra)
     extras.update(trained_biases(model, extras))
     tensors.update(extras)
@@ -191,7 +209,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra: Iterable[str]
                 "kind": type(w).__name__,
                 "in_features": w.in_features,
                 "out_features": w.out_features,
-                **vars(lora_settings(w)),
+                **vars(saved[name][0]),
             }
             for name, w in wrappers.items()
         },

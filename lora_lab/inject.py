@@ -18,6 +18,8 @@ from torch import nn
 
 from .layers import wrapper_class
 from .lora import LayerWithLoRA, check_alpha, check_rank, linear_shape, lora_modules
+from .quantize import quantization
+from .variants import INITS, start_adapter
 
 Targets = str | Sequence[str] | Callable[[str, nn.Module], bool]
 ALL_LINEAR = "all-linear"
@@ -293,6 +295,7 @@ def inject_lora(
     *,
     use_dora: bool = False,
     lora_bias: bool = False,
+    init: str = "kaiming",
 ) -> list[str]:
     """Wrap the modules that `targets` selects with LoRA, in place: linears, embeddings,
     convolutions and nn.MultiheadAttention, each with its kind of wrapper (`layers.wrapper_class`).
@@ -302,12 +305,16 @@ def inject_lora(
     callable ``(name, module) -> bool``. `rank_pattern` / `alpha_pattern` give other ranks or
     alphas to the modules their keys match (same matching; the longest matching key wins).
     `use_dora`: DoRA's magnitude per output channel (`variants.py`); `lora_bias`: a trainable bias
-    on B, as PEFT's options of those names.
+    on B, as PEFT's options of those names. `init`: how A and B start (`variants.INITS`): "kaiming"
+    (PEFT's default), "gaussian", or "pissa" / "olora", which start from W's principal directions
+    and leave the residual in the base (linears only; saving converts, see `adapters.save_adapter`).
     The wrapped base layers are frozen; everything else keeps its `requires_grad` (see
     `mark_only_lora_trainable`). Returns the qualified names of the wrapped modules.
     """
     check_rank(rank)
     check_alpha(alpha)
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
     rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
     for key, value in rank_pattern.items():
         check_rank(value, f"rank_pattern[{key!r}]")
@@ -324,6 +331,8 @@ def inject_lora(
         width = _width(modules[n])
         if _pattern_value(rank_pattern, n, rank) > width:
             too_wide[n] = width
+    if init in ("pissa", "olora"):
+        _check_principal_init(modules, names, init, use_dora, too_wide)
     if too_wide:
         shown = fold_layer_names(too_wide)
         warnings.warn(
@@ -343,7 +352,25 @@ def inject_lora(
         )
         for n in names
     }
-    return wrap_modules(model, plan)
+    wrapped = wrap_modules(model, plan)
+    if init != "kaiming":
+        wrappers = dict(model.named_modules())
+        for name in wrapped:
+            start_adapter(wrappers[name], init)
+    return wrapped
+
+
+def _check_principal_init(
+    modules: Mapping[str, nn.Module], names: list[str], init: str, use_dora: bool, too_wide
+) -> None:
+    """PiSSA / OLoRA rewrite a float linear's weight and need rank <= min(in, out): refuse the rest first."""
+    bad = [f"{n} ({type(modules[n]).__name__})" for n in names if linear_shape(modules[n]) is None]
+    bad += [f"{n} (quantized)" for n in names if quantization(modules[n]) is not None]
+    problems = [f"{init} starts linears with float weights (as PEFT), not {bad}"] if bad else []
+    problems += ["DoRA's magnitudes would be taken from the residual: use one of the two"] if use_dora else []
+    problems += [f"the rank is above the width of {sorted(too_wide)}"] if too_wide else []
+    if problems:
+        raise ValueError(f"init={init!r}: " + "; ".join(problems))
 
 
 def _width(module: nn.Module) -> int:

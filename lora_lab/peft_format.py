@@ -29,11 +29,10 @@ import torch
 from torch import nn
 
 from .adapters import (
-    adapter_tensors,
     apply_adapter,
     extra_state,
-    lora_settings,
     plain_names,
+    saved_adapter,
     trained_biases,
     warn_left_out,
     wrappers_by_name,
@@ -162,7 +161,8 @@ def export_peft_adapter(
     base biases trained beside LoRA set PEFT's `bias`.
     """
     wrappers = wrappers_by_name(model)
-    settings = {n: lora_settings(w) for n, w in wrappers.items()}
+    saved = {n: saved_adapter(w) for n, w in wrappers.items()}  # PiSSA / OLoRA converted, as PEFT saves them
+    settings = {n: s for n, (s, _) in saved.items()}
     flags = _shared_flags(wrappers, settings)
     extra_tensors = extra_state(model, extra)
     biases = trained_biases(model, extra_tensors)
@@ -185,8 +185,8 @@ def export_peft_adapter(
     tensors = {PEFT_PREFIX + k: v for k, v in extra_tensors.items()}
     tensors.update({PEFT_PREFIX + peft_biases[k]: v for k, v in biases.items()})
     for name, w in wrappers.items():
-        for ours, tensor in adapter_tensors(w).items():
-            peft_key, tensor = _peft_tensor(w, ours, tensor.detach())
+        for ours, tensor in saved[name][1].items():
+            peft_key, tensor = _peft_tensor(w, ours, tensor)
             tensors[f"{PEFT_PREFIX}{name}.{peft_key}"] = tensor
     directory = Path(directory)
     save_safetensors(directory / PEFT_WEIGHTS, tensors, {"format": "pt"})

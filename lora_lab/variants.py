@@ -18,6 +18,7 @@ the linear layout and the channel dimension of its output.
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def row_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -67,3 +68,56 @@ def undora_weight(
 ) -> torch.Tensor:
     """W again from g * (W + delta), given the norm taken at merge time."""
     return merged.float() / (magnitude.float() / norm)[:, None] - delta.float()
+
+
+# ---- how an adapter starts ----------------------------------------------------------------------
+# kaiming: A kaiming-uniform, B zero (microsoft/LoRA, PEFT's default); gaussian: A normal with std
+# 1/rank, B zero (PEFT's "gaussian"). Both leave the base alone, so the wrapped layer starts as it was.
+# PiSSA (Meng et al. 2024) starts the adapter at the top-r singular directions of W and OLoRA (Büyükakyüz
+# 2024) at the first r columns of its QR decomposition; both leave the residual W - scaling B A in the
+# base, so the layer still starts as it was, but the base is no longer the original: an adapter saved
+# from such a layer is converted first (`converted`), as PEFT does.
+INITS = ("kaiming", "gaussian", "pissa", "olora")
+
+
+def principal_init(weight: torch.Tensor, rank: int, scaling: float, init: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of PiSSA or OLoRA from W (out, in), fp32, as PEFT computes them:
+    PiSSA: W = V S U^T, A = sqrt(S_r / scaling) U_r^T, B = V_r sqrt(S_r / scaling);
+    OLoRA: W = Q R, A = R[:r], B = Q[:, :r]. The residual is W - scaling * B A."""
+    weight = weight.float()
+    if init == "pissa":
+        V, S, Uh = torch.linalg.svd(weight, full_matrices=False)
+        root = torch.sqrt(S[:rank] / scaling)
+        return root[:, None] * Uh[:rank], V[:, :rank] * root[None, :]
+    if init == "olora":
+        Q, R = torch.linalg.qr(weight)
+        return R[:rank].contiguous(), Q[:, :rank].contiguous()
+    raise ValueError(f"unknown init {init!r}: use one of {INITS}")
+
+
+def converted(
+    A: torch.Tensor, B: torch.Tensor, A0: torch.Tensor, B0: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """An adapter trained from (A0, B0) over the residual base, as a plain LoRA of rank 2r over the
+    original base: scaling (B A - B0 A0) = scaling [B, -B0] [A; A0] (PEFT's conversion). Keep the
+    scaling by doubling alpha (rsLoRA: times sqrt 2)."""
+    return torch.cat([A, A0]), torch.cat([B, -B0], dim=1)
+
+
+def start_adapter(wrapper, init: str) -> None:
+    """Start a wrapper's adapter (a `LayerWithLoRA` over a linear) as `init` says; PiSSA / OLoRA
+    also leave W - scaling B A in the base and keep (A0, B0) (buffers, not saved) for `converted`."""
+    lora = wrapper.lora
+    if lora.A.device.type == "meta":
+        return
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(lora.A, std=1 / lora.rank)
+            return
+        weight = wrapper.base_weight()
+        A, B = principal_init(weight, lora.rank, lora.scaling, init)
+        lora.A.copy_(A)
+        lora.B.copy_(B)
+        wrapper._write_base_weight(weight - lora.scaling * (B @ A))
+    lora.register_buffer("A0", lora.A.detach().clone(), persistent=False)
+    lora.register_buffer("B0", lora.B.detach().clone(), persistent=False)

@@ -1,0 +1,126 @@
+"""How adapters start (PiSSA, OLoRA, gaussian) against PEFT's initialisation on the same weights, and
+the conversion that lets a PiSSA / OLoRA adapter load into the original base."""
+
+import copy
+
+import pytest
+import torch
+from conftest import tiny_hf_gpt2
+from torch import nn
+
+from lora_lab import export_peft_adapter, inject_lora, load_adapter, mark_only_lora_trainable, save_adapter
+from lora_lab.lora import lora_modules
+
+peft = pytest.importorskip("peft")
+
+
+class MLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(12, 16)
+        self.act = nn.GELU()
+        self.down = nn.Linear(16, 6)
+
+    def forward(self, x):
+        return self.down(self.act(self.up(x)))
+
+
+X = torch.randn(5, 12, generator=torch.Generator().manual_seed(1))
+
+
+def _peft_layer(model, name):
+    return model.base_model.model.get_submodule(name)
+
+
+@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_principal_inits_equal_peft_and_keep_the_output(init, use_rslora):
+    torch.manual_seed(0)
+    base = MLP()
+    ours = copy.deepcopy(base)
+    inject_lora(ours, ["up", "down"], rank=4, alpha=8, use_rslora=use_rslora, init=init)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=init, use_rslora=use_rslora
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    for name, wrapper in lora_modules(ours):
+        layer = _peft_layer(theirs, name)
+        torch.testing.assert_close(wrapper.lora.A, layer.lora_A["default"].weight, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(wrapper.lora.B, layer.lora_B["default"].weight, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(wrapper.base.weight, layer.base_layer.weight, atol=1e-6, rtol=1e-5)
+        assert (wrapper.base.weight - base.get_submodule(name).weight).abs().max() > 1e-2  # the residual
+    with torch.no_grad():
+        torch.testing.assert_close(ours(X), base(X), atol=1e-5, rtol=1e-5)  # starts as the base did
+
+
+def test_pissa_on_transformers_conv1d_equals_peft():
+    """GPT-2 stores its linears (in, out): the SVD is of the (out, in) weight, as PEFT's fan_in_fan_out."""
+    base = tiny_hf_gpt2()
+    ours = copy.deepcopy(base)
+    inject_lora(ours, ["c_attn"], rank=4, alpha=8, init="pissa")
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights="pissa", fan_in_fan_out=True
+    )
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    for name, wrapper in lora_modules(ours):
+        layer = _peft_layer(theirs, name)
+        torch.testing.assert_close(wrapper.lora.A, layer.lora_A["default"].weight, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(wrapper.base.weight, layer.base_layer.weight, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_trained_principal_adapter_loads_into_the_original_base(init, tmp_path):
+    """Trained over the residual, saved converted (rank 2r, the scaling kept): a fresh original base
+    with the file gives the trained model's outputs, in lora_lab and in PEFT."""
+    torch.manual_seed(0)
+    base = MLP()
+    model = copy.deepcopy(base)
+    inject_lora(model, ["up", "down"], rank=4, alpha=8, dropout=0.1, init=init)
+    mark_only_lora_trainable(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):
+        loss = model(X).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        trained = model(X)
+        assert (trained - base(X)).abs().max() > 1e-3
+    save_adapter(model, tmp_path / "a.safetensors")
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path / "a.safetensors")
+    assert [w.lora.rank for _, w in lora_modules(fresh)] == [8, 8]
+    export_peft_adapter(model, tmp_path / "peft")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(X), trained, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(theirs(X), trained, atol=1e-4, rtol=1e-4)
+
+
+def test_gaussian_init_starts_at_the_base_with_a_spread_of_one_over_rank():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256))
+    inject_lora(model, ["0"], rank=8, init="gaussian")
+    lora = model[0].lora
+    assert torch.count_nonzero(lora.B) == 0
+    assert abs(lora.A.std().item() - 1 / 8) < 0.01  # PEFT's "gaussian": A ~ N(0, 1/r)
+
+
+@pytest.mark.parametrize(
+    ("make", "kwargs", "message"),
+    [
+        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3)), {"init": "pissa"}, r"pissa starts linears .*0 \(Conv2d\)"),
+        (MLP, {"init": "olora", "use_dora": True}, "DoRA's magnitudes would be taken from the residual"),
+        (MLP, {"init": "pissa", "rank": 8}, r"rank is above the width of \['down'\]"),
+        (MLP, {"init": "lora-ga"}, "unknown init 'lora-ga'"),
+    ],
+)
+def test_inits_that_cannot_hold_are_refused(make, kwargs, message):
+    model = make()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    targets = ["0"] if isinstance(model, nn.Sequential) else ["up", "down"]
+    with pytest.raises(ValueError, match=message):
+        inject_lora(model, targets, **{"rank": 2, **kwargs})
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not list(lora_modules(model))
