@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .tasks import CAUSAL_LM, CLASSIFICATION, Task
+from .variants import INITS
 
 HOW = ("device", "compile")  # config fields that say how a run computes, not what: a resumed run may change them
 
@@ -35,6 +36,10 @@ class TrainConfig:
     dropout: float = option(0.0, "dropout on the LoRA input")
     use_rslora: bool = option(False, "scale by alpha / sqrt(rank) (rsLoRA)", cli="")
     use_dora: bool = option(False, "DoRA: a learned length per output channel (weight-decomposed LoRA)")
+    init: str = option("kaiming", "how LoRA starts: kaiming (PEFT's default) or gaussian, B zero; pissa / olora: "
+                       "from W's principal directions, the residual left in the base (linears)",
+                       choices=list(INITS))  # fmt: skip
+    lr_ratio: float = option(1.0, "LoRA+: B's learning rate this many times A's and the rest's (the paper: 16)")
     targets: list[str] | str = option("all-linear", "modules to adapt", cli="")
     epochs: int = option(3, "passes over the training set")
     batch_size: int = option(8, "rows per batch (per process under DDP)")
@@ -74,7 +79,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         whole = {"rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
         bad = [f"--{k.replace('_', '-')} {v}" for k, v in whole.items() if not isinstance(v, int) or v < 1]
-        bad += [f"--{k} {v}" for k, v in {"lr": self.lr, "alpha": self.alpha}.items() if not 0 < v < math.inf]
+        positive = {"lr": self.lr, "alpha": self.alpha, "lr-ratio": self.lr_ratio}
+        bad += [f"--{k} {v}" for k, v in positive.items() if not 0 < v < math.inf]
         if self.max_steps is not None and self.max_steps < 1:
             bad.append(f"--max-steps {self.max_steps}")
         if self.max_length is not None and self.max_length < 2:
@@ -82,7 +88,9 @@ class TrainConfig:
         if not 0 <= self.dropout < 1 or not 0 <= self.warmup <= 1:
             bad.append(f"--dropout {self.dropout} / --warmup {self.warmup} (fractions)")
         if bad:
-            raise ValueError(f"{', '.join(bad)}: counts must be at least 1 (max-length 2), lr and alpha positive")
+            raise ValueError(
+                f"{', '.join(bad)}: counts must be at least 1 (max-length 2), lr, alpha, lr-ratio positive"
+            )
         for name, value in {"clip": self.clip, "weight_decay": self.weight_decay}.items():
             if not 0 <= value < math.inf:  # a negative max norm turns every gradient around: training climbs
                 raise ValueError(f"--{name.replace('_', '-')} {value}: must be 0 or more (0: off)")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from . import data as D
 from .config import TrainConfig
 from .distributed import all_processes, sum_over_processes, world
+from .lora import LoRALayer
 from .tasks import Task
 
 
@@ -79,6 +80,20 @@ class Fitted:
     last_val: dict | None = None  # the last epoch's validation (`evaluate`), if this call ran one
 
 
+def param_groups(model: nn.Module, lr: float, ratio: float = 1.0) -> list[dict]:
+    """AdamW's parameter groups: every trainable parameter at `lr`, but with LoRA+ (Hayou et al. 2024,
+    `ratio` != 1) each LoRA B matrix, and LoRA's vectors (its bias on B, DoRA's magnitude, as PEFT's
+    LoRA+ groups them), at `ratio` * lr: B starts at zero and learns too slowly at A's rate."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    loras = [m for m in model.modules() if isinstance(m, LoRALayer)] if ratio != 1 else []
+    fast = {id(p) for m in loras for name, p in m.named_parameters() if name != "A"}
+    groups = [
+        {"params": [p for p in params if id(p) not in fast], "lr": lr},
+        {"params": [p for p in params if id(p) in fast], "lr": lr * ratio},
+    ]
+    return [g for g in groups if g["params"]]
+
+
 def fit(
     model: nn.Module,
     train_rows: Sequence,
@@ -100,7 +115,7 @@ def fit(
         raise ValueError("nothing to train: no parameter requires grad (inject LoRA or name a head to train)")
     rank, size = world() if distributed else (0, 1)  # `distributed` False: this process alone, group or not
     trained = _wrap(model, cfg, device, size)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.lr_ratio), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = _scheduler(optimizer, cfg, len(train_rows), size)
     fitted, start = _restore(resume, optimizer, scheduler)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)

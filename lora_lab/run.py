@@ -79,7 +79,9 @@ def prepare(cfg: TrainConfig, device: torch.device | str = "cpu"):
     )  # fmt: skip
     torch.manual_seed(cfg.seed)  # LoRA's initial A
     targets = cfg.targets if cfg.targets == "all-linear" or isinstance(cfg.targets, str) else list(cfg.targets)
-    inject_lora(loaded.model, targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora, use_dora=cfg.use_dora)
+    inject_lora(
+        loaded.model, targets, cfg.rank, cfg.alpha, cfg.dropout, cfg.use_rslora, use_dora=cfg.use_dora, init=cfg.init
+    )
     mark_only_lora_trainable(loaded.model, train=_whole(cfg, loaded))
     if cfg.gradient_checkpointing:
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -478,3 +478,24 @@ def test_a_dora_run_trains_and_loads_with_its_magnitudes(tiny_runs, tmp_path):
     _, loaded, _ = load_run(tmp_path / "run")
     wrappers = [m for m in loaded.model.modules() if hasattr(m, "lora") and hasattr(m, "base")]
     assert wrappers and all(w.lora.magnitude is not None for w in wrappers)
+
+
+def test_a_pissa_lora_plus_run_records_both_and_saves_for_the_original_base(tiny_runs, tmp_path):
+    """--init pissa --lr-ratio 16: both in config.json; the adapter file holds the rank-2r conversion,
+    which load_run puts on a fresh (original) base."""
+    from safetensors import safe_open
+
+    from lora_lab.run import load_run
+
+    cfg = TrainConfig(**{**vars(tiny_runs), "init": "pissa", "lr_ratio": 16.0, "epochs": 1})
+    train(cfg, tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["init"] == "pissa" and saved["lr_ratio"] == 16.0
+    with safe_open(tmp_path / "run" / "adapter.safetensors", "pt") as f:
+        ranks = {
+            json.loads(f.metadata()["lora_lab"])["modules"][k]["rank"]
+            for k in json.loads(f.metadata()["lora_lab"])["modules"]
+        }
+    assert ranks == {2 * cfg.rank}
+    _, loaded, _ = load_run(tmp_path / "run")
+    assert {w.lora.rank for w in loaded.model.modules() if hasattr(w, "lora") and hasattr(w, "base")} == {2 * cfg.rank}

@@ -124,3 +124,40 @@ def test_inits_that_cannot_hold_are_refused(make, kwargs, message):
         inject_lora(model, targets, **{"rank": 2, **kwargs})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert not list(lora_modules(model))
+
+
+def test_lora_plus_groups_b_as_peft_and_is_recorded(tmp_path):
+    """LoRA+: B (and LoRA's vectors) at ratio x lr, A and the rest at lr, as PEFT's
+    create_loraplus_optimizer groups the LoRA tensors; the ratio is part of the run's config."""
+    from peft.optimizers import create_loraplus_optimizer
+
+    from lora_lab import TrainConfig
+    from lora_lab.loop import param_groups
+
+    torch.manual_seed(0)
+    base = MLP()
+    ours = copy.deepcopy(base)
+    inject_lora(ours, ["up", "down"], rank=2, use_dora=True)
+    mark_only_lora_trainable(ours)
+    mine = {id(p): g["lr"] for g in param_groups(ours, 1e-3, 16.0) for p in g["params"]}
+    names = {id(p): n for n, p in ours.named_parameters()}
+    assert {names[i]: lr for i, lr in mine.items()} == {
+        f"{layer}.lora.{t}": 1e-3 * (1 if t == "A" else 16) for layer in ("up", "down") for t in ("A", "B", "magnitude")
+    }
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["up", "down"], use_dora=True)
+    )
+    opt = create_loraplus_optimizer(theirs, torch.optim.AdamW, lr=1e-3, loraplus_lr_ratio=16.0)
+    peft_lr = {
+        n: g["lr"] for g in opt.param_groups for p in g["params"] for n, q in theirs.named_parameters() if q is p
+    }
+    short = {"lora_A": "A", "lora_B": "B", "lora_magnitude_vector": "magnitude"}
+    as_ours = {}
+    for name, lr in peft_lr.items():
+        layer = name.split(".")[2]
+        kind = next(v for k, v in short.items() if f".{k}." in name)
+        as_ours[f"{layer}.lora.{kind}"] = lr
+    assert as_ours == {names[i]: lr for i, lr in mine.items()}
+    assert [g["lr"] for g in param_groups(ours, 1e-3)] == [1e-3]  # ratio 1: one group
+    with pytest.raises(ValueError, match="--lr-ratio 0"):
+        TrainConfig(lr_ratio=0)
