@@ -13,6 +13,7 @@ from .inject import classifier_head_name
 from .models import MODELS, build_model, model_spec
 from .params import REPORT_DECIMALS, rank_report
 from .report import markdown_table
+from .variants import INITS
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64)
 DESCRIPTION = (
@@ -131,6 +132,9 @@ def _train(args: argparse.Namespace) -> int:
         rank=args.rank,
         alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
         use_rslora=args.rslora,
+        use_dora=args.use_dora,
+        init=args.init,
+        lr_ratio=args.lr_ratio,
         targets="all-linear" if targets == ["all-linear"] else targets,
         seed=args.seed,
         device=args.device,
@@ -170,6 +174,9 @@ def _sweep(args: argparse.Namespace) -> int:
         scalings=_items(args.scalings),
         target_sets=[target_set(_items(t)) for t in args.targets or [["all-linear"]]],
         seeds=_numbers(args.seeds, "--seeds"),
+        variants=_items(args.variants),
+        inits=_items(args.inits),
+        lr_ratios=_numbers(args.lr_ratios, "--lr-ratios", float),
     )
     if args.ddp and args.shard:
         raise ValueError("--ddp trains every point on all processes together; it does not take --shard")
@@ -311,6 +318,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
     train.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 x rank)")
     train.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(rank) (rsLoRA)")
+    train.add_argument("--use-dora", action="store_true", help="DoRA: a learned length per output channel")
+    train.add_argument("--init", default="kaiming", choices=INITS, help="how LoRA starts: kaiming (PEFT's default), "
+                       "gaussian, or pissa / olora from W's principal directions (default: kaiming)")  # fmt: skip
+    train.add_argument("--lr-ratio", type=float, default=1.0, help="LoRA+: B's learning rate over A's (default: 1)")
     train.add_argument("--targets", nargs="+", default=["all-linear"], metavar="NAME",
                        help="modules to adapt (default: all-linear: every linear but the output head)")  # fmt: skip
     train.add_argument("--seed", type=int, default=123, help="(default: 123)")
@@ -338,6 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--targets", nargs="+", action="append", metavar="NAME",
                        help="a target set, as for train; repeat --targets for several sets "
                        "(default: all-linear)")  # fmt: skip
+    sweep.add_argument("--variants", nargs="+", default=["lora"], metavar="V",
+                       help="lora, dora (weight-decomposed), or both (default: lora)")  # fmt: skip
+    sweep.add_argument("--inits", nargs="+", default=["kaiming"], metavar="I",
+                       help=f"how LoRA starts, any of {', '.join(INITS)} (default: kaiming)")  # fmt: skip
+    sweep.add_argument("--lr-ratios", nargs="+", default=["1"], metavar="X",
+                       help="LoRA+: B's learning rate over A's, as 1,16 (default: 1)")  # fmt: skip
     sweep.add_argument("--seeds", nargs="+", default=["123"], metavar="S", help="(default: 123)")
     _training_options(sweep, {"epochs": 2, "batch_size": 16, "lr": 5e-4, "max_length": 128})
     sweep.add_argument("--shard", metavar="I/N", help="train only points i, i+N, i+2N ... (job arrays; torchrun "

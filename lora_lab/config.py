@@ -35,11 +35,11 @@ class TrainConfig:
     alpha: float = option(16.0, "LoRA alpha", cli="")
     dropout: float = option(0.0, "dropout on the LoRA input")
     use_rslora: bool = option(False, "scale by alpha / sqrt(rank) (rsLoRA)", cli="")
-    use_dora: bool = option(False, "DoRA: a learned length per output channel (weight-decomposed LoRA)")
+    use_dora: bool = option(False, "DoRA: a learned length per output channel (weight-decomposed LoRA)", cli="")
     init: str = option("kaiming", "how LoRA starts: kaiming (PEFT's default) or gaussian, B zero; pissa / olora: "
-                       "from W's principal directions, the residual left in the base (linears)",
-                       choices=list(INITS))  # fmt: skip
-    lr_ratio: float = option(1.0, "LoRA+: B's learning rate this many times A's and the rest's (the paper: 16)")
+                       "from W's principal directions, the residual left in the base (linears)", cli="")  # fmt: skip
+    lr_ratio: float = option(1.0, "LoRA+: B's learning rate this many times A's and the rest's (the paper: 16)",
+                             cli="")  # fmt: skip
     targets: list[str] | str = option("all-linear", "modules to adapt", cli="")
     epochs: int = option(3, "passes over the training set")
     batch_size: int = option(8, "rows per batch (per process under DDP)")
@@ -79,6 +79,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         whole = {"rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
         bad = [f"--{k.replace('_', '-')} {v}" for k, v in whole.items() if not isinstance(v, int) or v < 1]
+        if self.init not in INITS:
+            raise ValueError(f"--init {self.init}: use one of {', '.join(INITS)}")
         positive = {"lr": self.lr, "alpha": self.alpha, "lr-ratio": self.lr_ratio}
         bad += [f"--{k} {v}" for k, v in positive.items() if not 0 < v < math.inf]
         if self.max_steps is not None and self.max_steps < 1:

@@ -367,7 +367,6 @@ def _check_principal_init(
     bad = [f"{n} ({type(modules[n]).__name__})" for n in names if linear_shape(modules[n]) is None]
     bad += [f"{n} (quantized)" for n in names if quantization(modules[n]) is not None]
     problems = [f"{init} starts linears with float weights (as PEFT), not {bad}"] if bad else []
-    problems += ["DoRA's magnitudes would be taken from the residual: use one of the two"] if use_dora else []
     problems += [f"the rank is above the width of {sorted(too_wide)}"] if too_wide else []
     if problems:
         raise ValueError(f"init={init!r}: " + "; ".join(problems))

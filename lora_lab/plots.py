@@ -110,29 +110,30 @@ def _log2_ranks(ax, ranks: Sequence[int]) -> None:
 
 
 def plot_sweep(table: Sequence[dict], path: str | os.PathLike, chosen: str, reported: str) -> None:
-    """A sweep at a glance, one colour per series (model, scaling, targets). Left: the validation
+    """A sweep at a glance, one colour per series (model, scaling, targets, variant, init, LoRA+ ratio),
+    named in one legend below with what each mark means. Left: the validation
     metric's mean with its 95% interval and the test metric against the rank, the best rank starred,
     the recommended one ringed, the baseline dotted. Middle: the validation metric against trainable
     parameters, the Pareto front joined. Right: seconds per point. Ranks and parameters on log axes."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
     series = list(dict.fromkeys(line["series"] for line in table))
+    many = len(series) > 1  # then the legend below names a colour per series; the marks' meanings always
+    rows_of_legend = math.ceil(((len(series) if many else 0) + 5) / 3)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6 + 0.22 * rows_of_legend))
+    palette = plt.get_cmap("tab10" if len(series) <= 10 else "tab20").colors
     scale = 100.0 if chosen.endswith("accuracy") else 1.0
     baselines = []
-    for name in series:
+    for i, name in enumerate(series):
         lines = [line for line in table if line["series"] == name and not math.isnan(line[chosen])]
         if not lines:
             continue
-        label = f"{name}: " if len(series) > 1 else ""
-        color = _metric_panel(axes[0], lines, chosen, reported, scale, label)
-        _cost_panel(axes[1], lines, chosen, scale, label, color)
-        axes[2].plot([line["rank"] for line in lines], [line["seconds"] for line in lines], "o-", color=color,
-                     label=name)  # fmt: skip
-        baselines.append((scale * lines[0].get("baseline", math.nan), color, label))  # each model's own
+        color = palette[i % len(palette)]
+        _metric_panel(axes[0], lines, chosen, reported, scale, color)
+        _cost_panel(axes[1], lines, chosen, scale, color)
+        axes[2].plot([line["rank"] for line in lines], [line["seconds"] for line in lines], "o-", color=color)
+        baselines.append((scale * lines[0].get("baseline", math.nan), color, f"{name}: " if many else ""))
     what, unit = ("accuracy", " (%)") if scale == 100.0 else ("loss", "")
-    _baselines(axes[:2], baselines, unit.strip(" ()"))
-    axes[0].plot([], [], "*", ms=12, color="gray", markeredgecolor="black", label="best on the metric alone")
-    axes[0].plot([], [], "o", ms=11, mfc="none", mec="black", mew=1.8, label="recommended")
+    off_axis = _baselines(axes[:2], baselines, unit.strip(" ()"))
     axes[0].set(ylabel=f"{what}{unit}", title=f"{what} by rank (chosen on validation)")
     axes[1].set(xscale="log", xlabel="trainable parameters (log scale)", ylabel=f"validation {what}{unit}",
                 title="cost against the validation metric")  # fmt: skip
@@ -142,56 +143,68 @@ def plot_sweep(table: Sequence[dict], path: str | os.PathLike, chosen: str, repo
     axes[2].set_ylim(bottom=0)
     for ax in (axes[0], axes[2]):
         _log2_ranks(ax, [line["rank"] for line in table])
-    fig.subplots_adjust(wspace=0.3)
-    for ax in axes[:2]:
-        ax.legend(loc="best", fontsize=7)
+    handles = [plt.Line2D([], [], color=palette[i % len(palette)], marker="o", label=n) for i, n in enumerate(series)]
+    keys = (handles if many else []) + _style_keys(plt, chosen, reported, off_axis)
+    fig.legend(handles=keys, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.subplots_adjust(wspace=0.3, bottom=0.15 + 0.03 * rows_of_legend)
     _save(fig, path)
     plt.close(fig)
 
 
-def _baselines(axes, baselines: list[tuple[float, str, str]], unit: str) -> None:
+def _style_keys(plt, chosen: str, reported: str, off_axis: list[str]) -> list:
+    """The legend entries that say what each kind of mark means, in gray."""
+    gray = "0.35"
+    keys = [plt.Line2D([], [], color=gray, marker="o", label=f"{_name(chosen)}, 95% interval (left); Pareto front "
+                       "joined, other ranks hollow (middle)")]  # fmt: skip
+    if reported != chosen:
+        keys.append(plt.Line2D([], [], color=gray, marker="s", ls="--", ms=4, alpha=0.6, label=_name(reported)))
+    keys.append(
+        plt.Line2D([], [], color=gray, ls=":", label="baseline" + (f" ({'; '.join(off_axis)})" if off_axis else ""))
+    )
+    keys.append(plt.Line2D([], [], ls="", marker="*", ms=12, color=gray, mec="black", label="best on the metric alone"))
+    keys.append(plt.Line2D([], [], ls="", marker="o", ms=11, mfc="none", mec="black", mew=1.8, label="recommended"))
+    return keys
+
+
+def _baselines(axes, baselines: list[tuple[float, str, str]], unit: str) -> list[str]:
     """Each series' baseline as a dotted line where it falls near the data; one far off the data (an
-    untrained model's loss, a 50% majority class under 98% accuracies) is named in the legend instead,
-    so that it does not squash the differences the plot is for."""
+    untrained model's loss, a 50% majority class under 98% accuracies) is not drawn, so that it does
+    not squash the differences the plot is for: returned in words, for the legend."""
+    off = []
     for ax in axes:
         low, high = ax.get_ylim()
         for value, color, label in baselines:
             if math.isnan(value):
                 continue
-            near = low - 0.5 * (high - low) <= value <= high + 0.5 * (high - low)
-            shown = f"{label}baseline {value:.4g}{unit}" + ("" if near else " (off the axis)")
-            if near:
-                ax.axhline(value, ls=":", color=color, label=shown if ax is axes[0] else None)
+            if low - 0.5 * (high - low) <= value <= high + 0.5 * (high - low):
+                ax.axhline(value, ls=":", color=color)
             elif ax is axes[0]:
-                ax.plot([], [], ls=":", color=color, label=shown)
+                off.append(f"{label}{value:.4g}{unit} off the axis")
+    return list(dict.fromkeys(off))
 
 
 def _name(key: str) -> str:
     return _LABELS.get(key, key).split(" (")[0]
 
 
-def _metric_panel(ax, lines: list[dict], chosen: str, reported: str, scale: float, label: str) -> str:
-    """One series' validation mean with its 95% interval, its test metric, its best and recommended
-    ranks; returns the series' colour."""
+def _metric_panel(ax, lines: list[dict], chosen: str, reported: str, scale: float, color) -> None:
+    """One series' validation mean with its 95% interval, its test metric, its best and recommended ranks."""
     ranks = [line["rank"] for line in lines]
     values = [scale * line[chosen] for line in lines]
     low = [scale * (line[chosen] - line["ci95_low"]) for line in lines]
     high = [scale * (line["ci95_high"] - line[chosen]) for line in lines]
-    drawn = ax.errorbar(ranks, values, yerr=[low, high], fmt="o-", capsize=3,
-                        label=f"{label}{_name(chosen)} (95% interval)")  # fmt: skip
-    color = drawn[0].get_color()
+    ax.errorbar(ranks, values, yerr=[low, high], fmt="o-", capsize=3, color=color)
     shown = [scale * line[reported] for line in lines]
     if reported != chosen and not any(math.isnan(v) for v in shown):
-        ax.plot(ranks, shown, "s--", color=color, alpha=0.5, ms=4, label=f"{label}{_name(reported)}")
+        ax.plot(ranks, shown, "s--", color=color, alpha=0.5, ms=4)
     for line, value in zip(lines, values, strict=True):
         if "best" in line.get("pick", ""):
             ax.plot(line["rank"], value, "*", ms=17, color=color, markeredgecolor="black", zorder=5)
         if "recommended" in line.get("pick", ""):
             ax.plot(line["rank"], value, "o", ms=15, mfc="none", mec="black", mew=1.8, zorder=6)
-    return color
 
 
-def _cost_panel(ax, lines: list[dict], chosen: str, scale: float, label: str, color: str) -> None:
+def _cost_panel(ax, lines: list[dict], chosen: str, scale: float, color) -> None:
     """One series' validation metric (with its 95% intervals, faint) against its trainable parameters,
     the Pareto front joined."""
     params = [line["trainable_params"] for line in lines]
@@ -200,9 +213,9 @@ def _cost_panel(ax, lines: list[dict], chosen: str, scale: float, label: str, co
     low = [scale * (line[chosen] - line["ci95_low"]) for line in lines]
     high = [scale * (line["ci95_high"] - line[chosen]) for line in lines]
     ax.errorbar(params, values, yerr=[low, high], fmt="none", ecolor=color, alpha=0.35, capsize=2)  # 95% intervals
-    ax.plot(params, values, "o", color=color, mfc="none", label=f"{label}rank (off the front: hollow; 95% intervals)")
+    ax.plot(params, values, "o", color=color, mfc="none")
     if front:
-        ax.plot([x for x, _ in front], [y for _, y in front], "o-", color=color, label=f"{label}Pareto front")
+        ax.plot([x for x, _ in front], [y for _, y in front], "o-", color=color)
     for line, x, y in zip(lines, params, values, strict=True):
         ax.annotate(f"r={line['rank']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
 

@@ -79,7 +79,8 @@ def metric_for(task: str) -> tuple[str, str, bool]:
 
 def series_name(row: dict[str, str], varied: Sequence[str]) -> str:
     """A line's label: the values of the key columns that differ between lines."""
-    return ", ".join(f"{k} {row[k]}" if k in ("alpha", "seed") else row[k] for k in varied) or row["model"]
+    named = ("alpha", "seed", "lr_ratio")  # numbers say what they are
+    return ", ".join(f"{k.replace('_', '-')} {row[k]}" if k in named else row[k] for k in varied) or row["model"]
 
 
 def series_columns(rows: Sequence[dict[str, str]]) -> tuple[list[str], list[str]]:
@@ -87,8 +88,8 @@ def series_columns(rows: Sequence[dict[str, str]]) -> tuple[list[str], list[str]
     targets, and alpha too unless it follows the rank (alpha = ratio x r, one ratio for all)."""
     ratios = [float(r["alpha"]) / int(r["rank"]) for r in rows]
     follows = all(math.isclose(x, ratios[0], rel_tol=1e-6) for x in ratios) if ratios else True
-    columns = ["model", "scaling", "targets"] + ([] if follows else ["alpha"])
-    return columns, [k for k in columns if len({r[k] for r in rows}) > 1]
+    columns = ["model", "scaling", "targets", "variant", "init", "lr_ratio"] + ([] if follows else ["alpha"])
+    return columns, [k for k in columns if len({r.get(k, "") for r in rows}) > 1]
 
 
 @dataclass
@@ -109,7 +110,7 @@ def compare_ranks(rows: Sequence[dict[str, str]], task: str) -> list[Series]:
     columns, varied = series_columns(rows)
     groups: dict[tuple, dict[int, list[dict[str, str]]]] = {}
     for r in rows:
-        groups.setdefault(tuple(r[k] for k in columns), {}).setdefault(int(r["rank"]), []).append(r)
+        groups.setdefault(tuple(r.get(k, "") for k in columns), {}).setdefault(int(r["rank"]), []).append(r)
     out = []
     for by_rank in groups.values():
         lines, estimates = [], {}
@@ -153,7 +154,28 @@ def summarize(rows: Sequence[dict[str, str]], task: str) -> tuple[list[dict[str,
             paragraphs.append(_why(series.lines, series.estimates, series.choice, chosen, some_failed))
         else:
             paragraphs.append(f"{series.name}: no rank to recommend (every rank lost a seed or has no {chosen})")
+    ranked = [s for s in compare_ranks(rows, task) if s.choice is not None]
+    if len(ranked) > 1:
+        paragraphs.append(_best_series(ranked, chosen, metric_for(task)[2]))
     return table, paragraphs
+
+
+def _best_series(series: Sequence[Series], chosen: str, higher: bool) -> str:
+    """Which series is best at its best rank, and whether the runner-up can be told from it."""
+    tops = sorted(
+        ((s.estimates[s.choice.best], s.choice.best, s.name) for s in series), key=lambda t: t[0].mean, reverse=higher
+    )
+    (first, r1, name1), (second, r2, name2) = tops[0], tops[1]
+    lead, se = abs(first.mean - second.mean), S.difference_se(first, second)
+    verdict = (
+        "larger than its standard error of {se}"
+        if lead > se
+        else "within its standard error of {se}: the data cannot tell them apart"
+    ).format(se=_gap(se, chosen))
+    return (
+        f"Best series: **{name1}** at r={r1} ({chosen} {_show(first.mean, chosen)}); the next, {name2} at r={r2} "
+        f"({_show(second.mean, chosen)}), is {_gap(lead, chosen)} behind, {verdict}."
+    )
 
 
 def _data_se(row: dict[str, str], chosen: str) -> float:

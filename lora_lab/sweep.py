@@ -1,7 +1,9 @@
 """Rank sweeps: one `train` run per point of a grid, collected in one CSV.
 
 A point is one combination of model, rank r, alpha, scaling (alpha/r, or rsLoRA's alpha/sqrt(r)),
-target set and seed; the grid is the product of the lists. Every point trains into its own run
+target set, variant (LoRA or DoRA), initialisation (kaiming, gaussian, PiSSA, OLoRA), LoRA+'s
+learning-rate ratio and seed; the grid is the product of the lists, and every combination but the
+rank and the seed is a series that the summary compares over its ranks. Every point trains into its own run
 directory under `DIR/runs/` and, when it is finished (its metrics written, or a clear divergence),
 adds one row to `DIR/sweep.csv`. A point is finished exactly when its row is in the CSV:
 
@@ -38,12 +40,15 @@ from .report import write_summary
 
 CSV_NAME, SETTINGS, LOCK = "sweep.csv", "sweep.json", ".sweep.lock"
 SCALINGS = ("standard", "rslora")
+VARIANTS = ("lora", "dora")
+# Key columns added since the first sweeps, with the value their rows ran with: older CSVs read so.
+LATER_KEYS = {"variant": "lora", "init": "kaiming", "lr_ratio": "1"}
 # The columns of sweep.csv: the point, then what its run measured. Empty where a task has no such
 # figure (accuracy for instruction tuning) or the point failed (status "failed: why"). Losses are
 # unweighted mean cross-entropy per example or response token; final_val_loss_se is its standard
 # error; val_scored counts the validation examples (or tokens); val_baseline is the accuracy of always
 # answering the most common training class (or the untrained model's loss); test_f1 is positive_class's.
-KEY_COLUMNS = ["model", "rank", "alpha", "scaling", "targets", "seed"]
+KEY_COLUMNS = ["model", "rank", "alpha", "scaling", "targets", "variant", "init", "lr_ratio", "seed"]
 COLUMNS = KEY_COLUMNS + [
     "status",
     "trainable_params",
@@ -76,18 +81,29 @@ class Point:
     scaling: str  # standard (alpha / r) or rslora (alpha / sqrt(r))
     targets: str  # "all-linear", or module names joined by "+"
     seed: int
+    variant: str = "lora"  # lora or dora
+    init: str = "kaiming"  # variants.INITS
+    lr_ratio: float = 1.0  # LoRA+: B's learning rate over A's
 
     def key(self) -> tuple[str, ...]:
-        return (self.model, str(self.rank), _number(self.alpha), self.scaling, self.targets, str(self.seed))
+        return (
+            self.model, str(self.rank), _number(self.alpha), self.scaling, self.targets,
+            self.variant, self.init, _number(self.lr_ratio), str(self.seed),
+        )  # fmt: skip
 
     def run_name(self) -> str:
-        """The run directory's name: readable, and unique (a hash of the whole key ends it)."""
+        """The run directory's name: readable, and unique (a hash of the key ends it; the settings
+        added later count only where they differ from what earlier sweeps ran, so their runs keep
+        their directories)."""
         import hashlib
 
         model = re.sub(r"[^A-Za-z0-9._-]+", "_", self.model.strip("/")).strip("_")[-40:]
         targets = re.sub(r"[^A-Za-z0-9._+-]+", "_", self.targets)[:60]
-        digest = hashlib.sha1("\0".join(self.key()).encode()).hexdigest()[:8]
-        return f"{model}/r{self.rank}-a{_number(self.alpha)}-{self.scaling}-{targets}-s{self.seed}-{digest}"
+        later = [v for k, v in zip(KEY_COLUMNS, self.key(), strict=True) if k in LATER_KEYS and v != LATER_KEYS[k]]
+        first = [v for k, v in zip(KEY_COLUMNS, self.key(), strict=True) if k not in LATER_KEYS]
+        digest = hashlib.sha1("\0".join(first + later).encode()).hexdigest()[:8]
+        extra = "".join(f"-{v}" for v in later[:2]) + (f"-lrr{later[-1]}" if self.lr_ratio != 1 else "")
+        return f"{model}/r{self.rank}-a{_number(self.alpha)}-{self.scaling}-{targets}{extra}-s{self.seed}-{digest}"
 
 
 def _number(value: float) -> str:
@@ -122,9 +138,13 @@ def grid(
     scalings: Sequence[str] = ("standard",),
     target_sets: Sequence[str] = ("all-linear",),
     seeds: Sequence[int] = (123,),
+    variants: Sequence[str] = ("lora",),
+    inits: Sequence[str] = ("kaiming",),
+    lr_ratios: Sequence[float] = (1.0,),
 ) -> list[Point]:
     """Every point of the product of the lists (each list's items once, in the order given).
     Without `alphas`, alpha = `alpha_ratio` * r."""
+    _check_variants(variants, inits, lr_ratios)
     ranks, seeds = list(dict.fromkeys(ranks)), list(dict.fromkeys(seeds))
     bad = [r for r in ranks if r <= 0]
     if bad or not ranks:
@@ -137,12 +157,26 @@ def grid(
     if alphas is None and not (math.isfinite(alpha_ratio) and alpha_ratio > 0):
         raise ValueError(f"--alpha-ratio must be positive, got {alpha_ratio}")
     points = []
-    for model, targets, scaling, rank, seed in itertools.product(
-        dict.fromkeys(_model_key(m) for m in models), dict.fromkeys(target_sets), dict.fromkeys(scalings), ranks, seeds
-    ):
+    series = itertools.product(
+        dict.fromkeys(_model_key(m) for m in models), dict.fromkeys(target_sets), dict.fromkeys(scalings),
+        dict.fromkeys(variants), dict.fromkeys(inits), dict.fromkeys(float(_number(x)) for x in lr_ratios),
+    )  # fmt: skip
+    for (model, targets, scaling, variant, init, ratio), rank, seed in itertools.product(series, ranks, seeds):
         for alpha in dict.fromkeys(alphas) if alphas is not None else [alpha_ratio * rank]:
-            points.append(Point(_model_key(model), rank, float(_number(alpha)), scaling, targets, seed))
+            point = Point(_model_key(model), rank, float(_number(alpha)), scaling, targets, seed, variant, init, ratio)
+            points.append(point)
     return points
+
+
+def _check_variants(variants: Sequence[str], inits: Sequence[str], lr_ratios: Sequence[float]) -> None:
+    from .variants import INITS
+
+    for what, values, known in (("variant", variants, VARIANTS), ("init", inits, INITS)):
+        unknown = sorted(set(values) - set(known))
+        if unknown or not values:
+            raise ValueError(f"unknown {what} {unknown or 'none'}: use {', '.join(known)}")
+    if not lr_ratios or not all(math.isfinite(x) and x > 0 for x in lr_ratios):
+        raise ValueError(f"--lr-ratios must be positive, got {list(lr_ratios)}")
 
 
 def shard_from_env(shard: str | None = None) -> tuple[int, int]:
@@ -196,7 +230,7 @@ def read_rows(out: str | Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
     with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
+        return [{**LATER_KEYS, **row} for row in csv.DictReader(f)]
 
 
 def row_key(row: dict[str, str]) -> tuple[str, ...]:
@@ -252,7 +286,8 @@ def result_row(point: Point, metrics: dict | None, run: str, error: str | None =
 
 
 def point_config(base, point: Point):
-    """`base` (a TrainConfig) with the point's model, rank, alpha, scaling, targets and seed."""
+    """`base` (a TrainConfig) with the point's model, rank, alpha, scaling, targets, variant, init,
+    LoRA+ ratio and seed."""
     targets = "all-linear" if point.targets == "all-linear" else point.targets.split("+")
     return dataclasses.replace(
         base,
@@ -262,6 +297,9 @@ def point_config(base, point: Point):
         use_rslora=point.scaling == "rslora",
         targets=targets,
         seed=point.seed,
+        use_dora=point.variant == "dora",
+        init=point.init,
+        lr_ratio=point.lr_ratio,
     )
 
 
@@ -271,7 +309,7 @@ def sweep_settings(base, processes: int = 1) -> dict:
     is that many batches)."""
     from .config import HOW
 
-    varied = {"model", "rank", "alpha", "use_rslora", "targets", "seed", *HOW}
+    varied = {"model", "rank", "alpha", "use_rslora", "targets", "seed", "use_dora", "init", "lr_ratio", *HOW}
     settings = {k: v for k, v in dataclasses.asdict(base).items() if k not in varied}
     return {**settings, "processes_per_point": processes}
 
@@ -335,7 +373,7 @@ def run_sweep(
     for point in tqdm(todo, desc="sweep points", disable=None):
         run = out / "runs" / point.run_name()
         log(f"point {point.model} r={point.rank} alpha={_number(point.alpha)} {point.scaling} {point.targets} "
-            f"seed {point.seed} -> {run}")  # fmt: skip
+            f"{point.variant} {point.init} lr-ratio {_number(point.lr_ratio)} seed {point.seed} -> {run}")  # fmt: skip
         try:
             metrics, error = train(point_config(base, point), run, distributed=ddp), None
         except TrainingError as err:

@@ -37,7 +37,9 @@ def test_grid_is_the_product_of_the_lists():
     assert [p.rank for p in points[:4]] == [8, 8, 4, 4] and {p.alpha / p.rank for p in points} == {2.0}
     crossed = grid(["a"], [4, 8], alphas=[16, 32])
     assert [(p.rank, p.alpha) for p in crossed] == [(4, 16.0), (4, 32.0), (8, 16.0), (8, 32.0)]
-    assert Point("a", 8, 16.0, "standard", "all-linear", 1).key() == ("a", "8", "16", "standard", "all-linear", "1")
+    assert Point("a", 8, 16.0, "standard", "all-linear", 1).key() == (
+        "a", "8", "16", "standard", "all-linear", "lora", "kaiming", "1", "1"
+    )  # fmt: skip
     for bad, message in [({"ranks": [0]}, "positive"), ({"scalings": ["dora"]}, "unknown scaling"),
                          ({"alphas": [-1]}, "alphas must be positive"),
                          ({"alphas": [float("nan")]}, "alphas must be positive")]:  # fmt: skip
@@ -360,3 +362,44 @@ def test_sweeps_recorded_before_processes_per_point_still_resume(tmp_path):
     check_settings(tmp_path, settings)  # an old sweep: one process per point, no bucketing
     with pytest.raises(ValueError, match="processes_per_point 1 -> 2"):
         check_settings(tmp_path, {**settings, "processes_per_point": 2})
+
+
+def test_variants_inits_and_lr_ratios_are_series_of_one_sweep(tiny_bert_dir, letters_data, tmp_path, capsys):
+    """--variants lora,dora --inits gaussian,pissa: one series per combination in the CSV, the summary
+    and the plot, the best series named with its uncertainty; the same command again adds nothing."""
+    out = tmp_path / "sweep"
+    args = [*_sweep_args(tiny_bert_dir, letters_data, out, ranks="1,4", epochs=1), "--variants", "lora,dora",
+            "--inits", "gaussian,pissa"]  # fmt: skip
+    assert main(args) == 0
+    rows = read_rows(out)
+    assert sorted({(r["variant"], r["init"], r["lr_ratio"]) for r in rows}) == [
+        ("dora", "gaussian", "1"), ("dora", "pissa", "1"), ("lora", "gaussian", "1"), ("lora", "pissa", "1"),
+    ]  # fmt: skip
+    assert len(rows) == 8 and all(r["status"] == "ok" for r in rows)
+    dora = [int(r["trainable_params"]) for r in rows if r["variant"] == "dora"]
+    lora = [int(r["trainable_params"]) for r in rows if r["variant"] == "lora"]
+    assert all(d > p for d, p in zip(sorted(dora), sorted(lora), strict=True))  # the magnitudes
+    summary = (out / "summary.md").read_text()
+    assert summary.count("recommended rank **r=") == 4 and "Best series: **" in summary
+    assert "dora, pissa" in summary and "lora, gaussian" in summary
+    runs = sorted(p.name for p in (out / "runs").glob("*/*"))
+    capsys.readouterr()
+    assert main(args) == 0
+    assert "8 finished already" in capsys.readouterr().out
+    assert len(read_rows(out)) == 8 and sorted(p.name for p in (out / "runs").glob("*/*")) == runs
+
+
+def test_a_csv_from_before_the_variant_columns_reads_as_plain_lora(tmp_path):
+    """Sweeps written before variant / init / lr_ratio existed: their rows are LoRA, kaiming, ratio 1,
+    their points count as finished and keep their run directories."""
+    import hashlib
+
+    from lora_lab.files import write_csv
+
+    old_columns = ["model", "rank", "alpha", "scaling", "targets", "seed", "status", "run"]
+    values = ["m", "4", "8", "standard", "all-linear", "1", "ok", "x"]
+    write_csv(tmp_path / "sweep.csv", [dict(zip(old_columns, values, strict=True))], old_columns)
+    (row,) = read_rows(tmp_path)
+    assert row_key(row) == Point("m", 4, 8.0, "standard", "all-linear", 1).key()
+    digest = hashlib.sha1("\0".join(["m", "4", "8", "standard", "all-linear", "1"]).encode()).hexdigest()[:8]
+    assert Point("m", 4, 8.0, "standard", "all-linear", 1).run_name() == f"m/r4-a8-standard-all-linear-s1-{digest}"

@@ -32,16 +32,17 @@ def _peft_layer(model, name):
     return model.base_model.model.get_submodule(name)
 
 
-@pytest.mark.parametrize("use_rslora", [False, True])
+@pytest.mark.parametrize(("use_rslora", "use_dora"), [(False, False), (True, False), (False, True)])
 @pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_principal_inits_equal_peft_and_keep_the_output(init, use_rslora):
+def test_principal_inits_equal_peft_and_keep_the_output(init, use_rslora, use_dora):
     torch.manual_seed(0)
     base = MLP()
     ours = copy.deepcopy(base)
-    inject_lora(ours, ["up", "down"], rank=4, alpha=8, use_rslora=use_rslora, init=init)
+    inject_lora(ours, ["up", "down"], rank=4, alpha=8, use_rslora=use_rslora, init=init, use_dora=use_dora)
     config = peft.LoraConfig(
-        r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=init, use_rslora=use_rslora
-    )
+        r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights=init, use_rslora=use_rslora,
+        use_dora=use_dora,
+    )  # fmt: skip
     theirs = peft.get_peft_model(copy.deepcopy(base), config)
     for name, wrapper in lora_modules(ours):
         layer = _peft_layer(theirs, name)
@@ -49,6 +50,8 @@ def test_principal_inits_equal_peft_and_keep_the_output(init, use_rslora):
         torch.testing.assert_close(wrapper.lora.B, layer.lora_B["default"].weight, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(wrapper.base.weight, layer.base_layer.weight, atol=1e-6, rtol=1e-5)
         assert (wrapper.base.weight - base.get_submodule(name).weight).abs().max() > 1e-2  # the residual
+        if use_dora:
+            torch.testing.assert_close(wrapper.lora.magnitude, layer.lora_magnitude_vector["default"].weight)
     with torch.no_grad():
         torch.testing.assert_close(ours(X), base(X), atol=1e-5, rtol=1e-5)  # starts as the base did
 
@@ -68,14 +71,15 @@ def test_pissa_on_transformers_conv1d_equals_peft():
         torch.testing.assert_close(wrapper.base.weight, layer.base_layer.weight, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_a_trained_principal_adapter_loads_into_the_original_base(init, tmp_path):
+@pytest.mark.parametrize(("init", "use_dora"), [("pissa", False), ("olora", False), ("pissa", True)])
+def test_a_trained_principal_adapter_loads_into_the_original_base(init, use_dora, tmp_path):
     """Trained over the residual, saved converted (rank 2r, the scaling kept): a fresh original base
-    with the file gives the trained model's outputs, in lora_lab and in PEFT."""
+    with the file gives the trained model's outputs, in lora_lab and in PEFT. With DoRA too: its
+    magnitudes see W_res + scaling B A = W + scaling (B A - B0 A0), the same weight either way."""
     torch.manual_seed(0)
     base = MLP()
     model = copy.deepcopy(base)
-    inject_lora(model, ["up", "down"], rank=4, alpha=8, dropout=0.1, init=init)
+    inject_lora(model, ["up", "down"], rank=4, alpha=8, dropout=0.1, init=init, use_dora=use_dora)
     mark_only_lora_trainable(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(5):
@@ -111,7 +115,6 @@ def test_gaussian_init_starts_at_the_base_with_a_spread_of_one_over_rank():
     ("make", "kwargs", "message"),
     [
         (lambda: nn.Sequential(nn.Conv2d(3, 4, 3)), {"init": "pissa"}, r"pissa starts linears .*0 \(Conv2d\)"),
-        (MLP, {"init": "olora", "use_dora": True}, "DoRA's magnitudes would be taken from the residual"),
         (MLP, {"init": "pissa", "rank": 8}, r"rank is above the width of \['down'\]"),
         (MLP, {"init": "lora-ga"}, "unknown init 'lora-ga'"),
     ],
