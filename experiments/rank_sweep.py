@@ -3,6 +3,8 @@
     python experiments/rank_sweep.py minilm-sms            # all-MiniLM-L6-v2, SMS spam, r = 1 ... 64 (CPU, ~15 min)
     python experiments/rank_sweep.py smollm2-instructions --data-path ../shared/data/instruction/instruction-data.json
         # SmolLM2-135M instruction tuning, r = 4 ... 32 (CPU, ~25 min)
+    python experiments/rank_sweep.py minilm-sms-variants   # the same model and data, r = 1, 4, 16 for LoRA, DoRA,
+        # rsLoRA, PiSSA and LoRA+ (ratio 16): which variant at which rank (CPU, ~20 min a seed)
     python experiments/rank_sweep.py gpt2-sms              # GPT-2 124M ... 1558M on SMS spam (needs the hub weights)
     python experiments/rank_sweep.py openllama-instructions # OpenLLaMA 3B, QLoRA, instruction tuning (GPU, hub weights)
     python experiments/rank_sweep.py openllama-instructions --random-init   # without the weights: memory and
@@ -35,6 +37,12 @@ CASES = {
          "query,key,value,dense", "--epochs", "3", "--batch-size", "16", "--lr", "5e-4", "--max-length", "128"],
         True,
     ),
+    "minilm-sms-variants": (
+        "all-MiniLM-L6-v2 on SMS spam (balanced 1045 / 149 / 300): LoRA, DoRA, rsLoRA, PiSSA and LoRA+ by rank",
+        ["--model", "minilm-l6", "--dataset", "sms-spam", "--ranks", "1,4,16", "--epochs", "2", "--batch-size", "16",
+         "--lr", "5e-4", "--max-length", "128"],
+        True,
+    ),
     "smollm2-instructions": (
         "SmolLM2-135M-Instruct, instruction tuning on the book's Alpaca-style set (935 / 55 / 110)",
         ["--model", "smollm2-135m", "--dataset", "instructions", "--ranks", "4,8,16,32", "--epochs", "1",
@@ -55,6 +63,16 @@ CASES = {
         False,
     ),
 }  # fmt: skip
+# Cases that are several grids into one sweep directory (the summary compares every series of them):
+# one grid is a product of its lists, and the variants study wants five series, not all their products.
+GRIDS = {
+    "minilm-sms-variants": [
+        ["--variants", "lora,dora"],
+        ["--scalings", "rslora"],
+        ["--inits", "pissa"],
+        ["--lr-ratios", "16"],
+    ],
+}
 
 
 def run(case: str, extra: list[str]) -> int:
@@ -62,9 +80,13 @@ def run(case: str, extra: list[str]) -> int:
     out = HERE / "runs" / f"sweep-{case}"
     results = HERE / "results" / f"sweep-{case}"
     start = time.perf_counter()
-    code = main(["sweep", *args, *extra, "--out", str(out)])
-    if code or not (out / "summary.md").is_file():
-        return code
+    grids = GRIDS.get(case, [[]])
+    for grid in grids:
+        code = main(["sweep", *args, *grid, *extra, "--out", str(out)])
+        if code:
+            return code
+    if not (out / "summary.md").is_file():
+        return 1
     if analyze:
         code = main(["analyze", str(out)])
         if code:
@@ -72,7 +94,7 @@ def run(case: str, extra: list[str]) -> int:
     for path in sorted(out.glob("*.csv")) + sorted(out.glob("*.png")) + sorted(out.glob("*.md")):
         write_bytes(results / path.name, path.read_bytes())
     seconds = time.perf_counter() - start
-    command = "lora-lab sweep " + " ".join(args + extra)
+    command = "; ".join("lora-lab sweep " + " ".join(args + grid + extra) for grid in grids)
     from lora_lab.sweep import read_rows
 
     trained = sum(float(r["seconds"] or 0) for r in read_rows(out))

@@ -36,8 +36,8 @@ from pathlib import Path
 
 import torch
 
-from .adapters import ADAPTER_FILE
-from .files import read_safetensors, write_csv
+from .adapters import ADAPTER_FILE, update_factors
+from .files import write_csv
 
 SHARED = 0.5  # above chance by this share of the way to 1: a shared direction (the paper reads phi > 0.5)
 
@@ -112,44 +112,6 @@ def subspace_similarity(U1: torch.Tensor, U2: torch.Tensor) -> torch.Tensor:
 
 
 # ---- a sweep's adapters --------------------------------------------------------------------------
-
-
-def read_adapter(path: str | Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """{module name: (A, B, scaling)} of a lora_lab adapter file, so that dW = scaling * B A in the
-    linear layout: a grouped convolution's B (out, rank / groups) comes back block-diagonal
-    (out, rank); an attention module's output projection is its own entry, ``<name>.out_proj``."""
-    import json
-    import warnings
-
-    tensors, metadata = read_safetensors(path, "run the sweep again to write it")
-    modules = json.loads(metadata.get("lora_lab", "{}")).get("modules", {})
-    dora = [name for name, spec in modules.items() if spec.get("use_dora")]
-    if dora:
-        warnings.warn(
-            f"{path}: {len(dora)} DoRA module(s): their spectra are of scaling * B A, the direction update; the "
-            "magnitude's rescaling (m / ||W + scaling B A||) needs the base weights and is not in them",
-            stacklevel=2,
-        )
-    out = {}
-    for name, spec in modules.items():
-        scaling = spec["alpha"] / (math.sqrt(spec["rank"]) if spec.get("use_rslora") else spec["rank"])
-        for branch, key in (("lora", name), ("out_lora", f"{name}.out_proj")):
-            if f"{name}.{branch}.A" in tensors:
-                a, b = tensors[f"{name}.{branch}.A"], tensors[f"{name}.{branch}.B"]
-                out[key] = (a, _dense_b(b, a.shape[0]), scaling)
-    return out
-
-
-def _dense_b(b: torch.Tensor, rank: int) -> torch.Tensor:
-    """B (out, rank / groups) of a grouped convolution as the block-diagonal (out, rank) it stands for."""
-    groups = rank // b.shape[1]
-    if groups == 1:
-        return b
-    out = torch.zeros(b.shape[0], rank, dtype=b.dtype)
-    rows, cols = b.shape[0] // groups, b.shape[1]
-    for g in range(groups):
-        out[g * rows : (g + 1) * rows, g * cols : (g + 1) * cols] = b[g * rows : (g + 1) * rows]
-    return out
 
 
 def module_kind(name: str) -> tuple[str, int | None]:
@@ -265,7 +227,7 @@ def analyze_sweep(out: str | Path) -> dict[str, int]:
     DIR/analysis_similarity.csv, DIR/analysis.md and figures; returns the recommendations."""
     out = Path(out)
     every, task = _read_sweep(out)
-    collected = collect(out, every)
+    collected = collect(out, every, task)
     recommendations, lines = recommend_ranks(every, task, collected.sims)
     write_analysis(out, collected, lines)
     return recommendations
@@ -294,19 +256,31 @@ def _read_sweep(out: Path) -> tuple[list[dict[str, str]], str]:
     return every, task
 
 
-def collect(out: Path, every: Sequence[dict[str, str]]) -> Collected:
+def collect(out: Path, every: Sequence[dict[str, str]], task: str = "classification") -> Collected:
     """Read every finished point's adapter; spectra per module, similarities between the ranks of
-    each series and seed."""
+    each series and seed. DoRA's adapters are read with their base model's weights (loaded once a
+    model), so their update includes the magnitudes' rescaling."""
     from .report import series_columns, series_name
 
     rows = [r for r in every if r["status"] == "ok"]
+    bases: dict[str, torch.nn.Module] = {}
+
+    def base_of(row: dict[str, str]) -> torch.nn.Module | None:
+        if row.get("variant") != "dora":
+            return None
+        if row["model"] not in bases:
+            from .models import load_pretrained
+
+            bases[row["model"]] = load_pretrained(row["model"], task).model
+        return bases[row["model"]]
+
     columns, varied = series_columns(every)
     several_seeds = len({r["seed"] for r in rows}) > 1
     collected = Collected()
     for key in dict.fromkeys(tuple(r[k] for k in columns) for r in rows):
         series = [r for r in rows if tuple(r[k] for k in columns) == key]
         name = series_name(series[0], varied)
-        adapters = {id(r): read_adapter(out / r["run"] / ADAPTER_FILE) for r in series}
+        adapters = {id(r): update_factors(out / r["run"] / ADAPTER_FILE, base_of(r)) for r in series}
         collected.spectra += [{"series": name, **row} for row in spectra_rows([(r, adapters[id(r)]) for r in series])]
         for seed in dict.fromkeys(r["seed"] for r in series):
             by_rank = {int(r["rank"]): adapters[id(r)] for r in series if r["seed"] == seed}

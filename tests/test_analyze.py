@@ -5,8 +5,8 @@ import torch
 from conftest import tiny_model
 
 from lora_lab import inject_lora, mark_only_lora_trainable, save_adapter
+from lora_lab.adapters import update_factors as read_adapter
 from lora_lab.analyze import (
-    read_adapter,
     recommend,
     right_singular_vectors,
     similarity_rows,

@@ -612,9 +612,9 @@ def test_dora_inside_a_transformer_encoder_runs_padded_batches_in_eval():
 
 
 def test_analyze_reads_every_branch_as_its_update(tmp_path):
-    """`analyze.read_adapter` gives (A, B, scaling) with scaling * B A = the layer's delta W: a grouped
+    """`adapters.update_factors` gives (A, B, scaling) with scaling * B A = the layer's delta W: a grouped
     convolution's B block-diagonal, attention's out_proj as its own entry; DoRA is warned about."""
-    from lora_lab.analyze import read_adapter
+    from lora_lab.adapters import update_factors as read_adapter
 
     torch.manual_seed(0)
     model = nn.Sequential(Convs(2, groups=2), Attention())
@@ -627,10 +627,18 @@ def test_analyze_reads_every_branch_as_its_update(tmp_path):
     for name, (a, b, scaling) in read.items():
         torch.testing.assert_close(scaling * b @ a, want[name].delta_weight(), atol=1e-6, rtol=1e-6, msg=name)
     dora = MLP()
+    base = copy.deepcopy(dora)
     inject_lora(dora, ["lin"], rank=2, use_dora=True)
+    _randomize(dora)
     save_adapter(dora, tmp_path / "d.safetensors")
     with pytest.warns(UserWarning, match="1 DoRA module.*magnitude's rescaling .* is not in them"):
         read_adapter(tmp_path / "d.safetensors")
+    # with the base: DoRA's whole update (what merging adds to W), given by its top-rank directions
+    a, b, scaling = read_adapter(tmp_path / "d.safetensors", base)["lin"]
+    merge_lora(dora)
+    whole = (dora.lin.base.weight - base.lin.weight).double()
+    top = torch.linalg.svdvals(whole)[:2]
+    torch.testing.assert_close(torch.linalg.svdvals(scaling * b @ a)[:2], top, atol=1e-5, rtol=1e-5)
 
 
 def test_a_bare_attention_module_is_refused_with_the_way_to_wrap_it():

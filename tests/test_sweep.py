@@ -382,6 +382,9 @@ def test_variants_inits_and_lr_ratios_are_series_of_one_sweep(tiny_bert_dir, let
     summary = (out / "summary.md").read_text()
     assert summary.count("recommended rank **r=") == 4 and "Best series: **" in summary
     assert "dora, pissa" in summary and "lora, gaussian" in summary
+    assert main(["analyze", str(out)]) == 0  # DoRA's updates read with the base model's weights, no warning
+    spectra = (out / "analysis_spectra.csv").read_text()
+    assert spectra.count("dora") >= 2 * 6  # every DoRA point's modules
     runs = sorted(p.name for p in (out / "runs").glob("*/*"))
     capsys.readouterr()
     assert main(args) == 0
