@@ -336,6 +336,11 @@ def _check_modules(
             problems.append(f"{name}: the model has no such module")
         elif isinstance(module, LayerWithLoRA):
             have = lora_settings(module)
+            if getattr(module.lora, "A0", None) is not None:
+                problems.append(
+                    f"{name}: was started by PiSSA / OLoRA, so its base holds the residual W - scaling B0 A0, not W; "
+                    "load adapters into a model wrapped with the plain init, or into one not wrapped yet"
+                )
             if vars(have) | {"dropout": 0} != vars(s) | {"dropout": 0}:
                 problems.append(f"{name}: wrapped with {_settings_text(have)}; the adapter has {_settings_text(s)}")
             if module.merged and not all(torch.isfinite(t).all() for t in lora[name].values()):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -332,7 +333,7 @@ def inject_lora(
         if _pattern_value(rank_pattern, n, rank) > width:
             too_wide[n] = width
     if init in ("pissa", "olora"):
-        _check_principal_init(modules, names, init, use_dora, too_wide)
+        _check_principal_init(model, names, init, too_wide)
     if too_wide:
         shown = fold_layer_names(too_wide)
         warnings.warn(
@@ -360,12 +361,13 @@ def inject_lora(
     return wrapped
 
 
-def _check_principal_init(
-    modules: Mapping[str, nn.Module], names: list[str], init: str, use_dora: bool, too_wide
-) -> None:
-    """PiSSA / OLoRA rewrite a float linear's weight and need rank <= min(in, out): refuse the rest first."""
+def _check_principal_init(model: nn.Module, names: list[str], init: str, too_wide) -> None:
+    """PiSSA / OLoRA rewrite a float linear's own weight and need rank <= min(in, out): refuse the rest first."""
+    modules = dict(model.named_modules())
+    owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     bad = [f"{n} ({type(modules[n]).__name__})" for n in names if linear_shape(modules[n]) is None]
     bad += [f"{n} (quantized)" for n in names if quantization(modules[n]) is not None]
+    bad += [f"{n} (weight shared, tied)" for n in names if owners[id(getattr(modules[n], "weight", None))] > 1]
     problems = [f"{init} starts linears with float weights (as PEFT), not {bad}"] if bad else []
     problems += [f"the rank is above the width of {sorted(too_wide)}"] if too_wide else []
     if problems:

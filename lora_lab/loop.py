@@ -82,8 +82,10 @@ class Fitted:
 
 def param_groups(model: nn.Module, lr: float, ratio: float = 1.0) -> list[dict]:
     """AdamW's parameter groups: every trainable parameter at `lr`, but with LoRA+ (Hayou et al. 2024,
-    `ratio` != 1) each LoRA B matrix, and LoRA's vectors (its bias on B, DoRA's magnitude, as PEFT's
-    LoRA+ groups them), at `ratio` * lr: B starts at zero and learns too slowly at A's rate."""
+    `ratio` != 1) each LoRA B matrix and LoRA's vectors (its bias on B, DoRA's magnitude) at
+    `ratio` * lr: B starts at zero and learns too slowly at A's rate. For the LoRA tensors of linears
+    this is PEFT's `create_loraplus_optimizer`; PEFT also speeds up every other vector (a head's bias)
+    and puts embedding adapters at 1e-6, which lora_lab does not: a head and embeddings train at `lr`."""
     params = [p for p in model.parameters() if p.requires_grad]
     loras = [m for m in model.modules() if isinstance(m, LoRALayer)] if ratio != 1 else []
     fast = {id(p) for m in loras for name, p in m.named_parameters() if name != "A"}

@@ -82,7 +82,8 @@ def unload_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
 
 @contextmanager
 def disable_lora(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model alone inside the block (merged adapters are taken out for the while).
+    """Run the base model alone inside the block (merged adapters are taken out for the while). A
+    layer started by PiSSA / OLoRA runs its residual base W - scaling B0 A0 then, as PEFT's does.
     Modules that an adapter replaced whole (a trained head loaded with `extra=` / PEFT's
     `modules_to_save`) are part of the model and stay; PEFT's `disable_adapter` swaps them back."""
     wrappers = [w for _, w in lora_modules(model)]

@@ -102,7 +102,8 @@ class Point:
         later = [v for k, v in zip(KEY_COLUMNS, self.key(), strict=True) if k in LATER_KEYS and v != LATER_KEYS[k]]
         first = [v for k, v in zip(KEY_COLUMNS, self.key(), strict=True) if k not in LATER_KEYS]
         digest = hashlib.sha1("\0".join(first + later).encode()).hexdigest()[:8]
-        extra = "".join(f"-{v}" for v in later[:2]) + (f"-lrr{later[-1]}" if self.lr_ratio != 1 else "")
+        extra = "".join(f"-{v}" for v in (self.variant, self.init) if v not in LATER_KEYS.values())
+        extra += f"-lrr{_number(self.lr_ratio)}" if self.lr_ratio != 1 else ""
         return f"{model}/r{self.rank}-a{_number(self.alpha)}-{self.scaling}-{targets}{extra}-s{self.seed}-{digest}"
 
 
@@ -191,9 +192,12 @@ def shard_from_env(shard: str | None = None) -> tuple[int, int]:
 
 
 def check_targets(points: Sequence[Point]) -> None:
-    """Every target set finds modules in every model of the grid, checked on the meta device before
-    the first point trains (a model whose config cannot be read here is left to its points)."""
-    from .inject import find_targets
+    """Every target set finds modules in every model of the grid, and takes the PiSSA / OLoRA starts
+    the grid asks for (linears only, rank within their width), checked on the meta device before the
+    first point trains (a model whose config cannot be read here is left to its points)."""
+    import warnings
+
+    from .inject import find_targets, inject_lora
     from .models import build_model
 
     for model in dict.fromkeys(p.model for p in points):
@@ -202,8 +206,14 @@ def check_targets(points: Sequence[Point]) -> None:
         except (OSError, ValueError):
             continue
         for targets in dict.fromkeys(p.targets for p in points if p.model == model):
+            names = "all-linear" if targets == "all-linear" else targets.split("+")
             try:
-                find_targets(built, "all-linear" if targets == "all-linear" else targets.split("+"))
+                find_targets(built, names)
+                for init in dict.fromkeys(p.init for p in points if p.model == model and p.init in ("pissa", "olora")):
+                    rank = max(p.rank for p in points if p.model == model and p.init == init)
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # the rank warning, if any, comes with the point
+                        inject_lora(build_model(model, "meta"), names, rank=rank, init=init)
             except ValueError as err:
                 raise ValueError(f"--targets {targets.replace('+', ',')} on {model}: {err}") from None
 

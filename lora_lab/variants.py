@@ -111,8 +111,11 @@ def start_adapter(wrapper, init: str) -> None:
     if lora.A.device.type == "meta":
         return
     with torch.no_grad():
-        if init == "gaussian":
-            nn.init.normal_(lora.A, std=1 / lora.rank)
+        if init == "gaussian":  # every branch (attention has two); an embedding keeps A = 0, B normal, as PEFT
+            if getattr(wrapper.base, "embedding_dim", None) is None:
+                for branch in (lora, getattr(wrapper, "out_lora", None)):
+                    if branch is not None:
+                        nn.init.normal_(branch.A, std=1 / branch.rank)
             return
         weight = wrapper.base_weight()
         A, B = principal_init(weight, lora.rank, lora.scaling, init)

@@ -164,3 +164,42 @@ def test_lora_plus_groups_b_as_peft_and_is_recorded(tmp_path):
     assert [g["lr"] for g in param_groups(ours, 1e-3)] == [1e-3]  # ratio 1: one group
     with pytest.raises(ValueError, match="--lr-ratio 0"):
         TrainConfig(lr_ratio=0)
+
+
+def test_principal_starts_refuse_shared_weights_and_adapters_loaded_over_them(tmp_path):
+    """PiSSA rewrites the base weight: a weight tied to another module would change that one too
+    (refused); and an adapter loaded into a PiSSA-started layer would run over the residual, not W
+    (refused), while a plain file loads into a plain wrapper as before."""
+    torch.manual_seed(0)
+    tied = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    tied[1].weight = tied[0].weight
+    with pytest.raises(ValueError, match=r"pissa starts linears .*0 \(weight shared, tied\)"):
+        inject_lora(tied, ["0"], rank=2, init="pissa")
+    plain = MLP()
+    inject_lora(plain, ["up", "down"], rank=4)
+    save_adapter(plain, tmp_path / "plain.safetensors")
+    started = MLP()
+    inject_lora(started, ["up", "down"], rank=4, init="pissa")
+    with pytest.raises(ValueError, match="up: was started by PiSSA / OLoRA, so its base holds the residual"):
+        load_adapter(started, tmp_path / "plain.safetensors")
+
+
+def test_gaussian_leaves_embeddings_as_peft_and_reaches_both_attention_branches():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(30, 16))
+    reference = copy.deepcopy(model)
+    inject_lora(model, ["0"], rank=4, init="gaussian", use_dora=True)
+    ids = torch.arange(30)
+    torch.testing.assert_close(model(ids), reference(ids), atol=0, rtol=0)  # A = 0: starts as the base
+    attention = nn.Sequential(nn.MultiheadAttention(64, 4))
+    inject_lora(attention, ["0"], rank=8, init="gaussian")
+    for branch in (attention[0].lora, attention[0].out_lora):
+        assert abs(branch.A.std().item() - 1 / 8) < 0.02
+
+
+def test_a_sweep_refuses_an_impossible_start_before_any_point_trains(tiny_bert_dir):
+    from lora_lab.sweep import check_targets, grid
+
+    points = grid([str(tiny_bert_dir)], [1], target_sets=["word_embeddings+query"], inits=["kaiming", "pissa"])
+    with pytest.raises(ValueError, match=r"word_embeddings,query on .*pissa starts linears .*word_embeddings"):
+        check_targets(points)
