@@ -203,3 +203,28 @@ def test_a_sweep_refuses_an_impossible_start_before_any_point_trains(tiny_bert_d
     points = grid([str(tiny_bert_dir)], [1], target_sets=["word_embeddings+query"], inits=["kaiming", "pissa"])
     with pytest.raises(ValueError, match=r"word_embeddings,query on .*pissa starts linears .*word_embeddings"):
         check_targets(points)
+
+
+def test_a_pissa_adapter_peft_trained_and_converted_loads_here(tmp_path):
+    """PEFT's own PiSSA run, saved converted (`path_initial_model_for_weight_conversion`), imports
+    into a fresh original base with PEFT's trained outputs."""
+    torch.manual_seed(0)
+    base = MLP()
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["up", "down"], init_lora_weights="pissa")
+    theirs = peft.get_peft_model(copy.deepcopy(base), config)
+    theirs.peft_config["default"].init_lora_weights = True  # PEFT's recipe: save the initial adapter as plain
+    theirs.save_pretrained(tmp_path / "init")
+    theirs.peft_config["default"].init_lora_weights = "pissa"
+    opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(5):
+        loss = theirs(X).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    theirs.save_pretrained(tmp_path / "trained", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    from lora_lab import import_peft_adapter
+
+    ours = copy.deepcopy(base)
+    import_peft_adapter(ours, tmp_path / "trained")
+    with torch.no_grad():
+        torch.testing.assert_close(ours(X), theirs(X), atol=1e-5, rtol=1e-5)
