@@ -169,8 +169,9 @@ def _style_keys(plt, chosen: str, reported: str, off_axis: list[str]) -> list:
 def _baselines(axes, baselines: list[tuple[float, str, str]], unit: str) -> list[str]:
     """Each series' baseline as a dotted line where it falls near the data; one far off the data (an
     untrained model's loss, a 50% majority class under 98% accuracies) is not drawn, so that it does
-    not squash the differences the plot is for: returned in words, for the legend."""
-    off = []
+    not squash the differences the plot is for: returned in words for the legend, each value once
+    (named by its series only where the series' baselines differ)."""
+    off: dict[str, list[str]] = {}
     for ax in axes:
         low, high = ax.get_ylim()
         for value, color, label in baselines:
@@ -179,8 +180,10 @@ def _baselines(axes, baselines: list[tuple[float, str, str]], unit: str) -> list
             if low - 0.5 * (high - low) <= value <= high + 0.5 * (high - low):
                 ax.axhline(value, ls=":", color=color)
             elif ax is axes[0]:
-                off.append(f"{label}{value:.4g}{unit} off the axis")
-    return list(dict.fromkeys(off))
+                off.setdefault(f"{value:.4g}{unit}", []).append(label)
+    if len(off) == 1:
+        return [f"{next(iter(off))} off the axis"]
+    return [f"{' '.join(labels)}{value} off the axis" for value, labels in off.items()]
 
 
 def _name(key: str) -> str:
