@@ -5,6 +5,8 @@
         # SmolLM2-135M instruction tuning, r = 4 ... 32 (CPU, ~25 min)
     python experiments/rank_sweep.py minilm-sms-variants   # the same model and data, r = 1, 4, 16 for LoRA, DoRA,
         # rsLoRA, PiSSA and LoRA+ (ratio 16): which variant at which rank (CPU, ~20 min a seed)
+    python experiments/rank_sweep.py smollm2-instructions-variants --data-path .../instruction-data.json
+        # the same five variants for SmolLM2-135M instruction tuning at r = 8 (CPU, ~25 min)
     python experiments/rank_sweep.py gpt2-sms              # GPT-2 124M ... 1558M on SMS spam (needs the hub weights)
     python experiments/rank_sweep.py openllama-instructions # OpenLLaMA 3B, QLoRA, instruction tuning (GPU, hub weights)
     python experiments/rank_sweep.py openllama-instructions --random-init   # without the weights: memory and
@@ -43,6 +45,12 @@ CASES = {
          "--lr", "5e-4", "--max-length", "128"],
         True,
     ),
+    "smollm2-instructions-variants": (
+        "SmolLM2-135M-Instruct, instruction tuning (935 / 55 / 110): LoRA, DoRA, rsLoRA, PiSSA and LoRA+ at r = 8",
+        ["--model", "smollm2-135m", "--dataset", "instructions", "--ranks", "8", "--epochs", "1",
+         "--batch-size", "8", "--lr", "5e-4", "--max-length", "256"],
+        True,
+    ),
     "smollm2-instructions": (
         "SmolLM2-135M-Instruct, instruction tuning on the book's Alpaca-style set (935 / 55 / 110)",
         ["--model", "smollm2-135m", "--dataset", "instructions", "--ranks", "4,8,16,32", "--epochs", "1",
@@ -65,14 +73,8 @@ CASES = {
 }  # fmt: skip
 # Cases that are several grids into one sweep directory (the summary compares every series of them):
 # one grid is a product of its lists, and the variants study wants five series, not all their products.
-GRIDS = {
-    "minilm-sms-variants": [
-        ["--variants", "lora,dora"],
-        ["--scalings", "rslora"],
-        ["--inits", "pissa"],
-        ["--lr-ratios", "16"],
-    ],
-}
+VARIANT_GRIDS = [["--variants", "lora,dora"], ["--scalings", "rslora"], ["--inits", "pissa"], ["--lr-ratios", "16"]]
+GRIDS = {"minilm-sms-variants": VARIANT_GRIDS, "smollm2-instructions-variants": VARIANT_GRIDS}
 
 
 def run(case: str, extra: list[str]) -> int:
