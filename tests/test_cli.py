@@ -35,6 +35,16 @@ def test_report_csv(capsys):
     assert rows[0]["targets"] == "W_query+W_value"
 
 
+def test_report_counts_dora_magnitudes_and_embedding_adapters(capsys):
+    """--dora adds one magnitude per output channel; an embedding's adapter is rank x (vocab + width)."""
+    assert main(["report", "--ranks", "8", "--targets", "W_query", "--dora", "--format", "csv"]) == 0
+    (row,) = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert int(row["trainable_params"]) == 12 * (8 * (768 + 768) + 768) and row["targets"] == "W_query, DoRA"
+    assert main(["report", "--ranks", "8", "--targets", "tok_emb", "--format", "csv"]) == 0
+    (row,) = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert int(row["trainable_params"]) == 8 * (50257 + 768)
+
+
 def test_report_errors_are_one_clear_line(capsys):
     assert main(["report", "--model", "gpt3"]) == 2
     assert "lora-lab report: error: unknown model 'gpt3'" in capsys.readouterr().err
