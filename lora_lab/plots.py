@@ -91,13 +91,16 @@ def _human(value: float, _position: object = None) -> str:
     return f"{value:g}"
 
 
-def _human_ticks(ax, axis: str = "y") -> None:
-    """A log axis labelled at 1, 2 and 5 of each decade, as 50k, 1M, 2B."""
-    from matplotlib.ticker import FuncFormatter, LogLocator
+def _human_ticks(ax, axis: str = "y", values: Sequence[float] = ()) -> None:
+    """A log axis labelled at 1, 2 and 5 of each decade, as 50k, 1M, 2B; where `values` span less
+    than a factor of 2 (no such tick between them), at the values themselves."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator
 
     scale = ax.yaxis if axis == "y" else ax.xaxis
-    scale.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    narrow = values and max(values) < 2 * min(values)
+    scale.set_major_locator(FixedLocator(sorted(set(values))) if narrow else LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     scale.set_major_formatter(FuncFormatter(_human))
+    scale.set_minor_locator(FixedLocator([]))
     scale.set_minor_formatter(FuncFormatter(lambda v, p: ""))
 
 
@@ -138,7 +141,7 @@ def plot_sweep(table: Sequence[dict], path: str | os.PathLike, chosen: str, repo
     axes[1].set(xscale="log", xlabel="trainable parameters (log scale)", ylabel=f"validation {what}{unit}",
                 title="cost against the validation metric")  # fmt: skip
     axes[1].grid(alpha=0.3)
-    _human_ticks(axes[1], axis="x")
+    _human_ticks(axes[1], axis="x", values=[line["trainable_params"] for line in table])
     axes[2].set(ylabel="seconds", title="training time per point")
     axes[2].set_ylim(bottom=0)
     for ax in (axes[0], axes[2]):
