@@ -1,4 +1,4 @@
-"""How a LoRA update is applied, beyond plain ``W + scaling * B A``: DoRA (weight-decomposed LoRA).
+"""How a LoRA update is applied beyond plain ``W + scaling * B A`` (DoRA), and how it starts (PiSSA, OLoRA).
 
 DoRA (Liu et al. 2024) splits each output channel of the adapted weight into a direction and a
 learned length. With W' = W + scaling * B A in the linear layout (out, in) and m a trainable
