@@ -286,16 +286,29 @@ def _split_peft_tensors(
     return parts, extra
 
 
-def import_peft_adapter(model: nn.Module, directory: str | os.PathLike) -> list[str]:
-    """Load a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
-    into `model`, wrapping the modules it names. Returns the wrapped module names."""
-    directory = Path(directory)
-    config_file = directory / PEFT_CONFIG
-    if not config_file.is_file():
+def _adapter_directory(directory: Path, name: str | None) -> Path:
+    """The directory of adapter `name` in a PEFT save: PEFT writes its "default" adapter at the top
+    and every other one in a subdirectory of its name."""
+    names = sorted(p.parent.name for p in directory.glob(f"*/{PEFT_CONFIG}"))
+    if name not in (None, "default"):
+        if name not in names:
+            raise FileNotFoundError(f"{directory} holds no adapter {name!r}; it holds {names or 'none by name'}")
+        return directory / name
+    if not (directory / PEFT_CONFIG).is_file():
+        hint = f"; it holds the adapters {names}: name one (name=...)" if names else ""
         raise FileNotFoundError(
             f"no {PEFT_CONFIG} in {directory}: a PEFT adapter directory holds {PEFT_CONFIG} and "
-            f"{PEFT_WEIGHTS} (PeftModel.save_pretrained or export_peft_adapter write them)"
+            f"{PEFT_WEIGHTS} (PeftModel.save_pretrained or export_peft_adapter write them){hint}"
         )
+    return directory
+
+
+def import_peft_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> list[str]:
+    """Load a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
+    into `model`, wrapping the modules it names. A save of several PEFT adapters holds "default" at
+    the top and the others in subdirectories: `name` picks one. Returns the wrapped module names."""
+    directory = _adapter_directory(Path(directory), name)
+    config_file = directory / PEFT_CONFIG
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:

@@ -228,3 +228,27 @@ def test_a_pissa_adapter_peft_trained_and_converted_loads_here(tmp_path):
     import_peft_adapter(ours, tmp_path / "trained")
     with torch.no_grad():
         torch.testing.assert_close(ours(X), theirs(X), atol=1e-5, rtol=1e-5)
+
+
+def test_a_peft_save_of_several_adapters_imports_the_one_named(tmp_path):
+    """PEFT saves "default" at the top and other adapters in subdirectories: each imports by name
+    into a fresh base with PEFT's outputs when that adapter is active."""
+    from lora_lab import import_peft_adapter
+
+    torch.manual_seed(0)
+    base = MLP()
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=2, target_modules=["up"], init_lora_weights=False)
+    )
+    theirs.add_adapter(
+        "other", peft.LoraConfig(r=4, lora_alpha=4, target_modules=["up", "down"], init_lora_weights=False)
+    )
+    theirs.save_pretrained(tmp_path)
+    for name in ("default", "other"):
+        theirs.set_adapter(name)
+        ours = copy.deepcopy(base)
+        import_peft_adapter(ours, tmp_path, name=name)
+        with torch.no_grad():
+            torch.testing.assert_close(ours(X), theirs(X), atol=1e-6, rtol=1e-6, msg=name)
+    with pytest.raises(FileNotFoundError, match=r"holds no adapter 'third'; it holds \['other'\]"):
+        import_peft_adapter(copy.deepcopy(base), tmp_path, name="third")
