@@ -8,7 +8,6 @@ name that layer), as in PEFT's `target_modules` list.
 
 from __future__ import annotations
 
-import math
 import re
 import warnings
 from collections import Counter
@@ -17,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .layers import wrapper_class
+from .layers import update_width, wrapper_class
 from .lora import LayerWithLoRA, check_alpha, check_rank, linear_shape, lora_modules
 from .quantize import quantization
 from .variants import INITS, start_adapter
@@ -227,17 +226,27 @@ def wrap_modules(model: nn.Module, plan: Mapping[str, LoRASettings]) -> list[str
     return place_wrappers(model, build_wrappers(model, plan))
 
 
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put `new` wherever `model` holds `old`: under every name, since one module can sit under
+    several (T5's `shared` embedding is also `encoder.embed_tokens` and `decoder.embed_tokens`), and
+    replacing one name only would leave the others running the old module silently."""
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for name, module in list(modules.items()):
+        if module is old and name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(modules[parent_name], child, new)
+
+
 def place_wrappers(model: nn.Module, wrappers: Mapping[str, LayerWithLoRA]) -> list[str]:
     """Put wrappers from `build_wrappers` in place of the modules they wrap; their names."""
     modules = dict(model.named_modules())
     for name, wrapper in wrappers.items():
-        parent_name, _, child = name.rpartition(".")
-        parent = modules[parent_name]
+        parent = modules[name.rpartition(".")[0]]
         if isinstance(parent, nn.TransformerEncoderLayer):
             # Its inference fast path (eval, no grad) reads linear1/linear2.weight directly and
             # would skip the adapter; torch leaves that path when a submodule has forward hooks.
             wrapper.register_forward_pre_hook(_no_fast_path)
-        setattr(parent, child, wrapper)
+        replace_module(model, wrapper.base, wrapper)
         if wrapper.lora.magnitude is not None:
             # nn.TransformerEncoder turns a padded batch into a nested tensor in eval, and DoRA's
             # per-channel rescaling cannot take one: padded batches then run dense, as in training.
@@ -329,7 +338,7 @@ def inject_lora(
     modules = dict(model.named_modules())
     too_wide = {}
     for n in names:
-        width = _width(modules[n])
+        width = update_width(modules[n])
         if _pattern_value(rank_pattern, n, rank) > width:
             too_wide[n] = width
     if init in ("pissa", "olora"):
@@ -353,12 +362,34 @@ def inject_lora(
         )
         for n in names
     }
+    _warn_tied_twins(model, names)
     wrapped = wrap_modules(model, plan)
     if init != "kaiming":
         wrappers = dict(model.named_modules())
         for name in wrapped:
             start_adapter(wrappers[name], init)
     return wrapped
+
+
+def _warn_tied_twins(model: nn.Module, names: list[str]) -> None:
+    """Warn when a target shares its weight with another module of its kind that is not a target:
+    that twin keeps running the base weight, and where the model calls the twin instead (T5's
+    `encoder.embed_tokens` and `decoder.embed_tokens` beside `shared`) the adapter never runs."""
+    modules = dict(model.named_modules())
+    twins = {}
+    for name in names:
+        weight = getattr(modules[name], "weight", None)
+        others = [n for n, m in modules.items() if n not in names and m is not modules[name]
+                  and type(m) is type(modules[name]) and getattr(m, "weight", None) is weight]  # fmt: skip
+        if others and weight is not None:
+            twins[name] = others
+    if twins:
+        shown = "; ".join(f"{n}: {', '.join(o)}" for n, o in twins.items())
+        warnings.warn(
+            f"targets share their weight with modules of the same kind that are not targets ({shown}); those keep "
+            "the base weight, and the adapter does not run where the model calls them: target them too",
+            stacklevel=3,
+        )
 
 
 def _check_principal_init(model: nn.Module, names: list[str], init: str, too_wide) -> None:
@@ -372,17 +403,6 @@ def _check_principal_init(model: nn.Module, names: list[str], init: str, too_wid
     problems += [f"the rank is above the width of {sorted(too_wide)}"] if too_wide else []
     if problems:
         raise ValueError(f"init={init!r}: " + "; ".join(problems))
-
-
-def _width(module: nn.Module) -> int:
-    """The largest rank an update of `module` can have: min(in, out) in the linear layout."""
-    if isinstance(module, nn.Embedding):
-        return min(module.num_embeddings, module.embedding_dim)
-    if isinstance(module, nn.MultiheadAttention):
-        return module.embed_dim
-    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return min(module.in_channels * math.prod(module.kernel_size), module.out_channels)
-    return min(linear_shape(module))
 
 
 def replace_linear_with_lora(model: nn.Module, rank: int, alpha: float) -> list[str]:

@@ -290,3 +290,14 @@ def wrapper_class(module: nn.Module) -> type[LayerWithLoRA] | None:
         if isinstance(module, kind):
             return wrapper
     return None
+
+
+def update_width(module: nn.Module) -> int:
+    """The largest rank an update of `module` can have: min(in, out) in the linear layout."""
+    if isinstance(module, nn.Embedding):
+        return min(module.num_embeddings, module.embedding_dim)
+    if isinstance(module, nn.MultiheadAttention):
+        return module.embed_dim
+    if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        return min(module.in_channels * math.prod(module.kernel_size), module.out_channels)
+    return min(linear_shape(module))

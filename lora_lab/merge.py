@@ -13,21 +13,24 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .inject import replace_module
 from .lora import LayerWithLoRA, lora_modules
 
 
 def _merge_problems(model: nn.Module, allow_quantized: bool = False) -> list[str]:
     """Why each wrapper that is not merged yet cannot be: a weight shared with another module
     (tied head and embedding: merging would change both), a quantized base, a non-finite update."""
-    owners: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        owners.setdefault(id(param), []).append(name)
+    owners: dict[int, dict[int, str]] = {}  # a parameter -> the modules holding it (one module under two names: once)
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for key, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), {}).setdefault(id(module), f"{module_name}.{key}".lstrip("."))
     problems = []
     for name, wrapper in lora_modules(model):
         if wrapper.merged:
             continue
-        shared = [n for w in wrapper.merged_weights() for n in owners.get(id(w), [])]
-        if len(shared) > len(wrapper.merged_weights()):
+        holders = [owners.get(id(w), {}) for w in wrapper.merged_weights()]
+        shared = [n for held in holders for n in held.values()]
+        if any(len(held) > 1 for held in holders):
             problems.append(
                 f"{name}: its weight is shared with {shared} (tied weights), so merging would change "
                 "those too. Untie it first (give it its own copy with nn.Parameter(w.detach().clone())) "
@@ -73,10 +76,8 @@ def unload_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module
     if isinstance(model, LayerWithLoRA):
         return model.unloaded(dtype)
     _check_mergeable(model, "unload", allow_quantized=True)
-    modules = dict(model.named_modules())
-    for name, wrapper in list(lora_modules(model)):
-        parent_name, _, child = name.rpartition(".")
-        setattr(modules[parent_name], child, wrapper.unloaded(dtype))
+    for _, wrapper in list(lora_modules(model)):
+        replace_module(model, wrapper, wrapper.unloaded(dtype))
     return model
 
 

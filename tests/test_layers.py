@@ -644,3 +644,45 @@ def test_analyze_reads_every_branch_as_its_update(tmp_path):
 def test_a_bare_attention_module_is_refused_with_the_way_to_wrap_it():
     with pytest.raises(ValueError, match=r"model is a MultiheadAttention itself.*MultiheadAttentionWithLoRA\(model"):
         inject_lora(nn.MultiheadAttention(8, 2), "all-linear")
+
+
+def test_a_module_held_under_two_names_is_wrapped_under_both():
+    """One module object under two names: wrapping one name alone would leave the other (the one the
+    forward may call) running the base silently; unloading puts the plain module back under both."""
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first = nn.Linear(6, 6)
+            self.second = self.first  # the forward calls this name
+
+        def forward(self, x):
+            return self.second(x)
+
+    model = Twice()
+    base = copy.deepcopy(model)
+    inject_lora(model, ["first"], rank=2)
+    assert model.second is model.first
+    _randomize(model)
+    x = INPUTS["feat"]()
+    with torch.no_grad():
+        adapted = model(x)
+        assert (adapted - base(x)).abs().max() > 1e-3
+        unload_lora(model)
+        assert type(model.second) is nn.Linear and model.second is model.first
+        torch.testing.assert_close(model(x), adapted, atol=1e-6, rtol=1e-6)
+
+
+def test_t5s_shared_embedding_warns_that_its_twins_stay_unadapted():
+    """transformers' T5 ties `shared` to `encoder.embed_tokens` and `decoder.embed_tokens`, separate
+    modules that the forward calls: `shared` alone would adapt nothing (PEFT's result too), so say so."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(T5Config(vocab_size=50, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=2))
+    with pytest.warns(UserWarning, match=r"shared: encoder.embed_tokens, decoder.embed_tokens\); those keep the base"):
+        inject_lora(model, ["shared"], rank=2)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # all three targeted: nothing left behind
+        inject_lora(copy.deepcopy(T5ForConditionalGeneration(model.config)), ["shared", "embed_tokens"], rank=2)

@@ -28,6 +28,16 @@ class MLP(nn.Module):
 X = torch.randn(5, 12, generator=torch.Generator().manual_seed(1))
 
 
+def _steps(model, steps: int = 5) -> None:
+    """A few AdamW steps on a loss that moves every adapter tensor."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(steps):
+        loss = model(X).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
 def _peft_layer(model, name):
     return model.base_model.model.get_submodule(name)
 
@@ -81,12 +91,7 @@ def test_a_trained_principal_adapter_loads_into_the_original_base(init, use_dora
     model = copy.deepcopy(base)
     inject_lora(model, ["up", "down"], rank=4, alpha=8, dropout=0.1, init=init, use_dora=use_dora)
     mark_only_lora_trainable(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(5):
-        loss = model(X).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _steps(model)
     model.eval()
     with torch.no_grad():
         trained = model(X)
@@ -215,12 +220,7 @@ def test_a_pissa_adapter_peft_trained_and_converted_loads_here(tmp_path):
     theirs.peft_config["default"].init_lora_weights = True  # PEFT's recipe: save the initial adapter as plain
     theirs.save_pretrained(tmp_path / "init")
     theirs.peft_config["default"].init_lora_weights = "pissa"
-    opt = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(5):
-        loss = theirs(X).pow(2).mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _steps(theirs)
     theirs.save_pretrained(tmp_path / "trained", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
     from lora_lab import import_peft_adapter
 
