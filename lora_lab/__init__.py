@@ -10,6 +10,7 @@ from .loop import TrainingError
 from .lora import LayerWithLoRA, LinearWithLoRA, LoRALayer
 from .merge import disable_lora, merge_lora, unload_lora, unmerge_lora
 from .models import build_model, load_pretrained
+from .named_adapters import active_adapter, adapter_names, add_weighted_adapter, delete_adapter, set_adapter
 from .params import (
     MemoryEstimate,
     ParameterCount,
@@ -39,6 +40,11 @@ __all__ = [
     "unmerge_lora",
     "unload_lora",
     "disable_lora",
+    "set_adapter",
+    "delete_adapter",
+    "add_weighted_adapter",
+    "adapter_names",
+    "active_adapter",
     "lora_state_dict",
     "save_adapter",
     "load_adapter",

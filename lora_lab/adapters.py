@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from .files import read_safetensors, save_safetensors
-from .inject import LoRASettings, build_wrappers, fold_layer_names, name_matches, place_wrappers
-from .lora import LayerWithLoRA, lora_modules
+from .inject import LoRASettings, build_wrappers, place_wrappers
+from .lora import LayerWithLoRA, LoRALayer, lora_modules
+from .named_adapters import DEFAULT_ADAPTER, active_adapter, adapter_layer, adapter_names, holds
+from .targets import fold_layer_names, name_matches
 from .variants import converted
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -55,25 +57,31 @@ def _lora_modules(model: nn.Module) -> dict[str, LayerWithLoRA]:
     return {plain: wrappers[n] for plain, n in plain_names(model, wrappers).items()}
 
 
-def adapter_tensors(wrapper: LayerWithLoRA) -> dict[str, torch.Tensor]:
-    """What a wrapper adds to its base: every tensor but the base's (``lora.A``, ``lora.B``, and
-    ``lora.bias``, ``lora.magnitude``, attention's ``out_lora.*`` where they exist)."""
-    return {k: v for k, v in wrapper.state_dict(keep_vars=True).items() if not k.startswith("base.")}
+def adapter_tensors(wrapper: LayerWithLoRA, name: str | None = None) -> dict[str, torch.Tensor]:
+    """What adapter `name` of a wrapper (default: the one in use) adds to its base, under the names
+    it has in the wrapper when it runs: ``lora.A``, ``lora.B``, and ``lora.bias``, ``lora.magnitude``,
+    attention's ``out_lora.*`` where they exist."""
+    if name is None or name == wrapper.adapter_name:
+        return {k: v for k, v in wrapper.state_dict(keep_vars=True).items() if not k.startswith(("base.", "others."))}
+    return {f"lora.{k}": v for k, v in wrapper.others[name].state_dict(keep_vars=True).items()}
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA tensors of `model` (A and B of every wrapper, and what its variant adds), keyed as
-    in `model.state_dict()`."""
-    return {f"{n}.{k}": t.detach() for n, w in lora_modules(model) for k, t in adapter_tensors(w).items()}
+    """The LoRA tensors of `model` (A and B of every wrapper and adapter, and what a variant adds),
+    keyed as in `model.state_dict()`."""
+    return {
+        f"{n}.{k}": t.detach() for n, w in lora_modules(model) for k, t in w.state_dict().items() if k[:5] != "base."
+    }
 
 
-def saved_adapter(wrapper: LayerWithLoRA) -> tuple[LoRASettings, dict[str, torch.Tensor]]:
-    """(settings, tensors) as an adapter file holds them: as they are, or for an adapter started by
-    PiSSA / OLoRA over a residual base, converted to a rank-2r LoRA over the original base (the
-    scaling kept: alpha doubled, or times sqrt 2 with rsLoRA), so it loads into a fresh model."""
-    settings = lora_settings(wrapper)
-    tensors = {k: t.detach() for k, t in adapter_tensors(wrapper).items()}
-    lora = wrapper.lora
+def saved_adapter(wrapper: LayerWithLoRA, name: str | None = None) -> tuple[LoRASettings, dict[str, torch.Tensor]]:
+    """(settings, tensors) of adapter `name` (default: the one in use) as an adapter file holds them:
+    as they are, or for an adapter started by PiSSA / OLoRA over a residual base, converted to a
+    rank-2r LoRA over the original base (the scaling kept: alpha doubled, or times sqrt 2 with
+    rsLoRA), so it loads into a fresh model."""
+    lora = adapter_layer(wrapper, name)
+    settings = lora_settings(lora)
+    tensors = {k: t.detach() for k, t in adapter_tensors(wrapper, name).items()}
     if getattr(lora, "A0", None) is None:
         return settings, tensors
     tensors["lora.A"], tensors["lora.B"] = converted(tensors["lora.A"], tensors["lora.B"], lora.A0, lora.B0)
@@ -81,8 +89,7 @@ def saved_adapter(wrapper: LayerWithLoRA) -> tuple[LoRASettings, dict[str, torch
     return dataclasses.replace(settings, rank=2 * settings.rank, alpha=alpha), tensors
 
 
-def lora_settings(wrapper: LayerWithLoRA) -> LoRASettings:
-    lora = wrapper.lora
+def lora_settings(lora: LoRALayer) -> LoRASettings:
     p = lora.dropout.p if lora.dropout is not None else 0.0
     return LoRASettings(lora.rank, lora.alpha, p, lora.use_rslora, lora.magnitude is not None, lora.bias is not None)
 
@@ -105,11 +112,16 @@ def trained_biases(model: nn.Module, saved: Iterable[str] = ()) -> dict[str, tor
     return out
 
 
-def wrappers_by_name(model: nn.Module) -> dict[str, LayerWithLoRA]:
+def wrappers_by_name(model: nn.Module, name: str | None = None) -> dict[str, LayerWithLoRA]:
+    """The wrappers that hold adapter `name` (default: the active one), under their plain names."""
     wrappers = _lora_modules(model)
     if not wrappers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to save: call inject_lora(model, ...) first")
-    return wrappers
+    name = name or active_adapter(model)
+    holding = {n: w for n, w in wrappers.items() if holds(w, name)} if name else {}
+    if not holding:
+        raise ValueError(f"the model holds no adapter named {name!r}; it holds {adapter_names(model)}")
+    return holding
 
 
 def extra_state(model: nn.Module, extra: Iterable[str]) -> dict[str, torch.Tensor]:
@@ -188,19 +200,19 @@ def _adapter_file(path: str | os.PathLike) -> Path:
     return file / ADAPTER_FILE
 
 
-def save_adapter(model: nn.Module, path: str | os.PathLike, extra: Iterable[str] = ()) -> Path:
-    """Write the adapter of `model` (and the modules named in `extra`) to one safetensors file,
-    atomically. `path` is the file, or a directory to hold ``adapter.safetensors``."""
-    wrappers = wrappers_by_name(model)
-    saved = {n: saved_adapter(w) for n, w in wrappers.items()}
+def save_adapter(model: nn.Module, path: str | os.PathLike, extra: Iterable[str] = (), name: str | None = None) -> Path:
+    """Write adapter `name` of `model` (default: the active one) and the modules named in `extra` to
+    one safetensors file, atomically. `path` is the file, or a directory to hold ``adapter.safetensors``."""
+    wrappers = wrappers_by_name(model, name)
+    saved = {n: saved_adapter(w, name) for n, w in wrappers.items()}
     tensors = {f"{n}.{k}": t for n, (_, ts) in saved.items() for k, t in ts.items()}
     extras = extra_state(model, extra)
     extras.update(trained_biases(model, extras))
     tensors.update(extras)
     warn_left_out(model, tensors, "save_adapter")
     plain = all(
-        type(w).__name__ == "LinearWithLoRA" and w.lora.bias is None and w.lora.magnitude is None
-        for w in wrappers.values()
+        type(w).__name__ == "LinearWithLoRA" and not s.lora_bias and not s.use_dora
+        for w, (s, _) in zip(wrappers.values(), saved.values(), strict=True)
     )
     info = {
         "version": 1 if plain else FORMAT_VERSION,  # what plain LoRA on linears writes is what version 1 read
@@ -220,10 +232,12 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra: Iterable[str]
     return path
 
 
-def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
-    """Load an adapter written by `save_adapter` into `model`, wrapping the modules it names if
-    they are not wrapped yet. Names, shapes and settings are checked first and every mismatch is
-    reported; the model is changed only if all fit. Returns the wrapped module names."""
+def load_adapter(model: nn.Module, path: str | os.PathLike, name: str | None = None) -> list[str]:
+    """Load an adapter written by `save_adapter` into `model` as adapter `name` (default: the one the
+    model runs, or "default" in a model without one), wrapping the modules it names if they are not
+    wrapped yet; a new name joins the model's adapters, waiting (`named_adapters.set_adapter`). Names,
+    shapes and settings are checked first and every mismatch is reported; the model is changed only if
+    all fit. Returns the wrapped module names."""
     path = _adapter_file(path)
     tensors, metadata = read_safetensors(path, "save one with save_adapter(model, path)")
     if FORMAT_KEY not in metadata:
@@ -253,7 +267,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> list[str]:
             extra[key] = tensor  # an extra tensor from a file that does not list them
         else:
             lora[owner][key[len(owner) + 1 :]] = tensor
-    return apply_adapter(model, plan, lora, extra, str(path))
+    return apply_adapter(model, plan, lora, extra, str(path), name)
 
 
 def _untie(model: nn.Module, keys: Iterable[str]) -> None:
@@ -274,8 +288,10 @@ def apply_adapter(
     lora: LoRATensors,
     extra: Mapping[str, torch.Tensor],
     source: str,
+    name: str | None = None,
 ) -> list[str]:
-    """Check an adapter against `model`, then wrap what is missing and copy the tensors in.
+    """Check an adapter against `model`, then wrap what is missing and copy the tensors in, as
+    adapter `name` (default: the one the model runs, else "default"; a new name joins, waiting).
 
     Names are plain (no `_orig_mod.` / `module.` from torch.compile or DDP); `lora` holds each
     module's adapter tensors under their names in the wrapper (``lora.A``...). Tensors in `extra`
@@ -285,7 +301,8 @@ def apply_adapter(
     for the copy and merged again with the new update. Nothing changes unless everything fits.
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    problems, built = _check_modules(model, plan, lora)
+    name = name or active_adapter(model) or DEFAULT_ADAPTER
+    problems, built = _check_modules(model, plan, lora, name)
     state = model.state_dict()
     keys = plain_names(model, state)
     wrapping = [n for n in plan if n not in _lora_modules(model)]
@@ -308,8 +325,8 @@ def apply_adapter(
     with torch.no_grad():
         for w in merged:
             w.unmerge()
-        for name, tensors in lora.items():
-            have = adapter_tensors(wrappers[name])
+        for module, tensors in lora.items():
+            have = adapter_tensors(wrappers[module], name)
             for key, tensor in tensors.items():
                 have[key].copy_(tensor)
     if extra:
@@ -322,10 +339,11 @@ def apply_adapter(
 
 
 def _check_modules(
-    model: nn.Module, plan: Mapping[str, LoRASettings], lora: LoRATensors
+    model: nn.Module, plan: Mapping[str, LoRASettings], lora: LoRATensors, adapter: str
 ) -> tuple[list[str], dict[str, LayerWithLoRA]]:
     """What does not fit between the adapter's modules and the model's (every problem, not the
-    first), and the wrappers built for the modules still to wrap, by their names in the model."""
+    first), and the wrappers built for the modules that do not hold adapter `adapter` yet, by their
+    names in the model."""
     modules = plain_names(model, (n for n, _ in model.named_modules()))
     named = dict(model.named_modules())
     problems: list[str] = []
@@ -334,28 +352,32 @@ def _check_modules(
         module = named.get(modules.get(name, "\0"))
         if module is None:
             problems.append(f"{name}: the model has no such module")
-        elif isinstance(module, LayerWithLoRA):
-            have = lora_settings(module)
-            if getattr(module.lora, "A0", None) is not None:
+        elif isinstance(module, LayerWithLoRA) and holds(module, adapter):
+            have = lora_settings(adapter_layer(module, adapter))
+            if getattr(adapter_layer(module, adapter), "A0", None) is not None:
                 problems.append(
                     f"{name}: was started by PiSSA / OLoRA, so its base holds the residual W - scaling B0 A0, not W; "
                     "load adapters into a model wrapped with the plain init, or into one not wrapped yet"
                 )
             if vars(have) | {"dropout": 0} != vars(s) | {"dropout": 0}:
                 problems.append(f"{name}: wrapped with {_settings_text(have)}; the adapter has {_settings_text(s)}")
-            if module.merged and not all(torch.isfinite(t).all() for t in lora[name].values()):
+            if (
+                module.merged
+                and module.adapter_name == adapter
+                and not all(torch.isfinite(t).all() for t in lora[name].values())
+            ):
                 problems.append(f"{name}: is merged, and the adapter's update has NaN or inf entries")
         else:
             to_wrap[modules[name]] = s
     built: dict[str, LayerWithLoRA] = {}
     try:
-        built = build_wrappers(model, to_wrap)
+        built = build_wrappers(model, to_wrap, adapter)
     except (ValueError, TypeError) as err:
         problems.append(str(err))
     for name in plan:
         wrapper = built.get(modules.get(name, "\0")) or named.get(modules.get(name, "\0"))
-        if isinstance(wrapper, LayerWithLoRA):
-            want = {k: tuple(t.shape) for k, t in adapter_tensors(wrapper).items()}
+        if isinstance(wrapper, LayerWithLoRA) and holds(wrapper, adapter):
+            want = {k: tuple(t.shape) for k, t in adapter_tensors(wrapper, adapter).items()}
             got = {k: tuple(t.shape) for k, t in lora[name].items()}
             for key in sorted(want.keys() | got.keys()):
                 if want.get(key) != got.get(key):
@@ -363,84 +385,11 @@ def _check_modules(
                         f"{name}: the adapter's {key} is {got.get(key, 'missing')}, the model's "
                         f"{type(wrapper.base).__name__} needs {want.get(key, 'none')}"
                     )
-    for name in _lora_modules(model):
-        if name not in plan:
+    for name, wrapper in _lora_modules(model).items():
+        if name not in plan and holds(wrapper, adapter):
             problems.append(f"{name}: LoRA-wrapped in the model, but the adapter has no weights for it")
     return problems, built
 
 
 def _settings_text(s: LoRASettings) -> str:
     return f"rank={s.rank}, alpha={s.alpha}, rslora={s.use_rslora}, dora={s.use_dora}, lora_bias={s.lora_bias}"
-
-
-# ---- what an adapter changes, for analysis ------------------------------------------------------
-
-
-def update_factors(
-    path: str | os.PathLike, base: nn.Module | None = None
-) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """What an adapter file changes, as {module name: (A, B, scaling)} with dW = scaling * B A in the
-    linear layout: a grouped convolution's B (out, rank / groups) comes back block-diagonal
-    (out, rank); an attention module's output projection is its own entry, ``<name>.out_proj``.
-
-    DoRA's update also rescales every output channel of W, so it is not B A alone: with the `base`
-    model it is taken whole, dW = m / ||W + s B A|| * (W + s B A) - W, and given by its top `rank`
-    singular directions (A = V_r^T, B = U_r S_r, scaling 1); without a base, as scaling * B A with a
-    warning."""
-    tensors, metadata = read_safetensors(path, "run the sweep again to write it")
-    modules = json.loads(metadata.get("lora_lab", "{}")).get("modules", {})
-    dora = [name for name, spec in modules.items() if spec.get("use_dora")]
-    if dora and base is None:
-        warnings.warn(
-            f"{path}: {len(dora)} DoRA module(s): their spectra are of scaling * B A, the direction update; the "
-            "magnitude's rescaling (m / ||W + scaling B A||) needs the base weights and is not in them",
-            stacklevel=2,
-        )
-    out = {}
-    for name, spec in modules.items():
-        scaling = spec["alpha"] / (math.sqrt(spec["rank"]) if spec.get("use_rslora") else spec["rank"])
-        for branch, key in (("lora", name), ("out_lora", f"{name}.out_proj")):
-            if f"{name}.{branch}.A" not in tensors:
-                continue
-            a, b = (
-                tensors[f"{name}.{branch}.A"],
-                _dense_b(tensors[f"{name}.{branch}.B"], tensors[f"{name}.{branch}.A"].shape[0]),
-            )
-            magnitude = tensors.get(f"{name}.{branch}.magnitude")
-            if magnitude is not None and base is not None:
-                a, b, scaling = _dora_update(base_weight(base, key), a, b, scaling, magnitude)
-            out[key] = (a, b, scaling)
-    return out
-
-
-def base_weight(model: nn.Module, name: str) -> torch.Tensor:
-    """The weight of module `name` of an unwrapped `model` in the linear layout (out, in), fp64;
-    ``<attention>`` is its in_proj_weight, ``<attention>.out_proj`` its output projection."""
-    module = model.get_submodule(name)
-    if isinstance(module, nn.MultiheadAttention):
-        return module.in_proj_weight.detach().double()
-    weight = module.weight.detach().double()
-    if isinstance(module, nn.Embedding) or (weight.dim() == 2 and not isinstance(module, nn.Linear)):
-        return weight.T  # an embedding's rows, transformers' Conv1D (in, out)
-    return weight.reshape(weight.shape[0], -1)  # a linear, or a convolution's kernel flattened
-
-
-def _dora_update(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, magnitude: torch.Tensor):
-    """DoRA's whole update m / ||W + s B A|| * (W + s B A) - W as its top-r factors (A, B, 1)."""
-    updated = weight + scaling * b.double() @ a.double()
-    delta = (magnitude.double() / torch.linalg.norm(updated, dim=1))[:, None] * updated - weight
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    r = a.shape[0]
-    return vh[:r], u[:, :r] * s[:r], 1.0
-
-
-def _dense_b(b: torch.Tensor, rank: int) -> torch.Tensor:
-    """B (out, rank / groups) of a grouped convolution as the block-diagonal (out, rank) it stands for."""
-    groups = rank // b.shape[1]
-    if groups == 1:
-        return b
-    out = torch.zeros(b.shape[0], rank, dtype=b.dtype)
-    rows, cols = b.shape[0] // groups, b.shape[1]
-    for g in range(groups):
-        out[g * rows : (g + 1) * rows, g * cols : (g + 1) * cols] = b[g * rows : (g + 1) * rows]
-    return out

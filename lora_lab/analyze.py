@@ -36,8 +36,9 @@ from pathlib import Path
 
 import torch
 
-from .adapters import ADAPTER_FILE, update_factors
+from .adapters import ADAPTER_FILE
 from .files import write_csv
+from .updates import update_factors
 
 SHARED = 0.5  # above chance by this share of the way to 1: a shared direction (the paper reads phi > 0.5)
 

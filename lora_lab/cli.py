@@ -9,10 +9,10 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .inject import classifier_head_name
 from .models import MODELS, build_model, model_spec
 from .params import REPORT_DECIMALS, rank_report
 from .report import markdown_table
+from .targets import classifier_head_name
 from .variants import INITS
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64)

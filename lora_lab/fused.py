@@ -8,12 +8,35 @@ The branch is added into the base output, and its input gradient into the base's
 (`addmm_`), so no extra tensor of the output's or the input's size is made; the base's weight
 gradient, which LoRA never needs, is never computed. `LinearWithLoRA` uses it where the helpers
 below say nothing would be skipped (hooks, transforms) and falls back to its two modules elsewhere.
+`linear_shape` says which layers are linear-like (what the node and `LinearWithLoRA` serve).
 """
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
+
+
+def hf_conv1d() -> type | None:
+    # transformers' Conv1D (GPT-2's linears). Looked up only if transformers is already imported:
+    # a module can only be one if it is, and importing transformers just to check costs a second.
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a linear-like module, or None if it is not one.
+
+    Linear-like: `nn.Linear` and its subclasses (bitsandbytes `Linear4bit` / `Linear8bitLt`
+    included) and transformers' `Conv1D`, whose weight is stored transposed as (in, out).
+    """
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    conv1d = hf_conv1d()
+    if conv1d is not None and isinstance(module, conv1d):
+        return module.weight.shape[0], module.nf
+    return None
 
 
 def plain_tensors(tensors, device: torch.device) -> bool:

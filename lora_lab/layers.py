@@ -224,7 +224,7 @@ class MultiheadAttentionWithLoRA(LayerWithLoRA):
         return [self.base.in_proj_weight, self.base.out_proj.weight]
 
     def forward(self, *args, **kwargs):
-        if self.merged or not self.enabled:
+        if self.runs_base():
             return self.base(*args, **kwargs)
         base = self.base
         weights = {
@@ -242,7 +242,7 @@ class MultiheadAttentionWithLoRA(LayerWithLoRA):
 
     @torch.no_grad()
     def merge(self) -> None:
-        if self.merged:
+        if self.merged or not self.active:
             return
         problem = self.merge_problem()
         if problem is not None:
@@ -293,7 +293,8 @@ def wrapper_class(module: nn.Module) -> type[LayerWithLoRA] | None:
 
 
 def update_width(module: nn.Module) -> int:
-    """The largest rank an update of `module` can have: min(in, out) in the linear layout."""
+    """The largest rank an update of `module` (or of a wrapper's base) can have: min(in, out) in the linear layout."""
+    module = module.base if isinstance(module, LayerWithLoRA) else module
     if isinstance(module, nn.Embedding):
         return min(module.num_embeddings, module.embedding_dim)
     if isinstance(module, nn.MultiheadAttention):

@@ -23,14 +23,22 @@ with a hand-written backward (`fused.lora_linear`), where nothing that node cann
 from __future__ import annotations
 
 import math
-import sys
 from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import autocast_dtype, global_hooks, has_hooks, lora_linear, plain_tensors, transformed
+from .fused import (
+    autocast_dtype,
+    global_hooks,
+    has_hooks,
+    hf_conv1d,
+    linear_shape,
+    lora_linear,
+    plain_tensors,
+    transformed,
+)
 from .quantize import dequantized_weight, quantization, why_not_merge_quantized
 from .variants import channel_view, dora_output, dora_scale, dora_weight, row_norm, undora_weight
 
@@ -53,26 +61,6 @@ def check_alpha(alpha: object, what: str = "alpha") -> float:
             "alpha / rank, so alpha = rank or 2 * rank is the usual choice"
         )
     return alpha
-
-
-def _hf_conv1d() -> type | None:
-    # transformers' Conv1D (GPT-2's linears). Looked up only if transformers is already imported:
-    # a module can only be one if it is, and importing transformers just to check costs a second.
-    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int] | None:
-    """(in_features, out_features) of a linear-like module, or None if it is not one.
-
-    Linear-like: `nn.Linear` and its subclasses (bitsandbytes `Linear4bit` / `Linear8bitLt`
-    included) and transformers' `Conv1D`, whose weight is stored transposed as (in, out).
-    """
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    conv1d = _hf_conv1d()
-    if conv1d is not None and isinstance(module, conv1d):
-        return module.weight.shape[0], module.nf
-    return None
 
 
 class LoRALayer(nn.Module):
@@ -191,6 +179,9 @@ class LayerWithLoRA(nn.Module):
         self.base = base.requires_grad_(False)  # after the checks above: a bad setting changes nothing
         self.merged = False  # True while the update lives inside base.weight
         self.enabled = True  # False inside `disable_lora`
+        # Several named adapters (`named_adapters.py`): the one in use is `lora`, the others wait in
+        # `others`, frozen. Where the model's active adapter is one this layer lacks, it runs its base.
+        self.adapter_name, self.others, self.active = "default", nn.ModuleDict(), True
         self._merged_norm: torch.Tensor | None = None  # DoRA's ||W + delta W|| at merge time
 
     def init_dora(self) -> None:
@@ -241,8 +232,12 @@ class LayerWithLoRA(nn.Module):
 
     # ---- shared by every kind ------------------------------------------------------------------
 
+    def runs_base(self) -> bool:
+        """Whether the forward is the base's alone: merged, disabled, or without the active adapter."""
+        return self.merged or not (self.enabled and self.active)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.enabled:
+        if self.runs_base():
             return self.base(x)
         out = self.base(x)
         dropout = self.lora.dropout
@@ -284,8 +279,9 @@ class LayerWithLoRA(nn.Module):
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Put the update into the base weight (in fp32), so the forward runs the base alone."""
-        if self.merged:
+        """Put the update into the base weight (in fp32), so the forward runs the base alone. A layer
+        without the model's active adapter has none to merge."""
+        if self.merged or not self.active:
             return
         problem = self.merge_problem()
         if problem is not None:
@@ -360,7 +356,7 @@ class LinearWithLoRA(LayerWithLoRA):
         # Without autograd (inference) the branch is added into the base output in place, so no
         # second output-sized tensor is allocated. Only for nn.Linear and Conv1D: a custom autograd
         # Function (bitsandbytes' 4-bit matmul) may return a view that must not be modified.
-        self._plain_base = type(base) is nn.Linear or type(base) is _hf_conv1d()
+        self._plain_base = type(base) is nn.Linear or type(base) is hf_conv1d()
         self.init_dora()
 
     def base_weight(self) -> torch.Tensor:
@@ -398,7 +394,7 @@ class LinearWithLoRA(LayerWithLoRA):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged or not self.enabled:
+        if self.runs_base():
             return self.base(x)
         # The fused node pays off under autograd (one backward node, nothing extra saved); without
         # it, the two modules below add in place in about half the time per call on small inputs.
@@ -426,7 +422,7 @@ class LinearWithLoRA(LayerWithLoRA):
         """A plain layer holding base + update: the base itself (merged in place), or for a
         quantized base a new `nn.Linear` with the dequantized weight in `dtype` (default: the
         layer's compute dtype, else fp32)."""
-        if quantization(self.base) is None:
+        if quantization(self.base) is None or not self.active:
             return super().unloaded(dtype)
         problem = self.merge_problem(allow_quantized=True)
         if problem is not None:

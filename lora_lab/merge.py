@@ -13,8 +13,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .inject import replace_module
 from .lora import LayerWithLoRA, lora_modules
+from .named_adapters import set_adapter
+from .targets import replace_module
 
 
 def _merge_problems(model: nn.Module, allow_quantized: bool = False) -> list[str]:
@@ -26,7 +27,7 @@ def _merge_problems(model: nn.Module, allow_quantized: bool = False) -> list[str
             owners.setdefault(id(param), {}).setdefault(id(module), f"{module_name}.{key}".lstrip("."))
     problems = []
     for name, wrapper in lora_modules(model):
-        if wrapper.merged:
+        if wrapper.merged or not wrapper.active:  # nothing to merge where the active adapter is not
             continue
         holders = [owners.get(id(w), {}) for w in wrapper.merged_weights()]
         shared = [n for held in holders for n in held.values()]
@@ -52,9 +53,12 @@ def _check_mergeable(model: nn.Module, what: str, allow_quantized: bool = False)
         )
 
 
-def merge_lora(model: nn.Module) -> None:
-    """Merge every LoRA update into its base weight; the forward then costs what the base does.
-    Every wrapper is checked first: if any cannot merge, none is merged and the error names all."""
+def merge_lora(model: nn.Module, name: str | None = None) -> None:
+    """Merge every LoRA update of the active adapter (or of adapter `name`, which becomes the active
+    one) into its base weight; the forward then costs what the base does. Every wrapper is checked
+    first: if any cannot merge, none is merged and the error names all."""
+    if name is not None:
+        set_adapter(model, name)
     _check_mergeable(model, "merge")
     for _, wrapper in lora_modules(model):
         wrapper.merge()
@@ -66,13 +70,17 @@ def unmerge_lora(model: nn.Module) -> None:
         wrapper.unmerge()
 
 
-def unload_lora(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
-    """Replace every wrapper with a plain module holding the merged weights, and return the model.
+def unload_lora(model: nn.Module, dtype: torch.dtype | None = None, name: str | None = None) -> nn.Module:
+    """Replace every wrapper with a plain module holding the merged weights of the active adapter
+    (or of adapter `name`; the others are dropped, as PEFT's ``merge_and_unload(adapter_names=[name])``),
+    and return the model.
 
     A quantized base is dequantized into a new `nn.Linear` (in `dtype`, default the layer's
     compute dtype or fp32) before the merge, since merging into 4/8-bit weights would round the
     update away. Like `merge_lora`, it checks every wrapper first and changes nothing if any fails.
     """
+    if name is not None:
+        set_adapter(model, name)
     if isinstance(model, LayerWithLoRA):
         return model.unloaded(dtype)
     _check_mergeable(model, "unload", allow_quantized=True)

@@ -311,7 +311,7 @@ def _load_hf(name_or_path: str, classifies: bool, num_labels: int, max_length: i
     """A Hugging Face checkpoint (directory, hub id, packaged weights or GGUF file) with its tokenizer."""
     import transformers
 
-    from .inject import classifier_head_name, output_head_name
+    from .targets import classifier_head_name, output_head_name
 
     directory, gguf = hf_weights_location(name_or_path)
     tok = _hf_tokenizer(directory, gguf, max_length)
@@ -373,7 +373,7 @@ def _unquantized_modules(auto: type, directory: str, labels: dict) -> list[str]:
     whole (RoBERTa's holds two linears). Naming any module replaces transformers' defaults, hence both."""
     from transformers import AutoConfig
 
-    from .inject import CLASSIFIER_NAMES
+    from .targets import CLASSIFIER_NAMES
 
     keep = {*CLASSIFIER_NAMES, "lm_head"}
     try:

@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .inject import Targets, classifier_head_name, inject_lora, mark_only_lora_trainable, output_head_name
+from .inject import inject_lora, mark_only_lora_trainable
 from .lora import LoRALayer
+from .targets import Targets, classifier_head_name, output_head_name
 
 GROUPS = ("embedding", "attention", "feed-forward", "norm", "head", "LoRA", "other")
 # A linear belongs to the attention or feed-forward block it lives in: found by the classes of
@@ -246,7 +247,7 @@ def rank_report(
     (weights, gradients, AdamW; no activations) over an fp32, bf16 or NF4 base next to full
     fine-tuning. Counts are exact; fractions and MiB are rounded as `REPORT_DECIMALS` says. Build on
     the meta device to count models of any size. `use_dora`: DoRA's magnitude vectors counted too."""
-    from .inject import find_targets
+    from .targets import find_targets
 
     rows = []
     label = targets if isinstance(targets, str) else "+".join(targets) if not callable(targets) else "callable"

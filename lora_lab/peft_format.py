@@ -41,6 +41,7 @@ from .files import read_safetensors, save_safetensors, write_text
 from .inject import LoRASettings
 from .layers import ConvWithLoRA, EmbeddingWithLoRA, MultiheadAttentionWithLoRA
 from .lora import LayerWithLoRA, LinearWithLoRA
+from .named_adapters import DEFAULT_ADAPTER, adapter_names
 
 PEFT_CONFIG, PEFT_WEIGHTS, PEFT_WEIGHTS_BIN = (
     "adapter_config.json",
@@ -153,15 +154,29 @@ def export_peft_adapter(
     directory: str | os.PathLike,
     base_model_name_or_path: str | None = None,
     extra: Iterable[str] = (),
+    name: str | None = None,
 ) -> Path:
-    """Write the adapter in PEFT's format, loadable with ``PeftModel.from_pretrained(base, dir)``.
+    """Write the model's adapters in PEFT's format, laid out as PEFT's `save_pretrained` does: the
+    one named "default" in `directory`, every other in ``directory/<name>``. `name`: that adapter
+    alone. ``PeftModel.from_pretrained(base, directory)`` loads the default one, ``load_adapter(
+    directory/<name>, adapter_name=<name>)`` the others; `import_peft_adapter` reads them back.
 
     The most common rank / alpha become `r` / `lora_alpha`, the others go to `rank_pattern` /
     `alpha_pattern` under full module names; `extra` modules become PEFT's `modules_to_save`;
-    base biases trained beside LoRA set PEFT's `bias`.
+    base biases trained beside LoRA set PEFT's `bias`. Returns `directory`.
     """
-    wrappers = wrappers_by_name(model)
-    saved = {n: saved_adapter(w) for n, w in wrappers.items()}  # PiSSA / OLoRA converted, as PEFT saves them
+    directory = Path(directory)
+    for adapter in [name] if name else adapter_names(model) or [None]:
+        where = directory if adapter in (None, DEFAULT_ADAPTER) else directory / adapter
+        _export_one(model, where, base_model_name_or_path, extra, adapter)
+    return directory
+
+
+def _export_one(
+    model: nn.Module, directory: Path, base_model_name_or_path: str | None, extra: Iterable[str], name: str | None
+) -> None:
+    wrappers = wrappers_by_name(model, name)
+    saved = {n: saved_adapter(w, name) for n, w in wrappers.items()}  # PiSSA / OLoRA converted, as PEFT saves
     settings = {n: s for n, (s, _) in saved.items()}
     flags = _shared_flags(wrappers, settings)
     extra_tensors = extra_state(model, extra)
@@ -188,10 +203,8 @@ def export_peft_adapter(
         for ours, tensor in saved[name][1].items():
             peft_key, tensor = _peft_tensor(w, ours, tensor)
             tensors[f"{PEFT_PREFIX}{name}.{peft_key}"] = tensor
-    directory = Path(directory)
     save_safetensors(directory / PEFT_WEIGHTS, tensors, {"format": "pt"})
     write_text(directory / PEFT_CONFIG, json.dumps(config, indent=2) + "\n")
-    return directory
 
 
 def _peft_pattern_value(pattern: Mapping[str, float], name: str, default: float) -> float:
@@ -306,8 +319,10 @@ def _adapter_directory(directory: Path, name: str | None) -> Path:
 def import_peft_adapter(model: nn.Module, directory: str | os.PathLike, name: str | None = None) -> list[str]:
     """Load a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
     into `model`, wrapping the modules it names. A save of several PEFT adapters holds "default" at
-    the top and the others in subdirectories: `name` picks one. Returns the wrapped module names."""
-    directory = _adapter_directory(Path(directory), name)
+    the top and the others in subdirectories: `name` picks one, which joins the model under that
+    name (`named_adapters.py`); without it, the top one loads as `load_adapter` would (into the
+    adapter the model runs, or as "default"). Returns the wrapped module names."""
+    directory, adapter = _adapter_directory(Path(directory), name), name
     config_file = directory / PEFT_CONFIG
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -342,4 +357,4 @@ def import_peft_adapter(model: nn.Module, directory: str | os.PathLike, name: st
             "outputs differ from what that PEFT computed with this adapter",
             stacklevel=2,
         )
-    return apply_adapter(model, plan, parts, extra, str(directory))
+    return apply_adapter(model, plan, parts, extra, str(directory), adapter)

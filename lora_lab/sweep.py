@@ -197,8 +197,9 @@ def check_targets(points: Sequence[Point]) -> None:
     first point trains (a model whose config cannot be read here is left to its points)."""
     import warnings
 
-    from .inject import find_targets, inject_lora
+    from .inject import inject_lora
     from .models import build_model
+    from .targets import find_targets
 
     for model in dict.fromkeys(p.model for p in points):
         try:

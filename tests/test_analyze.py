@@ -5,7 +5,6 @@ import torch
 from conftest import tiny_model
 
 from lora_lab import inject_lora, mark_only_lora_trainable, save_adapter
-from lora_lab.adapters import update_factors as read_adapter
 from lora_lab.analyze import (
     recommend,
     right_singular_vectors,
@@ -16,6 +15,7 @@ from lora_lab.analyze import (
     update_spectrum,
 )
 from lora_lab.lora import lora_modules
+from lora_lab.updates import update_factors as read_adapter
 
 
 def _random_lora(A_shape, B_shape, seed):

@@ -129,9 +129,9 @@ def test_errors_name_the_problem_and_leave_the_model_alone(kwargs, message):
 def test_already_wrapped():
     model = tiny_model()
     inject_lora(model, ["W_query"])
-    with pytest.raises(ValueError, match=r"already wrapped with LoRA: \['blocks.0.att.W_query'"):
+    with pytest.raises(ValueError, match=r"already hold a LoRA adapter named 'default': \['blocks.0.att.W_query'"):
         inject_lora(model, ["W_query", "W_key"])
-    with pytest.raises(ValueError, match="already wrapped"):
+    with pytest.raises(ValueError, match="already hold a LoRA adapter"):
         inject_lora(model, "all-linear")
     # the modules inside a wrapper are never targets themselves
     assert inject_lora(model, ["W_key"]) == ["blocks.0.att.W_key", "blocks.1.att.W_key"]

@@ -612,9 +612,9 @@ def test_dora_inside_a_transformer_encoder_runs_padded_batches_in_eval():
 
 
 def test_analyze_reads_every_branch_as_its_update(tmp_path):
-    """`adapters.update_factors` gives (A, B, scaling) with scaling * B A = the layer's delta W: a grouped
+    """`updates.update_factors` gives (A, B, scaling) with scaling * B A = the layer's delta W: a grouped
     convolution's B block-diagonal, attention's out_proj as its own entry; DoRA is warned about."""
-    from lora_lab.adapters import update_factors as read_adapter
+    from lora_lab.updates import update_factors as read_adapter
 
     torch.manual_seed(0)
     model = nn.Sequential(Convs(2, groups=2), Attention())

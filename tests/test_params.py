@@ -251,8 +251,8 @@ def test_qlora_memory_is_that_of_a_really_quantized_model():
     pytest.importorskip("bitsandbytes")
     from conftest import tiny_gpt
 
-    from lora_lab.inject import find_targets
     from lora_lab.models import quantize_linears
+    from lora_lab.targets import find_targets
 
     model = tiny_gpt(emb_dim=64, n_heads=4)
     quantizable = {id(model.get_submodule(n).weight) for n in find_targets(model, "all-linear")}
