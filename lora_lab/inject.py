@@ -57,6 +57,9 @@ def place_wrappers(model: nn.Module, wrappers: Mapping[str, LayerWithLoRA]) -> l
         held = modules[name]
         if isinstance(held, LayerWithLoRA):
             add_to_wrapper(held, wrapper.adapter_name, wrapper.lora)
+            if wrapper.adapter_name == active:  # the model runs this adapter: so does the layer now
+                use_adapter(held, active)
+                held.lora.requires_grad_(True)
             continue
         parent = modules[name.rpartition(".")[0]]
         if isinstance(parent, nn.TransformerEncoderLayer):

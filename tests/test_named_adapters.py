@@ -277,3 +277,19 @@ def test_refusals_name_the_problem_and_change_nothing(tmp_path):
     inject_lora(mha, ["0"])
     with pytest.raises(ValueError, match="holds one adapter"):
         inject_lora(mha, ["0"], name="second")
+
+
+def test_the_active_adapter_added_to_a_layer_that_held_another_runs_there():
+    _, model = _two_adapters()
+    x = _x()
+    with torch.no_grad():
+        before = model(x)
+    inject_lora(model, ["fc"], rank=2, alpha=2)  # "default", the active adapter, on fc, which held "b" only
+    fc = dict(lora_modules(model))["fc"]
+    assert fc.active and fc.adapter_name == "default" and list(fc.others) == ["b"] and fc.lora.A.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, **TOL)  # B = 0: nothing changes yet
+        fc.lora.B.normal_()
+        assert (model(x) - before).abs().max() > 1e-3
+    set_adapter(model, "b")
+    assert fc.adapter_name == "b" and fc.active
