@@ -25,7 +25,15 @@ from torch import nn
 from .files import read_safetensors, save_safetensors
 from .inject import LoRASettings, build_wrappers, place_wrappers
 from .lora import LayerWithLoRA, LoRALayer, lora_modules
-from .named_adapters import DEFAULT_ADAPTER, active_adapter, adapter_layer, adapter_names, holds
+from .named_adapters import (
+    DEFAULT_ADAPTER,
+    active_adapter,
+    adapter_layer,
+    adapter_names,
+    check_adapter_name,
+    holds,
+    refuse_beside_principal,
+)
 from .targets import fold_layer_names, name_matches
 from .variants import converted
 
@@ -94,19 +102,26 @@ def lora_settings(lora: LoRALayer) -> LoRASettings:
     return LoRASettings(lora.rank, lora.alpha, p, lora.use_rslora, lora.magnitude is not None, lora.bias is not None)
 
 
-def trained_biases(model: nn.Module, saved: Iterable[str] = ()) -> dict[str, torch.Tensor]:
+def trained_biases(
+    model: nn.Module, saved: Iterable[str] = (), wrappers: Iterable[str] | None = None
+) -> dict[str, torch.Tensor]:
     """The base biases that train beside LoRA (`mark_only_lora_trainable(model, bias="lora_only"
     or "all")`, as PEFT's `bias`), under plain names (a wrapped layer's as ``<layer>.base.bias``),
     as they are without a merged LoRA bias: when every trainable parameter but LoRA's and those
-    `saved` is a bias, else none."""
+    `saved` is a bias, else none. With `wrappers` (one adapter's layers), not the biases of wrapped
+    layers outside them: those go with the other adapters, as in PEFT."""
     adapters = set(lora_state_dict(model))
     params = {k: p for k, p in model.named_parameters() if p.requires_grad and k not in adapters}
     plain = {p: k for p, k in plain_names(model, params).items() if p not in set(saved)}
     if not plain or any(p.rsplit(".", 1)[-1] != "bias" for p in plain):
         return {}
-    merged = {f"{n}.base.bias": w.lora for n, w in _lora_modules(model).items() if w.merged and w.lora.bias is not None}
+    layers = _lora_modules(model)
+    merged = {f"{n}.base.bias": w.lora for n, w in layers.items() if w.merged and w.lora.bias is not None}
+    others = {f"{n}.base.bias" for n in layers if wrappers is not None and n not in set(wrappers)}
     out = {}
     for p, k in plain.items():
+        if p in others:
+            continue
         bias = params[k].detach()
         out[p] = bias - (merged[p].bias * merged[p].scaling).to(bias.dtype) if p in merged else bias
     return out
@@ -207,7 +222,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, extra: Iterable[str]
     saved = {n: saved_adapter(w, name) for n, w in wrappers.items()}
     tensors = {f"{n}.{k}": t for n, (_, ts) in saved.items() for k, t in ts.items()}
     extras = extra_state(model, extra)
-    extras.update(trained_biases(model, extras))
+    extras.update(trained_biases(model, extras, wrappers))
     tensors.update(extras)
     warn_left_out(model, tensors, "save_adapter")
     plain = all(
@@ -301,7 +316,7 @@ def apply_adapter(
     for the copy and merged again with the new update. Nothing changes unless everything fits.
     """
     flags = [(p, p.requires_grad) for p in model.parameters()]
-    name = name or active_adapter(model) or DEFAULT_ADAPTER
+    name = _adapter_name(model, name, extra, source)
     problems, built = _check_modules(model, plan, lora, name)
     state = model.state_dict()
     keys = plain_names(model, state)
@@ -336,6 +351,21 @@ def apply_adapter(
     for w in merged:
         w.merge()
     return list(plan)
+
+
+def _adapter_name(model: nn.Module, name: str | None, extra: Mapping[str, torch.Tensor], source: str) -> str:
+    """The name to load an adapter as (default: the one the model runs, else "default"), checked."""
+    name = check_adapter_name(name or active_adapter(model) or DEFAULT_ADAPTER)
+    refuse_beside_principal(model, name)
+    others = [n for n in adapter_names(model) if n != name]
+    if extra and others:
+        raise ValueError(
+            f"adapter {source} carries whole modules ({sorted(extra)[:3]}...: a head, PEFT's modules_to_save), and "
+            f"the model holds other adapters {others}: lora_lab keeps one copy of such a module, not one per "
+            "adapter as PEFT does, so loading it would change what the others run. Load it into a model without "
+            "other adapters"
+        )
+    return name
 
 
 def _check_modules(

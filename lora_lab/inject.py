@@ -13,7 +13,16 @@ from torch import nn
 
 from .layers import update_width, wrapper_class
 from .lora import LayerWithLoRA, check_alpha, check_rank, linear_shape, lora_modules
-from .named_adapters import DEFAULT_ADAPTER, active_adapter, add_to_wrapper, check_addable, use_adapter
+from .named_adapters import (
+    DEFAULT_ADAPTER,
+    active_adapter,
+    adapter_names,
+    add_to_wrapper,
+    check_adapter_name,
+    check_addable,
+    refuse_beside_principal,
+    use_adapter,
+)
 from .quantize import quantization
 from .targets import (
     WRAPPED_KINDS,
@@ -158,6 +167,8 @@ def inject_lora(
     check_alpha(alpha)
     if init not in INITS:
         raise ValueError(f"unknown init {init!r}: use one of {', '.join(INITS)}")
+    check_adapter_name(name)
+    refuse_beside_principal(model, name)
     rank_pattern, alpha_pattern = dict(rank_pattern or {}), dict(alpha_pattern or {})
     for key, value in rank_pattern.items():
         check_rank(value, f"rank_pattern[{key!r}]")
@@ -175,7 +186,7 @@ def inject_lora(
         if _pattern_value(rank_pattern, n, rank) > width:
             too_wide[n] = width
     if init in ("pissa", "olora"):
-        _check_principal_init(model, names, init, too_wide)
+        _check_principal_init(model, names, init, too_wide, [n for n in adapter_names(model) if n != name])
     if too_wide:
         shown = fold_layer_names(too_wide)
         warnings.warn(
@@ -224,8 +235,9 @@ def _warn_tied_twins(model: nn.Module, names: list[str]) -> None:
         )
 
 
-def _check_principal_init(model: nn.Module, names: list[str], init: str, too_wide) -> None:
-    """PiSSA / OLoRA rewrite a float linear's own weight and need rank <= min(in, out): refuse the rest first."""
+def _check_principal_init(model: nn.Module, names: list[str], init: str, too_wide, others: list[str]) -> None:
+    """PiSSA / OLoRA rewrite a float linear's own weight (which no other adapter may run over) and need
+    rank <= min(in, out): refuse the rest first."""
     modules = dict(model.named_modules())
     owners = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
     held = [n for n in names if isinstance(modules[n], LayerWithLoRA)]
@@ -235,6 +247,7 @@ def _check_principal_init(model: nn.Module, names: list[str], init: str, too_wid
     bad += [f"{n} (weight shared, tied)" for n in names if owners[id(getattr(modules[n], "weight", None))] > 1]
     problems = [f"{init} starts linears with float weights (as PEFT), not {bad}"] if bad else []
     problems += [f"the rank is above the width of {sorted(too_wide)}"] if too_wide else []
+    problems += [f"the model holds other adapters {others}, which would run over the residual base"] if others else []
     if problems:
         raise ValueError(f"init={init!r}: " + "; ".join(problems))
 

@@ -14,38 +14,53 @@ import torch
 from torch import nn
 
 from .lora import LayerWithLoRA, lora_modules
-from .named_adapters import set_adapter
+from .named_adapters import adapter_names, check_adapter_name, holds, looking_at, set_adapter
 from .targets import replace_module
 
 
-def _merge_problems(model: nn.Module, allow_quantized: bool = False) -> list[str]:
-    """Why each wrapper that is not merged yet cannot be: a weight shared with another module
-    (tied head and embedding: merging would change both), a quantized base, a non-finite update."""
+def _merge_problems(model: nn.Module, allow_quantized: bool = False, name: str | None = None) -> list[str]:
+    """Why each wrapper that is not merged yet cannot merge its active adapter (or adapter `name`): a
+    weight shared with another module (tied head and embedding: merging would change both), a
+    quantized base, a non-finite update."""
     owners: dict[int, dict[int, str]] = {}  # a parameter -> the modules holding it (one module under two names: once)
     for module_name, module in model.named_modules(remove_duplicate=False):
         for key, param in module.named_parameters(recurse=False):
             owners.setdefault(id(param), {}).setdefault(id(module), f"{module_name}.{key}".lstrip("."))
     problems = []
-    for name, wrapper in lora_modules(model):
-        if wrapper.merged or not wrapper.active:  # nothing to merge where the active adapter is not
+    for layer, wrapper in lora_modules(model):
+        adapter = name or wrapper.adapter_name
+        if not (holds(wrapper, adapter) and (name or wrapper.active)):  # nothing to merge here
             continue
-        holders = [owners.get(id(w), {}) for w in wrapper.merged_weights()]
-        shared = [n for held in holders for n in held.values()]
-        if any(len(held) > 1 for held in holders):
-            problems.append(
-                f"{name}: its weight is shared with {shared} (tied weights), so merging would change "
-                "those too. Untie it first (give it its own copy with nn.Parameter(w.detach().clone())) "
-                "or keep the adapter unmerged"
-            )
-        problem = wrapper.merge_problem(allow_quantized)
-        if problem is not None:
-            problems.append(f"{name}: {problem}")
+        if wrapper.merged and wrapper.adapter_name == adapter:
+            continue
+        with looking_at(wrapper, adapter):
+            problems += _wrapper_problems(layer, wrapper, owners, allow_quantized)
     return problems
 
 
-def _check_mergeable(model: nn.Module, what: str, allow_quantized: bool = False) -> None:
+def _wrapper_problems(name: str, wrapper: LayerWithLoRA, owners: dict, allow_quantized: bool) -> list[str]:
+    problems = []
+    holders = [owners.get(id(w), {}) for w in wrapper.merged_weights()]
+    shared = [n for held in holders for n in held.values()]
+    if any(len(held) > 1 for held in holders):
+        problems.append(
+            f"{name}: its weight is shared with {shared} (tied weights), so merging would change "
+            "those too. Untie it first (give it its own copy with nn.Parameter(w.detach().clone())) "
+            "or keep the adapter unmerged"
+        )
+    problem = wrapper.merge_problem(allow_quantized)
+    if problem is not None:
+        problems.append(f"{name}: {problem}")
+    return problems
+
+
+def _check_mergeable(model: nn.Module, what: str, allow_quantized: bool = False, name: str | None = None) -> None:
     """Raise one error naming every wrapper that cannot merge, before anything is changed."""
-    problems = _merge_problems(model, allow_quantized)
+    if name is not None:
+        check_adapter_name(name)
+        if name not in adapter_names(model):
+            raise ValueError(f"the model holds no adapter named {name!r}; it holds {adapter_names(model) or 'none'}")
+    problems = _merge_problems(model, allow_quantized, name)
     if problems:
         raise ValueError(
             f"cannot {what}: {len(problems)} LoRA layer(s) cannot merge, so nothing was changed:\n  - "
@@ -57,9 +72,9 @@ def merge_lora(model: nn.Module, name: str | None = None) -> None:
     """Merge every LoRA update of the active adapter (or of adapter `name`, which becomes the active
     one) into its base weight; the forward then costs what the base does. Every wrapper is checked
     first: if any cannot merge, none is merged and the error names all."""
+    _check_mergeable(model, "merge", name=name)
     if name is not None:
         set_adapter(model, name)
-    _check_mergeable(model, "merge")
     for _, wrapper in lora_modules(model):
         wrapper.merge()
 
@@ -79,11 +94,11 @@ def unload_lora(model: nn.Module, dtype: torch.dtype | None = None, name: str | 
     compute dtype or fp32) before the merge, since merging into 4/8-bit weights would round the
     update away. Like `merge_lora`, it checks every wrapper first and changes nothing if any fails.
     """
+    _check_mergeable(model, "unload", allow_quantized=True, name=name)
     if name is not None:
         set_adapter(model, name)
     if isinstance(model, LayerWithLoRA):
         return model.unloaded(dtype)
-    _check_mergeable(model, "unload", allow_quantized=True)
     for _, wrapper in list(lora_modules(model)):
         replace_module(model, wrapper, wrapper.unloaded(dtype))
     return model

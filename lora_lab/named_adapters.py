@@ -10,12 +10,19 @@ by name), frozen, and switching swaps them. So the forward, the fused node, DoRA
 reads `wrapper.lora` see one adapter as before, and a model with one adapter keeps the state dict it
 always had. A layer that lacks the active adapter (adapters may target different layers) runs its
 base, as in PEFT. One adapter runs at a time: to run two together, combine them (weights 1 and 1 give
-their exact sum). An nn.MultiheadAttention wrapper holds one adapter (two branches already).
+their exact sum). An nn.MultiheadAttention wrapper holds one adapter (two branches already). The
+model's state dict follows the switch (``<layer>.lora.A`` is the running adapter's): save and load
+adapters by name with `save_adapter` / `load_adapter`.
+
+Refused rather than run wrong: adapters beside one started by PiSSA / OLoRA (its layers' bases hold a
+residual the others would run over), and loading an adapter's whole modules (a head) into a model
+with other adapters (lora_lab keeps one copy of such a module, PEFT one per adapter).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -27,9 +34,39 @@ from .targets import replace_module
 DEFAULT_ADAPTER = "default"  # the name an adapter gets when none is given, as in PEFT
 
 
+def check_adapter_name(name: object) -> str:
+    """Return `name` if it can name an adapter (a key of the wrappers' `others`), else raise."""
+    if not isinstance(name, str) or not name or "." in name or hasattr(nn.ModuleDict(), name):
+        raise ValueError(
+            f"adapter name {name!r}: use a non-empty string without '.' that is not an attribute of "
+            "nn.ModuleDict ('train', 'to', 'keys'...), e.g. 'sql' or 'v2'"
+        )
+    return name
+
+
+def refuse_beside_principal(model: nn.Module, name: str) -> None:
+    """Raise if `model` holds an adapter started by PiSSA / OLoRA other than `name`: that layer's base
+    holds the residual W - scaling B0 A0, which every other adapter would run over (PEFT runs it so)."""
+    started = sorted({n for _, w in lora_modules(model) for n in _names(w) if _principal(adapter_layer(w, n))})
+    if started and started != [name]:
+        raise ValueError(
+            f"the model holds adapter(s) {started} started by PiSSA / OLoRA, whose layers' bases hold the residual "
+            f"W - scaling B0 A0 that adapter {name!r} would run over instead of W. Save them (the file is converted "
+            "to the original base), load them into a fresh model, and add adapters there"
+        )
+
+
+def _names(wrapper: LayerWithLoRA) -> list[str]:
+    return [wrapper.adapter_name, *wrapper.others]
+
+
+def _principal(lora: LoRALayer) -> bool:
+    return getattr(lora, "A0", None) is not None
+
+
 def adapter_names(model: nn.Module) -> list[str]:
     """The names of the adapters `model` holds, sorted (PEFT's order for choosing the next one)."""
-    return sorted({n for _, w in lora_modules(model) for n in (w.adapter_name, *w.others)})
+    return sorted({n for _, w in lora_modules(model) for n in _names(w)})
 
 
 def active_adapter(model: nn.Module) -> str | None:
@@ -42,6 +79,17 @@ def active_adapter(model: nn.Module) -> str | None:
 
 def holds(wrapper: LayerWithLoRA, name: str) -> bool:
     return name == wrapper.adapter_name or name in wrapper.others
+
+
+@contextmanager
+def looking_at(wrapper: LayerWithLoRA, name: str) -> Iterator[LayerWithLoRA]:
+    """`wrapper` with adapter `name` in `lora` for the while, nothing else changed: to check it."""
+    held = wrapper._modules["lora"]
+    wrapper._modules["lora"] = adapter_layer(wrapper, name)
+    try:
+        yield wrapper
+    finally:
+        wrapper._modules["lora"] = held
 
 
 def adapter_layer(wrapper: LayerWithLoRA, name: str | None = None) -> LoRALayer:
@@ -66,7 +114,7 @@ def check_addable(wrapper: LayerWithLoRA, name: str) -> None:
         raise ValueError("is merged: call unmerge_lora(model) before adding an adapter beside the merged one")
     if isinstance(wrapper, MultiheadAttentionWithLoRA):
         raise ValueError("an nn.MultiheadAttention wrapper holds one adapter; leave this layer out of the second one")
-    if any(getattr(held, "A0", None) is not None for held in (wrapper.lora, *wrapper.others.values())):
+    if any(_principal(held) for held in (wrapper.lora, *wrapper.others.values())):
         raise ValueError(
             "was started by PiSSA / OLoRA: its base holds the residual W - scaling B0 A0, which another adapter "
             "would adapt instead of W. Add adapters to layers started with the plain init"
@@ -95,7 +143,9 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter `name` from every layer (a layer left without any becomes its base again). If it
-    was the active one, the first remaining name in sorted order becomes active, as in PEFT."""
+    was the active one, the first remaining name in sorted order becomes active on every layer (PEFT
+    picks it per layer, so where layers hold different adapters its layers can end up running different
+    ones)."""
     names = adapter_names(model)
     if name not in names:
         raise ValueError(f"the model holds no adapter named {name!r}; it holds {names or 'none'}")
@@ -125,7 +175,9 @@ def add_weighted_adapter(
     """Add adapter `name` = sum_i weights[i] * (update of adapters[i]), exactly, as PEFT's
     ``add_weighted_adapter(..., combination_type="cat")``: on each layer, A is the stacked
     ``weight_i * scaling_i * A_i`` and B the side-by-side B_i, so its rank is the sum of the ranks there
-    and its scaling 1 (alpha = rank). It is added waiting; `set_adapter(model, name)` runs it.
+    and its scaling 1 (alpha = rank). It is added waiting; `set_adapter(model, name)` runs it. (PEFT
+    keeps the first adapter's rsLoRA flag for the combination, so where that one is rsLoRA its scaling
+    is sqrt(rank), not 1: lora_lab keeps the exact sum there and PEFT does not.)
 
     Refused, by layer: DoRA (the magnitudes do not add) and lora_bias adapters, grouped convolutions
     (the rank slices would mix groups), nn.MultiheadAttention (one adapter a layer) and PiSSA / OLoRA
@@ -143,6 +195,8 @@ def add_weighted_adapter(
         raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights: give one weight per adapter")
     if name in names:
         raise ValueError(f"the model already holds an adapter named {name!r}: choose a new name")
+    check_adapter_name(name)
+    refuse_beside_principal(model, name)
     plan, problems = {}, []
     for layer, wrapper in lora_modules(model):
         present = [
@@ -167,7 +221,7 @@ def add_weighted_adapter(
             )
             combined.A.copy_(a)
             combined.B.copy_(b)
-            wrapper.others[name] = combined.requires_grad_(False)
+            wrapper.others[name] = combined.train(wrapper.training).requires_grad_(False)
 
 
 def _combine_problem(wrapper: LayerWithLoRA, loras: list[LoRALayer]) -> str | None:
@@ -180,6 +234,6 @@ def _combine_problem(wrapper: LayerWithLoRA, loras: list[LoRALayer]) -> str | No
             return "an adapter with lora_bias"
         if lora.groups > 1:
             return "a grouped convolution"
-        if getattr(lora, "A0", None) is not None:
+        if _principal(lora):
             return "started by PiSSA / OLoRA over a residual base"
     return None

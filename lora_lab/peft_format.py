@@ -180,7 +180,7 @@ def _export_one(
     settings = {n: s for n, (s, _) in saved.items()}
     flags = _shared_flags(wrappers, settings)
     extra_tensors = extra_state(model, extra)
-    biases = trained_biases(model, extra_tensors)
+    biases = trained_biases(model, extra_tensors, wrappers)
     warn_left_out(model, {**extra_tensors, **biases}, "export_peft_adapter")
     peft_biases = {k: _peft_bias_key(k, wrappers) for k in biases}
     config = {
@@ -301,9 +301,11 @@ def _split_peft_tensors(
 
 def _adapter_directory(directory: Path, name: str | None) -> Path:
     """The directory of adapter `name` in a PEFT save: PEFT writes its "default" adapter at the top
-    and every other one in a subdirectory of its name."""
+    and every other one in a subdirectory of its name; a directory of one adapter is that adapter."""
     names = sorted(p.parent.name for p in directory.glob(f"*/{PEFT_CONFIG}"))
     if name not in (None, "default"):
+        if not names and (directory / PEFT_CONFIG).is_file():
+            return directory  # one adapter (PEFT's load_adapter(path, adapter_name=name) reads it so)
         if name not in names:
             raise FileNotFoundError(f"{directory} holds no adapter {name!r}; it holds {names or 'none by name'}")
         return directory / name
@@ -320,8 +322,9 @@ def import_peft_adapter(model: nn.Module, directory: str | os.PathLike, name: st
     """Load a PEFT LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``)
     into `model`, wrapping the modules it names. A save of several PEFT adapters holds "default" at
     the top and the others in subdirectories: `name` picks one, which joins the model under that
-    name (`named_adapters.py`); without it, the top one loads as `load_adapter` would (into the
-    adapter the model runs, or as "default"). Returns the wrapped module names."""
+    name (`named_adapters.py`); a directory of one adapter loads under `name` as it is. Without a
+    name, the top one loads as `load_adapter` would (into the adapter the model runs, or as
+    "default"). Returns the wrapped module names."""
     directory, adapter = _adapter_directory(Path(directory), name), name
     config_file = directory / PEFT_CONFIG
     try:

@@ -293,3 +293,82 @@ def test_the_active_adapter_added_to_a_layer_that_held_another_runs_there():
         assert (model(x) - before).abs().max() > 1e-3
     set_adapter(model, "b")
     assert fc.adapter_name == "b" and fc.active
+
+
+def test_switches_and_merges_that_cannot_be_done_change_nothing(tmp_path):
+    _, model = _two_adapters()
+    for bad in ("v1.0", "train", "", "to"):
+        with pytest.raises(ValueError, match="adapter name"):
+            inject_lora(model, ["q", "fc"], name=bad)
+    assert adapter_names(model) == ["b", "default"] and isinstance(model.fc.base, nn.Linear)
+    mark_only_lora_trainable(model)
+    merge_lora(model)
+    with torch.no_grad():
+        dict(lora_modules(model))["fc"].lora.B[0, 0] = float("nan")  # "b" diverged on fc
+    with torch.no_grad():
+        before = model(_x())
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for call in (lambda: merge_lora(model, "b"), lambda: unload_lora(model, name="b")):
+        with pytest.raises(ValueError, match="fc: the LoRA update B @ A has NaN"):
+            call()
+        assert active_adapter(model) == "default" and all(w.merged for _, w in lora_modules(model) if w.active)
+        assert flags == {n: p.requires_grad for n, p in model.named_parameters()}
+        with torch.no_grad():
+            assert torch.equal(model(_x()), before)
+
+
+def test_a_combination_follows_the_model_mode():
+    _, model = _two_adapters()
+    for _, wrapper in lora_modules(model):
+        for name in wrapper_names(wrapper):
+            adapter_layer(wrapper, name).dropout = nn.Dropout(0.3)
+    model.eval()
+    add_weighted_adapter(model, ["default", "b"], [1, 1], "mix")
+    set_adapter(model, "mix")
+    assert all(not w.lora.training for _, w in lora_modules(model) if w.active)
+    with torch.no_grad():
+        assert torch.equal(model(_x()), model(_x()))
+
+
+def test_each_adapter_saves_only_its_own_layers_biases_and_heads_are_not_shared(tmp_path):
+    torch.manual_seed(0)
+    base = Mixed().eval()
+    model = copy.deepcopy(base)
+    inject_lora(model, ["q"], name="a")
+    inject_lora(model, ["v"], name="b")
+    set_adapter(model, "b")
+    mark_only_lora_trainable(model, bias="lora_only")
+    with torch.no_grad():
+        model.v.base.bias.add_(1.0)
+        model.v.lora.B.normal_()
+        out = model(_x())
+    save_adapter(model, tmp_path / "b.safetensors")
+    export_peft_adapter(model, tmp_path / "peft", name="b")
+    fresh = copy.deepcopy(base)
+    load_adapter(fresh, tmp_path / "b.safetensors")  # v's trained bias, not q's
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(_x()), out, **TOL)
+    twin = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "peft" / "b", adapter_name="b").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(twin(_x()), out, **TOL)
+    fresh = copy.deepcopy(base)
+    import_peft_adapter(fresh, tmp_path / "peft" / "b", name="b")  # a directory of one adapter, by name
+    assert adapter_names(fresh) == ["b"]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(_x()), out, **TOL)
+    # a head saved with an adapter would overwrite the one the model's other adapters run with
+    save_adapter(model, tmp_path / "head.safetensors", extra=["fc"])
+    with pytest.raises(ValueError, match="one copy of such a module"):
+        load_adapter(model, tmp_path / "head.safetensors", name="c")
+
+
+def test_no_adapter_runs_over_a_pissa_residual():
+    torch.manual_seed(0)
+    model = Mixed()
+    inject_lora(model, ["q"], rank=2, init="pissa")
+    with pytest.raises(ValueError, match="started by PiSSA / OLoRA"):
+        inject_lora(model, ["v"], name="b")
+    other = Mixed()
+    inject_lora(other, ["q"], rank=2)
+    with pytest.raises(ValueError, match="holds other adapters \\['default'\\]"):
+        inject_lora(other, ["v"], rank=2, name="p", init="olora")
