@@ -299,7 +299,20 @@ def peak_memory_mib(device: torch.device) -> float:
         status = Path("/proc/self/status").read_text()
         return int(status.split("VmHWM:")[1].split()[0]) / 2**10  # KiB
     except (OSError, IndexError, ValueError):
-        import resource  # POSIX only: imported where it is used, so the package imports everywhere
+        return _peak_without_proc()
 
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
+
+def _peak_without_proc() -> float:
+    """The process's peak resident set where /proc is not: `resource` on POSIX, psutil's peak working
+    set on Windows (NaN, unknown, without psutil)."""
+    try:
+        import resource  # POSIX only: imported where it is used, so the package imports everywhere
+    except ImportError:
+        try:
+            import psutil
+        except ImportError:
+            return float("nan")
+        info = psutil.Process().memory_info()
+        return getattr(info, "peak_wset", info.rss) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import fcntl
 import itertools
 import json
 import math
@@ -34,6 +33,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from filelock import FileLock
 
 from .files import write_csv, write_text
 from .report import write_summary
@@ -224,15 +225,12 @@ def check_targets(points: Sequence[Point]) -> None:
 
 @contextmanager
 def locked(out: Path) -> Iterator[None]:
-    """Hold the sweep's lock file: one process at a time reads and rewrites sweep.csv. (POSIX
-    advisory locks; on a cluster, put DIR on a file system that supports them, as NFSv4 does.)"""
+    """Hold the sweep's lock file: one process at a time reads and rewrites sweep.csv. (`filelock`:
+    advisory locks on POSIX, where a cluster needs DIR on a file system that supports them, as NFSv4
+    does; Windows locks elsewhere.)"""
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / LOCK, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    with FileLock(out / LOCK):
+        yield
 
 
 def read_rows(out: str | Path) -> list[dict[str, str]]:

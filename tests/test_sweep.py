@@ -406,3 +406,52 @@ def test_a_csv_from_before_the_variant_columns_reads_as_plain_lora(tmp_path):
     assert row_key(row) == Point("m", 4, 8.0, "standard", "all-linear", 1).key()
     digest = hashlib.sha1("\0".join(["m", "4", "8", "standard", "all-linear", "1"]).encode()).hexdigest()[:8]
     assert Point("m", 4, 8.0, "standard", "all-linear", 1).run_name() == f"m/r4-a8-standard-all-linear-s1-{digest}"
+
+
+NO_POSIX = """
+import sys
+
+import psutil  # before the block: on Linux psutil itself uses resource, on Windows it does not
+
+sys.modules["fcntl"] = None  # as on Windows: importing them fails
+sys.modules["resource"] = None
+import multiprocessing
+from pathlib import Path
+
+import lora_lab  # the whole package imports
+from lora_lab.params import _peak_without_proc
+from lora_lab.sweep import COLUMNS, KEY_COLUMNS, append_row, locked, read_rows
+
+
+def write(out, first):
+    sys.modules["fcntl"] = None
+    sys.modules["resource"] = None
+    for i in range(first, first + 15):
+        with locked(Path(out)):
+            append_row(Path(out), {k: str(i) for k in KEY_COLUMNS})
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    context = multiprocessing.get_context("spawn")
+    writers = [context.Process(target=write, args=(out, first)) for first in (0, 100)]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    rows = read_rows(out)
+    print(len(rows), len({r["model"] for r in rows}), _peak_without_proc() > 10, lora_lab.__version__)
+"""
+
+
+def test_the_package_and_a_sweep_with_two_writers_run_without_fcntl_and_resource(tmp_path):
+    """Windows has neither module: the package imports, two processes append to one sweep.csv without
+    losing a row (filelock), and peak memory is read another way (psutil)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "no_posix.py"
+    script.write_text(NO_POSIX)
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "sweep")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[:3] == ["30", "30", "True"], done.stdout
