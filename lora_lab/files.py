@@ -27,9 +27,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # as open() would make it (mkstemp makes it private, 0600)
     try:
         yield tmp
+        # as open() would make it: mkstemp (and safetensors, which writes a file of its own) make it 0600
+        os.chmod(tmp, 0o666 & ~umask)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -194,6 +194,9 @@ def test_save_overwrites_atomically(tmp_path):
         load_file(path)["blocks.0.att.W_query.lora.B"], model.blocks[0].att.W_query.lora.B.detach()
     )
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+    # the same permissions as every other file written (safetensors alone makes its own 0600)
+    (tmp_path / "plain.txt").write_text("x")
+    assert path.stat().st_mode & 0o777 == (tmp_path / "plain.txt").stat().st_mode & 0o777
 
 
 def test_load_errors(tmp_path):
