@@ -6,6 +6,7 @@ transformers' BitsAndBytesConfig (`bnb_config`); our GPTModel and GGUF files thr
 from __future__ import annotations
 
 import copy
+import logging
 
 import torch
 from torch import nn
@@ -15,12 +16,19 @@ QUANTIZED_WEIGHTS = {"Params4bit": "4-bit", "Int8Params": "8-bit"}  # bitsandbyt
 
 
 def _bitsandbytes():
+    # bitsandbytes warns on import that the optional `kernels` package (a faster CPU 4-bit matmul) is
+    # missing: harmless, and not the user's to act on, so that one logger is quiet while it imports.
+    notice = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    level = notice.level
+    notice.setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError as err:
         raise ImportError(
             "--quantize needs bitsandbytes: pip install bitsandbytes (or pip install -e '.[quant]')"
         ) from err
+    finally:
+        notice.setLevel(level)
     return bitsandbytes
 
 

@@ -162,3 +162,21 @@ def test_unknown_quantization_is_refused():
         load_pretrained("gpt2-124m", "causal-lm", quantize="fp4")
     with pytest.raises(ValueError, match="unknown quantization"):
         quantize_linears(torch.nn.Linear(2, 2), "int4")
+
+
+def test_importing_bitsandbytes_through_lora_lab_leaves_out_its_kernels_notice():
+    """bitsandbytes logs that the optional `kernels` package is missing when it is imported (on CPUs with
+    AVX512-BF16); lora_lab's import of it does not pass that on."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("bitsandbytes")
+    notice = "Failed to load CPU gemm_4bit_forward"
+    plain = subprocess.run([sys.executable, "-c", "import bitsandbytes"], capture_output=True, text=True)
+    if notice not in plain.stderr + plain.stdout:
+        pytest.skip("this CPU's bitsandbytes prints no notice to leave out")
+    calls = ["_bitsandbytes()", "bnb_config('nf4', [], torch.float32)"]
+    for call in calls:
+        code = f"import torch; from lora_lab.quantize import _bitsandbytes, bnb_config; {call}"
+        ours = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+        assert ours.returncode == 0 and notice not in ours.stderr + ours.stdout, ours.stderr[-1000:]
