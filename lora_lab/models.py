@@ -334,7 +334,9 @@ def _load_hf(name_or_path: str, classifies: bool, num_labels: int, max_length: i
         model.to(device)
     if quantize:
         keep_training_layout(model)
-    return Pretrained(model, tok, "hf", head, directory + (f"/{gguf}" if gguf else ""))
+    # The source as a PEFT config names its base: a registered model's hub id, else the user's own words
+    source = HUB_REPOS.get(ALIASES.get(name_or_path, name_or_path), name_or_path)
+    return Pretrained(model, tok, "hf", head, source)
 
 
 def _warn_missing(directory: str, missing_keys: list[str], head: str | None) -> None:

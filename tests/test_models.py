@@ -180,3 +180,12 @@ def test_importing_bitsandbytes_through_lora_lab_leaves_out_its_kernels_notice()
         code = f"import torch; from lora_lab.quantize import _bitsandbytes, bnb_config; {call}"
         ours = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         assert ours.returncode == 0 and notice not in ours.stderr + ours.stdout, ours.stderr[-1000:]
+
+
+def test_a_loaded_model_names_its_source_as_given(tiny_bert_dir):
+    """What a run's PEFT export writes as base_model_name_or_path: a local directory as the user gave it
+    (a registered name becomes its hub id, tested with the packaged MiniLM in test_run)."""
+    from lora_lab.models import load_pretrained
+
+    given = str(tiny_bert_dir) + "/"
+    assert load_pretrained(given, "classification").source == given
