@@ -230,8 +230,8 @@ def training_memory(model: nn.Module, setting: str, quantizable: set[int] = froz
     return total
 
 
-# Decimals that rank_report rounds its floats to: the fraction to 8 (a percentage to 6), MiB to 1.
-REPORT_DECIMALS = {"trainable_fraction": 8, **{f"{s}_mib": 1 for s in MEMORY_SETTINGS}}
+# Decimals that rank_report rounds its floats to: the trainable percentage to 6, MiB to 1.
+REPORT_DECIMALS = {"trainable_percent": 6, **{f"{s}_mib": 1 for s in MEMORY_SETTINGS}}
 
 
 def rank_report(
@@ -245,7 +245,7 @@ def rank_report(
     `build()`, everything else frozen but a classification head (`classifier`, `score`, ...), which
     trains whole as PEFT's modules_to_save do: what that leaves to train, and the training memory
     (weights, gradients, AdamW; no activations) over an fp32, bf16 or NF4 base next to full
-    fine-tuning. Counts are exact; fractions and MiB are rounded as `REPORT_DECIMALS` says. Build on
+    fine-tuning. Counts are exact; percentages and MiB are rounded as `REPORT_DECIMALS` says. Build on
     the meta device to count models of any size. `use_dora`: DoRA's magnitude vectors counted too."""
     from .targets import find_targets
 
@@ -267,7 +267,7 @@ def rank_report(
             lora_modules=len(names),
             total_params=count.total,
             trainable_params=count.trainable,
-            trainable_fraction=count.fraction,
+            trainable_percent=100 * count.fraction,  # as PEFT prints it
         )
         for setting in MEMORY_SETTINGS:
             row[f"{setting}_mib"] = training_memory(model, setting, quantizable) / 2**20

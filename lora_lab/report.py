@@ -27,9 +27,10 @@ SUMMARY, PLOT = "summary.md", "sweep.png"
 
 
 def markdown_table(rows: list[dict[str, object]], decimals: Mapping[str, int] | None = None) -> str:
-    """Rows of equal keys as a GitHub markdown table; ints get thousands separators, float
-    columns the `decimals` given for them, else one count for the whole column: four significant
-    digits of its largest value, at least one decimal and at most four (13.80 beside 8.47)."""
+    """Rows of equal keys as a GitHub markdown table, text columns left-aligned and numbers right;
+    ints get thousands separators, float columns the `decimals` given for them, else one count for
+    the whole column: four significant digits of its largest value, at least one decimal and at
+    most four (13.80 beside 8.47)."""
     if not rows:
         return ""
     decimals = dict(decimals or {})
@@ -49,7 +50,9 @@ def markdown_table(rows: list[dict[str, object]], decimals: Mapping[str, int] | 
             return "-"
         return f"{v:,.{decimals.get(k, 4)}f}"
 
-    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join("---:" for _ in keys) + "|"]
+    # numbers right-aligned, text (names, intervals, flags) left-aligned
+    text = {k for k in keys if all(isinstance(r[k], (str, bool)) or r[k] is None for r in rows)}
+    lines = ["| " + " | ".join(keys) + " |", "|" + "|".join(":---" if k in text else "---:" for k in keys) + "|"]
     lines += ["| " + " | ".join(cell(k, r[k]) for k in keys) + " |" for r in rows]
     return "\n".join(lines)
 

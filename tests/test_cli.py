@@ -82,7 +82,9 @@ def test_report_lists_in_either_form_and_rounded_csv(capsys):
     assert [int(r["rank"]) for r in rows] == [8, 16, 4]  # each rank once, in the order given
     for row in rows:
         assert int(row["trainable_params"]) == 12 * 2 * int(row["rank"]) * (768 + 768)
-        for key, decimals in (("trainable_fraction", 8), ("lora_fp32_mib", 1), ("qlora_nf4_mib", 1)):
+        percent = 100 * int(row["trainable_params"]) / int(row["total_params"])  # a percentage, as PEFT prints
+        assert float(row["trainable_percent"]) == pytest.approx(percent, abs=1e-6)
+        for key, decimals in (("trainable_percent", 6), ("lora_fp32_mib", 1), ("qlora_nf4_mib", 1)):
             assert len(row[key].split(".")[-1]) <= decimals, (key, row[key])
     assert main(["report", "--ranks", "8", "--targets", "W_query", "W_value"]) == 0
     assert "LoRA on 24 modules" in capsys.readouterr().out
@@ -156,7 +158,7 @@ def test_report_of_several_models_and_target_sets_writes_csv_table_and_plot(tmp_
     rows = list(csv.DictReader(io.StringIO((out / "param_report.csv").read_text())))
     assert [(r["model"], r["rank"]) for r in rows] == [("gpt2-124m", "8"), ("gpt2-124m", "64"),
                                                        ("openllama-3b", "8"), ("openllama-3b", "64")]  # fmt: skip
-    assert {"model", "rank", "targets", "total_params", "trainable_params", "trainable_fraction"} <= set(rows[0])
+    assert {"model", "rank", "targets", "total_params", "trainable_params", "trainable_percent"} <= set(rows[0])
     assert int(rows[2]["trainable_params"]) == 12_712_960
     for r in rows:  # QLoRA < LoRA over bf16 < over fp32, and all below full fine-tuning
         mib = {k: float(v) for k, v in r.items() if k.endswith("_mib")}

@@ -138,6 +138,9 @@ def test_markdown_table():
     # four significant digits, and a figure that cannot be had shows as "-"
     rows = [{"seconds": 13.8, "loss": 12.3456, "se": float("nan")}, {"seconds": 8.47, "loss": 1.0, "se": 0.5}]
     assert markdown_table(rows).splitlines()[2:] == ["| 13.80 | 12.35 | - |", "| 8.47 | 1.00 | 0.5000 |"]
+    # text columns (names, intervals) left-aligned, numbers right-aligned
+    rows = [{"series": "lora", "rank": 1, "interval": "95.7 to 100.0"}, {"series": "dora", "rank": 4, "interval": ""}]
+    assert markdown_table(rows).splitlines()[1] == "|:---|---:|:---|"
 
 
 # The test's own account of each architecture: where its head lives and what may stay in "other".
