@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         "analyze",
         help="what a sweep's adapters learned: spectra of dW = B A, subspace similarity between ranks, a rank",
         description="For every adapter a sweep saved: the singular values of dW = scaling * B A with its effective "
-        "rank (exp of the entropy of the normalised singular values), stable rank and the rank holding 90%% of the "
+        "rank (exp of the entropy of the normalised singular values), stable rank and the rank holding 90% of the "
         "energy; the subspace similarity phi(i, j) between ranks (LoRA paper, section 7) over A and over dW; and a "
         "recommended rank: the smallest within the noise of the best validation metric whose top direction the "
         "larger ranks share. Writes DIR/analysis.md, analysis_*.csv and heatmaps.",

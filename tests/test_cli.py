@@ -74,6 +74,10 @@ def test_help_is_for_users(capsys):
         main(["report", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert "(default: 1,2,4,8,16,32,64)" in text and "instant" not in text
+    for command in ("train", "sweep", "analyze", "report", "classify", "generate"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert "%%" not in capsys.readouterr().out, command  # a description is not %-formatted as help is
 
 
 def test_report_lists_in_either_form_and_rounded_csv(capsys):
