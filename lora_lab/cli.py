@@ -12,7 +12,7 @@ from pathlib import Path
 from .models import MODELS, build_model, model_spec
 from .params import REPORT_DECIMALS, rank_report
 from .report import markdown_table
-from .targets import classifier_head_name
+from .targets import classifier_head_name, did_you_mean
 from .variants import INITS
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -102,7 +102,8 @@ def _train_config(args: argparse.Namespace, **point: object):
     from .data import DATASETS
 
     if not (args.dataset in DATASETS or args.dataset.startswith("csv:")):
-        raise ValueError(f"unknown dataset {args.dataset!r}: use one of {', '.join(DATASETS)}")
+        close = did_you_mean(args.dataset, DATASETS)
+        raise ValueError(f"unknown dataset {args.dataset!r}{close}: use one of {', '.join(DATASETS)}")
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if hasattr(args, f.name)}
     # files by their absolute path: the same command from another folder names other files
     if args.dataset.startswith("csv:"):
@@ -130,7 +131,7 @@ def _train(args: argparse.Namespace) -> int:
         args,
         model=args.model,
         rank=args.rank,
-        alpha=args.alpha if args.alpha is not None else 2.0 * args.rank,
+        alpha=args.alpha if args.alpha is not None else 2.0 * max(args.rank, 1),  # a bad --rank is named alone
         use_rslora=args.rslora,
         use_dora=args.use_dora,
         init=args.init,

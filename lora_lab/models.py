@@ -185,6 +185,12 @@ def _hf_config_dir(name: str) -> Path:
     return folder
 
 
+def _did_you_mean(name: str) -> str:
+    from .targets import did_you_mean
+
+    return did_you_mean(name, [*MODELS, *ALIASES])
+
+
 def model_spec(name_or_path: str) -> ModelSpec:
     """The registered model `name_or_path` (or alias), else a Hugging Face config by local
     directory or hub id."""
@@ -197,7 +203,8 @@ def model_spec(name_or_path: str) -> ModelSpec:
     if "/" in name_or_path:
         return ModelSpec(name_or_path, f"Hugging Face model {name_or_path}", _from_hf_config(name_or_path, hub=True))
     raise ValueError(
-        f"unknown model {name_or_path!r}: use one of {sorted(MODELS)} (or {sorted(ALIASES)}), a "
+        f"unknown model {name_or_path!r}{_did_you_mean(name_or_path)}: use one of {sorted(MODELS)} "
+        f"(or {sorted(ALIASES)}), a "
         "local directory with a Hugging Face config.json, or a hub id such as 'openai-community/gpt2'"
     )
 
@@ -267,7 +274,8 @@ def hf_weights_location(name_or_path: str) -> tuple[str, str | None]:
     if "/" in name_or_path:
         return str(hub_snapshot(name_or_path, _HUB_PATTERNS)), None
     raise ValueError(
-        f"unknown model {name_or_path!r}: use one of {sorted(MODELS)}, a local Hugging Face directory or a hub id"
+        f"unknown model {name_or_path!r}{_did_you_mean(name_or_path)}: use one of {sorted(MODELS)}, a local Hugging "
+        "Face directory or a hub id"
     )
 
 

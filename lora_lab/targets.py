@@ -9,6 +9,7 @@ match must be a layer kind LoRA wraps, else the error lists the ones that are.
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -96,6 +97,14 @@ def _is_linear(module: nn.Module) -> bool:
 
 def _adaptable(module: nn.Module) -> bool:
     return wrapper_class(module) is not None or isinstance(module, LayerWithLoRA)
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """ " (did you mean 'x'?)" for the choice closest to `word` (a typo, another case), else ""."""
+    choices = list(choices)
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.75)
+    close = close or [c for c in choices if c.lower() == word.lower()]
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def fold_layer_names(names: Iterable[str]) -> list[str]:
@@ -196,8 +205,10 @@ def _by_name(model: nn.Module, candidates: list[tuple[str, nn.Module]], targets)
     if unmatched:
         linears = [n for n, m in candidates if _is_linear(m)]
         example = f" (e.g. '{linears[0].rsplit('.', 1)[-1]}')" if linears else ""
+        suffixes = {n.split(".", i)[-1] for n, m in candidates if _adaptable(m) for i in range(n.count(".") + 1)}
         raise ValueError(
-            f"target(s) {unmatched} match no module of {type(model).__name__}; "
+            f"target(s) {unmatched} match no module of {type(model).__name__}"
+            f"{did_you_mean(unmatched[0], suffixes)}; "
             f"{_linear_names_summary(model)}. Use a qualified name or a dotted suffix of one{example}, "
             f"a list of them, '{ALL_LINEAR}', or a callable (name, module) -> bool."
         )

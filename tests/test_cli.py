@@ -176,3 +176,18 @@ def test_class_weights_keep_repeated_values():
 
     assert _numbers(["1,1", "3"], "--class-weights", float, unique=False) == [1.0, 1.0, 3.0]
     assert _numbers(["8,16", "8"], "--ranks") == [8, 16]
+
+
+def test_errors_blame_only_what_was_given_and_suggest_near_misses(capsys):
+    """--rank 0 names --rank alone (not the --alpha it implies); a typo in a model, dataset or target
+    name gets the closest real one."""
+    for args, expected in [
+        (["train", "--rank", "0"], "--rank 0: counts"),
+        (["train", "--model", "minilm-l7"], "unknown model 'minilm-l7' (did you mean 'minilm-l6'?)"),
+        (["train", "--model", "minilm-l6", "--dataset", "sms-spma"], "(did you mean 'sms-spam'?)"),
+        (["report", "--targets", "W_qeury"], "(did you mean 'W_query'?)"),
+    ]:
+        assert main([*args, "--out", "unused"] if args[0] == "train" else args) == 2
+        err = capsys.readouterr().err
+        assert expected in err, err
+        assert "--alpha" not in err
