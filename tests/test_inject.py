@@ -98,7 +98,7 @@ def _unchanged(model: nn.Module, before: dict) -> bool:
     [
         (
             {"targets": ["W_qeury"]},
-            r"\['W_qeury'\] match no module of TinyModel; the layers LoRA can wrap "
+            r"\['W_qeury'\] match no module of TinyModel \(did you mean 'W_query'\?\); the layers LoRA can wrap "
             r"are: tok_emb, blocks.N.att.W_query, blocks.N.att.W_key",
         ),
         ({"targets": ["att"]}, r"LoRA does not wrap: \['blocks.0.att \(Module\)'"),
