@@ -16,6 +16,7 @@ cached under ``~/.cache/lora_lab`` (sentence polarity, the book's instruction se
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -36,9 +37,12 @@ from .tokenizer import ALPACA_HEADER, Tokenizer, alpaca_prompt, gpt2_text_tokeni
 PACKAGED = Path(__file__).parent / "datasets"
 CACHE = Path(os.environ.get("LORA_LAB_CACHE", Path.home() / ".cache" / "lora_lab"))
 POLARITY_URL = "https://www.cs.cornell.edu/people/pabo/movie-review-data/rt-polaritydata.tar.gz"
-INSTRUCTIONS_URL = (
-    "https://raw.githubusercontent.com/rasbt/LLMs-from-scratch/main/ch07/01_main-chapter-code/instruction-data.json"
-)
+# What the download must hold, byte for byte (as dataset libraries check theirs): the two files in the archive
+POLARITY_SHA256 = {
+    "pos": "2da124ec187a9d5a29c9f04e91c540e02baed5af8868f550a26bd6fd4dbf8bf0",
+    "neg": "4ace77d558c3714723843f1d65b60c01e3417b208180f0728808d76ad0eeeaca",
+}
+INSTRUCTIONS_FILE = "instruction-data.json"  # packaged: the book's set, Apache-2.0 (see its readme there)
 IGNORE_INDEX = -100  # targets the cross-entropy loss skips
 DATASETS = ("sms-spam", "sentiment", "instructions", "csv:PATH")
 
@@ -166,6 +170,7 @@ def sms_spam(path: str | os.PathLike | None = None, balanced: bool = True, seed:
 def sentiment(path: str | os.PathLike | None = None, seed: int = 123) -> ClassificationData:
     """Pang & Lee's sentence polarity (rt-polarity.pos / .neg, cp1252): positive 1, negative 0,
     stratified 70/10/20. `path`: the folder holding both files (or the .tar.gz); default: downloaded."""
+    downloaded = path is None
     if path is None:
         path = download(POLARITY_URL, "rt-polaritydata.tar.gz")
     path = Path(path)
@@ -184,6 +189,12 @@ def sentiment(path: str | os.PathLike | None = None, seed: int = 123) -> Classif
     if set(files) != {"pos", "neg"}:
         raise FileNotFoundError(
             f"{path}: expected a folder (or rt-polaritydata.tar.gz) with rt-polarity.pos and rt-polarity.neg"
+        )
+    if downloaded and any(hashlib.sha256(files[k]).hexdigest() != h for k, h in POLARITY_SHA256.items()):
+        path.unlink()
+        raise ValueError(
+            f"the download from {POLARITY_URL} is not the published sentence polarity v1.0 (its files' sha256 "
+            "differ), so it was deleted: try again later, or pass a copy you trust with --data-path"
         )
     rows = []
     for kind, label in (("neg", 0), ("pos", 1)):
@@ -250,9 +261,9 @@ def csv_dataset(
 
 
 def instructions(path: str | os.PathLike | None = None) -> InstructionData:
-    """The book's 1,100 instruction entries (chapter 7), or any JSON list of Alpaca entries, split
-    as the book does: 85% train, 10% test, 5% validation, in file order (935 / 110 / 55)."""
-    path = Path(path) if path else download(INSTRUCTIONS_URL, "instruction-data.json")
+    """The book's 1,100 instruction entries (chapter 7, packaged), or any JSON list of Alpaca entries,
+    split as the book does: 85% train, 10% test, 5% validation, in file order (935 / 110 / 55)."""
+    path = Path(path) if path else PACKAGED / INSTRUCTIONS_FILE
     try:
         entries = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

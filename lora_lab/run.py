@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -171,7 +172,14 @@ def _what_is_there(run: Path, config_text: str, processes: int) -> tuple[dict | 
         return json.loads((run / METRICS).read_text()), None
     if not (run / CHECKPOINT).is_file():
         return None, None
-    resume = torch.load(run / CHECKPOINT, weights_only=False, map_location="cpu")  # any device may resume
+    try:  # tensors and plain values only: a checkpoint from a shared disk or a download runs no code it carries
+        resume = torch.load(run / CHECKPOINT, weights_only=True, map_location="cpu")  # any device may resume
+    except pickle.UnpicklingError as err:
+        raise ValueError(
+            f"{run / CHECKPOINT} holds more than tensors and plain values (pickled objects, which could run code), "
+            f"so it is not loaded. lora_lab writes none such: delete the file to train this run from the start "
+            f"({str(err).splitlines()[0][:120]})"
+        ) from None
     if resume.get("processes", 1) != processes:
         raise ValueError(
             f"{run / CHECKPOINT} was trained on {resume.get('processes', 1)} process(es), this is {processes}: "

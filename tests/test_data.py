@@ -68,8 +68,13 @@ def test_csv_dataset(tmp_path):
 
 
 def test_instructions_book_split():
-    data = D.instructions(shared_file("instruction/instruction-data.json"))
+    path = shared_file("instruction/instruction-data.json")
+    data = D.instructions(path)
     assert (len(data.train), len(data.val), len(data.test)) == (935, 55, 110)
+    # packaged byte for byte (Apache-2.0, its readme beside it), so --dataset instructions runs offline
+    packaged = (D.PACKAGED / D.INSTRUCTIONS_FILE).read_bytes()
+    assert hashlib.sha256(packaged).digest() == hashlib.sha256(path.read_bytes()).digest()
+    assert D.instructions().train == data.train and "Apache" in (D.PACKAGED / "instruction-data.readme.txt").read_text()
     prompt = D.alpaca_prompt({"instruction": "Add 2 and 3.", "input": "", "output": "5"})
     assert prompt.endswith("### Instruction:\nAdd 2 and 3.\n\n### Response:\n") and "### Input" not in prompt
 
@@ -189,3 +194,38 @@ def test_a_long_alpaca_prompt_keeps_its_response_header_with_smollm2s_tokenizer(
     assert len(tok.whole(prompt)) > 64
     assert tok.decode(tok.encode_tail(prompt, 64)).endswith("### Response:\n")
     assert not tok.decode(tok.encode(prompt)).endswith("### Response:\n")  # what plain truncation keeps
+
+
+def test_a_download_that_is_not_the_published_file_is_refused_and_deleted(tmp_path, monkeypatch):
+    """The sentence polarity archive is checked against the published files' sha256 after download."""
+    import io
+    import tarfile
+
+    folder = shared_file("sentiment/rt-polarity.pos").parent
+    monkeypatch.setattr(D, "CACHE", tmp_path)
+
+    def archive(pos: bytes) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            neg = (folder / "rt-polarity.neg").read_bytes()
+            for name, data in (("rt-polarity.pos", pos), ("rt-polarity.neg", neg)):
+                info = tarfile.TarInfo(f"rt-polaritydata/{name}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        return buffer.getvalue()
+
+    class Response(io.BytesIO):
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *args):
+            return False
+
+    genuine = (folder / "rt-polarity.pos").read_bytes()
+    monkeypatch.setattr(D.urllib.request, "urlopen", lambda url, timeout: Response(archive(genuine)))
+    assert len(D.sentiment().train) > 7000  # the published files pass
+    (tmp_path / "rt-polaritydata.tar.gz").unlink()
+    monkeypatch.setattr(D.urllib.request, "urlopen", lambda url, timeout: Response(archive(genuine + b"x\n")))
+    with pytest.raises(ValueError, match="not the published sentence polarity"):
+        D.sentiment()
+    assert not (tmp_path / "rt-polaritydata.tar.gz").exists()

@@ -3,6 +3,8 @@ import dataclasses
 import importlib.util
 import json
 import math
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -166,6 +168,12 @@ def test_a_stopped_run_resumes_where_it_stopped(tiny_runs, tmp_path, monkeypatch
         train(tiny_runs, tmp_path / "stopped")
     assert (tmp_path / "stopped" / "checkpoint.pt").is_file() and not (tmp_path / "stopped" / "metrics.json").exists()
     monkeypatch.setattr(D, "batches", real_batches)
+    # a checkpoint that carries a pickled callable (a run directory from someone else) is not loaded
+    shutil.copytree(tmp_path / "stopped", tmp_path / "tampered")
+    state = torch.load(tmp_path / "tampered" / "checkpoint.pt", weights_only=True)
+    torch.save({**state, "hook": subprocess.call}, tmp_path / "tampered" / "checkpoint.pt")
+    with pytest.raises(ValueError, match="holds more than tensors and plain values"):
+        train(tiny_runs, tmp_path / "tampered")
     resumed = train(tiny_runs, tmp_path / "stopped")
     history = lambda run: (run / "history.csv").read_text()  # noqa: E731
     assert history(tmp_path / "stopped") == history(tmp_path / "whole")  # same losses at every epoch
