@@ -64,6 +64,10 @@ class TrainConfig:
     mask_prompt: bool = option(True, "instruction tuning: learn the response only (--no-mask-prompt: the prompt too)")
     template: str = option("alpaca", "instructions: the Alpaca prompt, or the model's chat template",
                            choices=["alpaca", "chat"])  # fmt: skip
+    early_stopping: int | None = option(None, "stop once this many epochs bring no better validation score "
+                                        "(accuracy, then loss; loss for instructions)", metavar="PATIENCE")  # fmt: skip
+    keep: str = option("last", "the adapter and metrics of the last epoch, or of the best by validation score",
+                       choices=["last", "best"])  # fmt: skip
     bf16: bool = option(False, "bfloat16 autocast (GPU)")
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
     quantize: str | None = option(None, "QLoRA: the frozen base in 4-bit NF4 or 8-bit through bitsandbytes (pip "
@@ -85,6 +89,8 @@ class TrainConfig:
         bad += [f"--{k} {v}" for k, v in positive.items() if not 0 < v < math.inf]
         if self.max_steps is not None and self.max_steps < 1:
             bad.append(f"--max-steps {self.max_steps}")
+        if self.early_stopping is not None and self.early_stopping < 1:
+            bad.append(f"--early-stopping {self.early_stopping}")
         if self.max_length is not None and self.max_length < 2:
             bad.append(f"--max-length {self.max_length}")
         if not 0 <= self.dropout < 1 or not 0 <= self.warmup <= 1:

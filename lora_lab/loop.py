@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -78,6 +78,16 @@ class Fitted:
     seconds: float
     step_losses: list[float]  # each optimizer step's loss (this process's batches), this call's steps
     last_val: dict | None = None  # the last epoch's validation (`evaluate`), if this call ran one
+    step_log: list[dict] = field(default_factory=list)  # steps.csv: every optimizer step of the run
+    best: dict | None = None  # the best epoch so far: {"epoch", "score", "state" (with --keep best)}
+    stopped_early: bool = False
+
+    @property
+    def epoch_kept(self) -> int | None:
+        """The epoch whose adapter the run keeps: the best with --keep best, else the last."""
+        if self.best is not None and self.best.get("state") is not None:
+            return self.best["epoch"]
+        return self.history[-1]["epoch"] if self.history else None
 
 
 def param_groups(model: nn.Module, lr: float, ratio: float = 1.0) -> list[dict]:
@@ -111,7 +121,10 @@ def fit(
     """Train the parameters of `model` that require grad (LoRA, a head) for `cfg.epochs` over
     `train_rows`, batches drawn in an order fixed by `cfg.seed` and the epoch. A step's loss is one
     weighted mean over all its batches (and processes): see `lora_lab.tasks`. `resume` is a
-    checkpoint from an earlier call with the same settings: training goes on after its epoch."""
+    checkpoint from an earlier call with the same settings: training goes on after its epoch.
+    `cfg.early_stopping` stops after that many epochs without a better validation score
+    (`validation_score`); with `cfg.keep` "best" the model ends with the best epoch's trainable
+    tensors. `on_epoch_end(epoch, fitted, optimizer, scheduler)` runs after every epoch."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad (inject LoRA or name a head to train)")
@@ -133,6 +146,7 @@ def fit(
         started = time.perf_counter()
         bar = tqdm(range(0, len(batches), cfg.grad_accum), desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                    disable=None)  # fmt: skip
+        log = _PlainLog(bar, epoch, cfg, rank)
         for first in bar:
             group = [i for i in range(first, min(first + cfg.grad_accum, len(batches))) if weights[i] > 0]
             if not group:  # nothing to learn in the whole group (every response cut off): no step
@@ -142,23 +156,98 @@ def fit(
                 _check_finite(loss, size, cfg, fitted.steps, epoch, group[i])
 
             total = sum(weights[i] for i in group)
+            tokens_before = float(sums[2])
             loss = _accumulate(trained, task, [batches[i] for i in group], total, size, sums, device, autocast,
                                check)  # fmt: skip
-            if cfg.clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            norm = _grad_norm(params, cfg.clip)
+            lr = scheduler.get_last_lr()[0]  # the rate this step takes
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             fitted.steps += 1
             fitted.step_losses.append(loss)
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            fitted.step_log.append({"step": fitted.steps, "epoch": epoch + 1, "loss": loss, "lr": lr, "grad_norm": norm,
+                                    "tokens": int(float(sums[2]) - tokens_before),
+                                    "seconds": round(fitted.seconds + time.perf_counter() - started, 3)})  # fmt: skip
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            log.step(fitted.step_log[-1], first // cfg.grad_accum + 1)
             if _done(cfg, fitted):
                 break
         skipped = sum(w == 0 for w in weights)  # batches no process had anything to learn from
         _finish_epoch(model, val_batches, task, device, cfg, epoch, fitted, sums, started, batches, size, skipped)
+        _note_best(model, cfg, task, fitted, epoch)
         if on_epoch_end is not None:
-            on_epoch_end(epoch, fitted.history, optimizer, scheduler, fitted.steps, fitted.tokens, fitted.seconds)
+            on_epoch_end(epoch, fitted, optimizer, scheduler)
+        if fitted.stopped_early:
+            break
+    _keep(model, cfg, fitted)
     return fitted
+
+
+def validation_score(task: Task, val: dict) -> tuple[float, ...]:
+    """What "better" means between epochs (higher is better): accuracy, then the lower loss, for
+    classification; the lower loss for instruction tuning (the sweep ranks runs by the same)."""
+    return (val["accuracy"], -val["loss"]) if task.classifies else (-val["loss"],)
+
+
+def _note_best(model: nn.Module, cfg: TrainConfig, task: Task, fitted: Fitted, epoch: int) -> None:
+    """Remember the best epoch (its trainable tensors too, with --keep best); with --early-stopping,
+    stop once that many epochs have not beaten it."""
+    if fitted.last_val is None or not fitted.last_val.get("count"):
+        return  # no validation set: nothing to compare epochs by
+    score = validation_score(task, fitted.last_val)
+    if fitted.best is None or score > tuple(fitted.best["score"]):
+        state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        fitted.best = {"epoch": epoch + 1, "score": list(score), "state": state if cfg.keep == "best" else None}
+    elif cfg.early_stopping and epoch + 1 - fitted.best["epoch"] >= cfg.early_stopping and epoch + 1 < cfg.epochs:
+        fitted.stopped_early = True
+        if world()[0] == 0:
+            tqdm.write(f"early stopping after epoch {epoch + 1}: no better validation for {cfg.early_stopping} "
+                       f"epoch(s) since epoch {fitted.best['epoch']}")  # fmt: skip
+
+
+def _keep(model: nn.Module, cfg: TrainConfig, fitted: Fitted) -> None:
+    """With --keep best, end with the best epoch's trainable tensors (its validation is taken again)."""
+    best = fitted.best
+    if best is None or best.get("state") is None or not fitted.history or best["epoch"] == fitted.history[-1]["epoch"]:
+        return
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, tensor in best["state"].items():
+            params[name].copy_(tensor)
+    fitted.last_val = None  # the last epoch's validation is not the kept one's
+
+
+def _grad_norm(params: list[nn.Parameter], clip: float) -> float:
+    """The gradients' total 2-norm before clipping (clipped to `clip` when it is set)."""
+    if clip:
+        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+    return float(torch.stack(grads).norm()) if grads else 0.0
+
+
+class _PlainLog:
+    """Where no progress bar shows (output to a file, a pipe, a job log): a line every 30 seconds
+    with the step, loss, learning rate, tokens/s and the epoch's time left."""
+
+    every = 30.0
+
+    def __init__(self, bar, epoch: int, cfg: TrainConfig, rank: int) -> None:
+        self.on = bool(getattr(bar, "disable", False)) and rank == 0
+        self.total, self.epoch, self.epochs = len(bar), epoch, cfg.epochs
+        self.start = self.last = time.perf_counter()
+        self.tokens = 0
+
+    def step(self, row: dict, done: int) -> None:
+        self.tokens += row["tokens"]
+        now = time.perf_counter()
+        if not self.on or (now - self.last < self.every and done < self.total):
+            return
+        self.last, elapsed = now, now - self.start
+        left = elapsed / done * (self.total - done)
+        print(f"epoch {self.epoch + 1}/{self.epochs} step {done}/{self.total}: loss {row['loss']:.4f}, "
+              f"lr {row['lr']:.2e}, {self.tokens / elapsed:,.0f} tokens/s, epoch ends in {left:,.0f} s",
+              flush=True)  # fmt: skip
 
 
 def _accumulate(trained, task: Task, group: list[dict], total_weight: float, size: int, sums, device, autocast,
@@ -200,7 +289,9 @@ def _restore(resume: dict | None, optimizer, scheduler) -> tuple[Fitted, int]:
     torch.set_rng_state(resume["rng"])
     if resume.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(resume["cuda_rng"])
-    return Fitted(resume["history"], resume["step"], resume["tokens"], resume["seconds"], []), resume["epoch"] + 1
+    fitted = Fitted(resume["history"], resume["step"], resume["tokens"], resume["seconds"], [],
+                    step_log=resume.get("step_log", []), best=resume.get("best"))  # fmt: skip
+    return fitted, resume["epoch"] + 1
 
 
 def _done(cfg: TrainConfig, fitted: Fitted) -> bool:

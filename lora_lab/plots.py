@@ -25,16 +25,24 @@ def _save(fig, path: str | os.PathLike) -> None:
 
 
 def plot_history(
-    history: Sequence[dict], path: str | os.PathLike, title: str = "", initial: dict | None = None
+    history: Sequence[dict],
+    path: str | os.PathLike,
+    title: str = "",
+    initial: dict | None = None,
+    steps: Sequence[dict] = (),
+    kept: int | None = None,
 ) -> None:
     """Train and validation loss per epoch, and validation accuracy when there is one; `initial`
-    (the validation loss and accuracy before training) is drawn at epoch 0."""
+    (the validation loss and accuracy before training) is drawn at epoch 0, every optimizer step's
+    loss (`steps`, steps.csv's rows) along the epochs, and the epoch a run kept (`kept`, when not the
+    last) marked."""
     plt = _pyplot()
     epochs = [row["epoch"] for row in history]
     has_acc = any("val_accuracy" in row for row in history)
     start = [0] if initial else []
     fig, axes = plt.subplots(1, 2 if has_acc else 1, figsize=(10 if has_acc else 5.5, 3.8), squeeze=False)
     ax = axes[0][0]
+    _step_losses(ax, steps)
     ax.plot(epochs, [r["train_loss"] for r in history], "o-", label="train (epoch mean)")
     val = ([initial["loss"]] if initial else []) + [r["val_loss"] for r in history]
     ax.plot(start + epochs, val, "s-", label="validation (0: before training)")
@@ -52,10 +60,29 @@ def plot_history(
         ax.set_ylim(max(0.0, 100 * min(acc) - 5), 100.5)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
+    if kept is not None and epochs and kept != epochs[-1]:
+        _mark_kept(axes[0], kept)
     if title:
         fig.suptitle(title)
     _save(fig, path)
     plt.close(fig)
+
+
+def _step_losses(ax, steps: Sequence[dict]) -> None:
+    """Every optimizer step's loss, spread evenly over its epoch (epoch e ends at x = e)."""
+    per_epoch: dict[int, list[dict]] = {}
+    for row in steps:
+        per_epoch.setdefault(row["epoch"], []).append(row)
+    x = [e - 1 + (i + 1) / len(rows) for e, rows in per_epoch.items() for i in range(len(rows))]
+    if x:
+        ax.plot(x, [r["loss"] for rows in per_epoch.values() for r in rows], "-", lw=0.8, alpha=0.45,
+                color="tab:blue", label="train (each step)")  # fmt: skip
+
+
+def _mark_kept(axes, kept: int) -> None:
+    for ax in axes:
+        ax.axvline(kept, color="0.4", ls="--", lw=1, label=f"kept: epoch {kept} (best validation)")
+    axes[0].legend(loc="upper right")
 
 
 def plot_confusion(matrix: Sequence[Sequence[int]], labels: Sequence[str], path: str | os.PathLike) -> None:

@@ -34,28 +34,31 @@ from . import data as D
 from .adapters import ADAPTER_FILE, save_adapter
 from .config import HOW, TrainConfig
 from .distributed import barrier, device_for, init_distributed
-from .files import atomic_path, write_text
+from .files import atomic_path, write_csv, write_text
 from .inject import inject_lora, mark_only_lora_trainable
 from .loop import Fitted, evaluate, fit
 from .params import count_parameters, peak_memory_mib, reset_peak_memory
 from .peft_format import export_peft_adapter
 from .tasks import Task, classification_metrics
 
-CONFIG, CHECKPOINT, METRICS, HISTORY = "config.json", "checkpoint.pt", "metrics.json", "history.csv"
+CONFIG, CHECKPOINT, METRICS, HISTORY, STEPS = "config.json", "checkpoint.pt", "metrics.json", "history.csv", "steps.csv"
+STEP_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "seconds")  # steps.csv, one row an optimizer step
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _save_checkpoint(run: Path, model, epoch, history, optimizer, scheduler, step, tokens, seconds, processes) -> None:
+def _save_checkpoint(run: Path, model, epoch: int, fitted: Fitted, optimizer, scheduler, processes: int) -> None:
     state = {
         "processes": processes,
         "epoch": epoch,
-        "step": step,
-        "tokens": tokens,
-        "seconds": seconds,
-        "history": history,
+        "step": fitted.steps,
+        "tokens": fitted.tokens,
+        "seconds": fitted.seconds,
+        "history": fitted.history,
+        "step_log": fitted.step_log,
+        "best": fitted.best,
         "trainable": _trainable_state(model),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
@@ -128,9 +131,10 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) ->
     collate = task.collate(loaded.tokenizer)
     val_batches = D.batches(dataset.val, cfg.batch_size, collate, shuffle=False)
 
-    def on_epoch_end(epoch, history, optimizer, scheduler, step, tokens, seconds) -> None:
+    def on_epoch_end(epoch, fitted, optimizer, scheduler) -> None:
         if rank == 0:
-            _save_checkpoint(run, model, epoch, history, optimizer, scheduler, step, tokens, seconds, processes)
+            _save_checkpoint(run, model, epoch, fitted, optimizer, scheduler, processes)
+            write_csv(run / STEPS, fitted.step_log, STEP_COLUMNS)
 
     if resume is None:  # where training starts from, for the before-and-after in metrics.json
         initial = {k: v for k, v in evaluate(model, val_batches, task, device).items() if k in INITIAL}
@@ -215,7 +219,9 @@ def _metrics(cfg, task: Task, model, dataset, fitted: Fitted, device, processes:
         "val_examples": len(dataset.val),
         "val_scored": val["count"],  # examples, or response tokens
         "processes": processes,
-        "final_train_loss": fitted.history[-1]["train_loss"] if fitted.history else None,
+        "epoch_kept": fitted.epoch_kept,  # --keep best: the best epoch by validation score, else the last
+        "stopped_early": fitted.stopped_early,
+        "final_train_loss": _kept_row(fitted)["train_loss"] if fitted.history else None,
         "final_val_loss": val["loss"],
         "final_val_loss_se": val["loss_se"],
         "initial_val_loss": initial["loss"],
@@ -272,6 +278,11 @@ def _finite(value: object) -> object:
     return value
 
 
+def _kept_row(fitted: Fitted) -> dict:
+    """The history row of the epoch the run keeps."""
+    return next(r for r in fitted.history if r["epoch"] == fitted.epoch_kept)
+
+
 def _write_run(run: Path, cfg: TrainConfig, loaded, model: nn.Module, fitted: Fitted, metrics: dict, initial: dict):
     """A finished run's files: the adapter (and its PEFT export), the history and its plot, the
     confusion matrix, the metrics last (a run with metrics.json is complete); the checkpoint goes."""
@@ -284,7 +295,9 @@ def _write_run(run: Path, cfg: TrainConfig, loaded, model: nn.Module, fitted: Fi
     export_peft_adapter(model, run / "peft", base_model_name_or_path=loaded.source, extra=extra)
     lines = [",".join(fitted.history[0])] + [",".join(str(v) for v in row.values()) for row in fitted.history]
     write_text(run / HISTORY, "\n".join(lines) + "\n")
-    plot_history(fitted.history, run / "history.png", f"{cfg.model} on {cfg.dataset}, LoRA r={cfg.rank}", initial)
+    write_csv(run / STEPS, fitted.step_log, STEP_COLUMNS)
+    title = f"{cfg.model} on {cfg.dataset}, LoRA r={cfg.rank}"
+    plot_history(fitted.history, run / "history.png", title, initial, fitted.step_log, fitted.epoch_kept)
     write_text(run / METRICS, json.dumps(_finite(metrics), indent=2) + "\n")  # strict JSON: NaN as null
     (run / CHECKPOINT).unlink(missing_ok=True)  # the run is complete: the adapter and metrics hold it
 

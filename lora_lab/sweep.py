@@ -48,7 +48,8 @@ LATER_KEYS = {"variant": "lora", "init": "kaiming", "lr_ratio": "1"}
 # figure (accuracy for instruction tuning) or the point failed (status "failed: why"). Losses are
 # unweighted mean cross-entropy per example or response token; final_val_loss_se is its standard
 # error; val_scored counts the validation examples (or tokens); val_baseline is the accuracy of always
-# answering the most common training class (or the untrained model's loss); test_f1 is positive_class's.
+# answering the most common training class (or the untrained model's loss); test_f1 is positive_class's;
+# epoch_kept the epoch whose adapter the run kept (the best by validation with --keep best, else the last).
 KEY_COLUMNS = ["model", "rank", "alpha", "scaling", "targets", "variant", "init", "lr_ratio", "seed"]
 COLUMNS = KEY_COLUMNS + [
     "status",
@@ -68,6 +69,7 @@ COLUMNS = KEY_COLUMNS + [
     "peak_memory_mib",
     "tokens_per_second",
     "seconds",
+    "epoch_kept",
     "run",
 ]
 
@@ -287,6 +289,7 @@ def result_row(point: Point, metrics: dict | None, run: str, error: str | None =
         peak_memory_mib=metrics.get("peak_memory_mib"),
         tokens_per_second=metrics.get("tokens_per_second"),
         seconds=metrics.get("train_seconds"),
+        epoch_kept=metrics.get("epoch_kept"),
     )
     return row
 

@@ -1,4 +1,5 @@
 import copy
+import csv
 import dataclasses
 import importlib.util
 import json
@@ -142,12 +143,28 @@ def tiny_runs(monkeypatch, tmp_path):
 def test_a_run_directory_holds_everything(tiny_runs, tmp_path):
     metrics = train(tiny_runs, tmp_path / "run")
     files = {p.name for p in (tmp_path / "run").iterdir()}
-    expected = {"config.json", "initial.json", "adapter.safetensors", "peft", "metrics.json", "history.csv"}
+    expected = {
+        "config.json",
+        "initial.json",
+        "adapter.safetensors",
+        "peft",
+        "metrics.json",
+        "history.csv",
+        "steps.csv",
+    }
     assert files == expected | {"history.png", "confusion.png"}
     assert json.loads((tmp_path / "run" / "metrics.json").read_text()) == metrics
     assert metrics["epochs"] == 3 and metrics["trainable_params"] > 0 and metrics["tokens_per_second"] > 0
     assert set(metrics["test"]) >= {"accuracy", "precision", "recall", "f1", "macro_f1", "confusion_matrix"}
     assert len((tmp_path / "run" / "history.csv").read_text().splitlines()) == 4
+    # steps.csv: every optimizer step, its loss, the rate it took, its gradient norm, tokens and time
+    steps = list(csv.DictReader(open(tmp_path / "run" / "steps.csv")))
+    assert [int(r["step"]) for r in steps] == list(range(1, metrics["steps"] + 1))
+    assert {int(r["epoch"]) for r in steps} == {1, 2, 3} and sum(int(r["tokens"]) for r in steps) > 0
+    assert all(float(r["lr"]) > 0 and float(r["grad_norm"]) > 0 for r in steps)
+    seconds = [float(r["seconds"]) for r in steps]
+    assert seconds == sorted(seconds) and seconds[-1] <= metrics["train_seconds"] + 1e-6
+    assert metrics["epoch_kept"] == 3 and metrics["stopped_early"] is False
     with pytest.raises(ValueError, match="holds a run of another config"):
         train(
             TrainConfig(**{**json.loads((tmp_path / "run" / "config.json").read_text()), "rank": 2}), tmp_path / "run"
@@ -177,6 +194,11 @@ def test_a_stopped_run_resumes_where_it_stopped(tiny_runs, tmp_path, monkeypatch
     resumed = train(tiny_runs, tmp_path / "stopped")
     history = lambda run: (run / "history.csv").read_text()  # noqa: E731
     assert history(tmp_path / "stopped") == history(tmp_path / "whole")  # same losses at every epoch
+
+    def steps(run):  # every step's figures but its time
+        return [{k: v for k, v in r.items() if k != "seconds"} for r in csv.DictReader(open(run / "steps.csv"))]
+
+    assert steps(tmp_path / "stopped") == steps(tmp_path / "whole")
     assert resumed["test"] == whole["test"] and resumed["steps"] == whole["steps"]
     assert not (tmp_path / "stopped" / "checkpoint.pt").exists()
 
@@ -510,3 +532,43 @@ def test_a_pissa_lora_plus_run_records_both_and_saves_for_the_original_base(tiny
     assert ranks == {2 * cfg.rank}
     _, loaded, _ = load_run(tmp_path / "run")
     assert {w.lora.rank for w in loaded.model.modules() if hasattr(w, "lora") and hasattr(w, "base")} == {2 * cfg.rank}
+
+
+def test_early_stopping_keeps_the_best_epoch(tiny_runs, tmp_path, monkeypatch):
+    """--early-stopping 2 --keep best: validation scores 1, 3, 2, 2 stop the run after epoch 4 (two epochs
+    without beating epoch 2), and the run keeps epoch 2's adapter: its validation is epoch 2's again."""
+    import lora_lab.loop as loop
+
+    scores = iter([(1.0,), (3.0,), (2.0,), (2.0,), (5.0,), (5.0,)])
+    monkeypatch.setattr(loop, "validation_score", lambda task, val: next(scores))
+    cfg = dataclasses.replace(tiny_runs, epochs=6, early_stopping=2, keep="best")
+    metrics = train(cfg, tmp_path / "run")
+    history = list(csv.DictReader(open(tmp_path / "run" / "history.csv")))
+    assert len(history) == 4 and metrics["epochs"] == 4 and metrics["stopped_early"] is True
+    assert metrics["epoch_kept"] == 2
+    assert metrics["final_val_loss"] == pytest.approx(float(history[1]["val_loss"]), abs=1e-6)
+    assert metrics["final_val_loss"] != pytest.approx(float(history[3]["val_loss"]), abs=1e-6)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["keep"] == "best"
+    # without --keep best, the same scores stop at the same epoch and keep the last
+    scores = iter([(1.0,), (3.0,), (2.0,), (2.0,)])
+    monkeypatch.setattr(loop, "validation_score", lambda task, val: next(scores))
+    last = train(dataclasses.replace(cfg, keep="last"), tmp_path / "last")
+    assert last["epochs"] == 4 and last["epoch_kept"] == 4
+    assert last["final_val_loss"] == pytest.approx(float(history[3]["val_loss"]), abs=1e-6)
+    with pytest.raises(ValueError, match="--early-stopping 0"):
+        dataclasses.replace(cfg, early_stopping=0)
+
+
+def test_output_to_a_file_gets_plain_progress_lines(monkeypatch, capsys):
+    """No terminal (pytest captures the output): the progress bar is off and a plain line reports the step,
+    loss, rate, throughput and time left instead (every 30 s; here every step)."""
+    import lora_lab.loop as loop
+
+    monkeypatch.setattr(loop._PlainLog, "every", 0.0)
+    tok = _char_tokenizer()
+    cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-2, warmup=0.0)
+    fit(_tiny_gpt_classifier(), _learnable_rows(), lambda r: D.classification_batch(r, tok), [], cfg,
+        cfg.make_task("gpt"), CPU)  # fmt: skip
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1 step")]
+    assert len(lines) == 12 and lines[-1].startswith("epoch 1/1 step 12/12: loss ")
+    assert "tokens/s" in lines[0] and "epoch ends in" in lines[0]
