@@ -392,6 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _what_is_kept(args: argparse.Namespace) -> str:
+    """What an interrupted command leaves on disk, and how to go on."""
+    if args.command == "train":
+        return f"Finished epochs are kept in {args.out} (checkpoint.pt): run the same command to resume."
+    if args.command == "sweep":
+        return f"Finished points are kept in {args.out}/sweep.csv: run the same command to resume the rest."
+    return "Nothing was left half written."
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     with warnings.catch_warnings(record=True) as caught:
@@ -401,6 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (ValueError, TypeError, OSError) as err:  # bad input, or a file or hub model not found
             print(f"lora-lab {args.command}: error: {err}", file=sys.stderr)
             code = 2
+        except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback
+            print(f"\nlora-lab {args.command}: stopped. {_what_is_kept(args)}", file=sys.stderr)
+            code = 130
     for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
         print(f"lora-lab {args.command}: warning: {message}", file=sys.stderr)
     return code

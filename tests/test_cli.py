@@ -191,3 +191,18 @@ def test_errors_blame_only_what_was_given_and_suggest_near_misses(capsys):
         err = capsys.readouterr().err
         assert expected in err, err
         assert "--alpha" not in err
+
+
+def test_ctrl_c_prints_one_line_saying_what_is_kept(monkeypatch, capsys, tmp_path):
+    import lora_lab.run
+
+    def interrupted(cfg, out, distributed=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lora_lab.run, "train", interrupted)
+    assert main(["train", "--model", "minilm-l6", "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines() == [
+        f"lora-lab train: stopped. Finished epochs are kept in {tmp_path / 'run'} (checkpoint.pt): run the same "
+        "command to resume."
+    ]
