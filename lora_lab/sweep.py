@@ -345,19 +345,20 @@ def check_settings(out: Path, settings: dict, record: bool = False) -> None:
 
 
 def run_sweep(
-    base, points: Sequence[Point], out: str | Path, shard: tuple[int, int] = (0, 1), ddp: bool = False, log=print
+    base, points: Sequence[Point], out: str | Path, shard: tuple[int, int] = (0, 1), ddp: bool = False, log=None
 ) -> dict:
     """Train this process's share of `points` (those not finished yet) into `out`; the process that
     finishes the last point writes the summary. With `ddp` (under torchrun) every process trains
     every point together instead (DistributedDataParallel) and rank 0 keeps the books. Returns
     counts: trained, skipped, failed (a TrainingError: diverged, nothing to learn), and whether this
-    process wrote the summary."""
+    process wrote the summary. `log` prints a line (default: through the progress bar)."""
     from tqdm.auto import tqdm
 
     from .distributed import init_distributed
     from .loop import TrainingError
     from .run import train
 
+    log = log or tqdm.write  # through the progress bar, so a line never lands inside it
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; a sweep writes a directory: give a new or existing directory")
