@@ -163,7 +163,7 @@ def test_a_run_directory_holds_everything(tiny_runs, tmp_path):
     assert {int(r["epoch"]) for r in steps} == {1, 2, 3} and sum(int(r["tokens"]) for r in steps) > 0
     assert all(float(r["lr"]) > 0 and float(r["grad_norm"]) > 0 for r in steps)
     seconds = [float(r["seconds"]) for r in steps]
-    assert seconds == sorted(seconds) and seconds[-1] <= metrics["train_seconds"] + 1e-6
+    assert seconds == sorted(seconds) and seconds[-1] <= metrics["train_seconds"] + 0.005  # that one to 0.01 s
     assert metrics["epoch_kept"] == 3 and metrics["stopped_early"] is False
     with pytest.raises(ValueError, match="holds a run of another config"):
         train(
