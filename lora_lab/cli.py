@@ -9,13 +9,14 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .models import MODELS, build_model, model_spec
+from .models import ALIASES, MODELS, build_model, default_model, model_spec
 from .params import REPORT_DECIMALS, rank_report
 from .report import markdown_table
 from .targets import classifier_head_name, did_you_mean
 from .variants import INITS
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64)
+MODEL_HELP = f"{', '.join(MODELS)} (or {', '.join(ALIASES)}), a local Hugging Face directory or a hub id"
 DESCRIPTION = (
     "lora_lab: LoRA fine-tuning you can read, cross-checked against Hugging Face PEFT. `lora-lab report` counts "
     "what LoRA trains and the memory it takes, at every rank, for any model; `lora-lab train` fine-tunes; "
@@ -129,7 +130,7 @@ def _train(args: argparse.Namespace) -> int:
     targets = _items(args.targets)
     cfg = _train_config(
         args,
-        model=args.model,
+        model=args.model or default_model(args.dataset),
         rank=args.rank,
         alpha=args.alpha if args.alpha is not None else 2.0 * max(args.rank, 1),  # a bad --rank is named alone
         use_rslora=args.rslora,
@@ -164,7 +165,7 @@ def _sweep(args: argparse.Namespace) -> int:
     from .report import PLOT, SUMMARY
     from .sweep import CSV_NAME, grid, run_sweep, shard_from_env, target_set
 
-    models = _items(args.model)
+    models = _items(args.model or [default_model(args.dataset)])
     for name in models:
         model_spec(name)  # an unknown model fails now, not after the first points trained
     points = grid(
@@ -314,8 +315,8 @@ def build_parser() -> argparse.ArgumentParser:
         "metrics.json, history.csv/png and, for classification, confusion.png to --out. Run again with the "
         "same arguments to resume after the last finished epoch.",
     )
-    train.add_argument("--model", default="gpt2-124m", help="any name lora-lab report knows, a local Hugging Face "
-                       "directory or a hub id (default: gpt2-124m)")  # fmt: skip
+    train.add_argument("--model", help=f"{MODEL_HELP} (default: minilm-l6 for classification, smollm2-135m for "
+                       "instructions: both install offline)")  # fmt: skip
     train.add_argument("--rank", type=int, default=8, help="LoRA rank (default: 8)")
     train.add_argument("--alpha", type=float, help="LoRA alpha (default: 2 x rank)")
     train.add_argument("--rslora", action="store_true", help="scale by alpha / sqrt(rank) (rsLoRA)")
@@ -339,8 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
         "torchrun (`torchrun --nproc_per_node 4 -m lora_lab.cli sweep ...`: one point per GPU) or --shard I/N. "
         "With no options: all-MiniLM-L6-v2 on the packaged SMS spam data, ranks 1,4,16, a few minutes on a laptop.",
     )
-    sweep.add_argument("--model", nargs="+", default=["minilm-l6"], metavar="NAME",
-                       help="one or more models, as for train (default: minilm-l6)")  # fmt: skip
+    sweep.add_argument("--model", nargs="+", metavar="NAME", help=f"one or more models: {MODEL_HELP} (default: "
+                       "minilm-l6, smollm2-135m for instructions)")  # fmt: skip
     sweep.add_argument("--ranks", nargs="+", default=["1,4,16"], metavar="R", help="(default: 1,4,16)")
     alpha = sweep.add_mutually_exclusive_group()
     alpha.add_argument("--alphas", nargs="+", metavar="A", help="LoRA alphas to cross with the ranks")

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from .models import default_model
 from .tasks import CAUSAL_LM, CLASSIFICATION, Task
 from .variants import INITS
 
@@ -24,8 +25,8 @@ def option(default: Any, help: str, cli: str | None = None, **argparse_kwargs: A
 class TrainConfig:
     """Everything that decides a run. Saved as config.json; resuming needs the same values."""
 
-    model: str = option("gpt2-124m", "any name lora-lab report knows, a local Hugging Face directory or a hub id",
-                        cli="")  # fmt: skip
+    model: str = option("", "any name lora-lab report knows, a local Hugging Face directory or a hub id (default: "
+                        "one that installs offline, `models.default_model`)", cli="")  # fmt: skip
     dataset: str = option("sms-spam", "sms-spam, sentiment, instructions or csv:PATH", metavar="NAME")
     data_path: str | None = option(None, "a local copy of the dataset (default: packaged or downloaded)")
     text_column: str = option("text", "csv: the text column")
@@ -81,6 +82,8 @@ class TrainConfig:
                            "faster after, above all on GPU")  # fmt: skip
 
     def __post_init__(self) -> None:
+        if not self.model:
+            self.model = default_model(self.dataset)
         whole = {"rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
         bad = [f"--{k.replace('_', '-')} {v}" for k, v in whole.items() if not isinstance(v, int) or v < 1]
         if self.init not in INITS:

