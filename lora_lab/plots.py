@@ -296,8 +296,13 @@ def plot_spectra(spectra: Sequence[dict], path: str | os.PathLike) -> None:
     module type (mean over layers and seeds), with y = r, the most an update of rank r can use."""
     plt = _pyplot()
     models = list(dict.fromkeys(row["series"] for row in spectra))
-    fig, axes = plt.subplots(1, len(models), figsize=(6.5 * len(models), 4.3), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
+    cols = min(3, len(models))  # at most three panels a row, so each stays readable
+    rows_of_panels = math.ceil(len(models) / cols)
+    fig, axes = plt.subplots(rows_of_panels, cols, figsize=(5.2 * cols, 4.0 * rows_of_panels + 0.6), squeeze=False)
+    panels = [ax for row in axes for ax in row]
+    for ax in panels[len(models):]:
+        ax.set_visible(False)
+    for ax, model in zip(panels, models, strict=False):
         rows = [row for row in spectra if row["series"] == model]
         ranks = sorted({int(row["rank"]) for row in rows})
         for kind in dict.fromkeys(row["type"] for row in rows):
@@ -309,8 +314,11 @@ def plot_spectra(spectra: Sequence[dict], path: str | os.PathLike) -> None:
         ax.plot(ranks, ranks, ":", color="gray", label="y = r (all directions equal)")
         _log2_ranks(ax, ranks)
         ax.set_yscale("log", base=2)
-        ax.set(ylabel="effective rank of dW (log scale)", title=f"{model}: how many directions the update uses")
-        ax.legend(loc="upper left", fontsize=7)
+        ax.set(ylabel="effective rank of dW (log scale)", title=model)
+        if ax is panels[0]:
+            ax.legend(loc="upper left", fontsize=7)
+    fig.suptitle("How many directions the update uses: effective rank of dW against the LoRA rank")
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
     _save(fig, path)
     plt.close(fig)
 
