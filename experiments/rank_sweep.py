@@ -3,8 +3,8 @@
     python experiments/rank_sweep.py minilm-sms            # all-MiniLM-L6-v2, SMS spam, r = 1 ... 64 (CPU, ~15 min)
     python experiments/rank_sweep.py smollm2-instructions --data-path ../shared/data/instruction/instruction-data.json
         # SmolLM2-135M instruction tuning, r = 4 ... 32 (CPU, ~25 min)
-    python experiments/rank_sweep.py minilm-sms-variants   # the same model and data, r = 1, 4, 16 for LoRA, DoRA,
-        # rsLoRA, PiSSA and LoRA+ (ratio 16): which variant at which rank (CPU, ~20 min a seed)
+    python experiments/rank_sweep.py minilm-sms-variants   # the same model and data, r = 1 ... 32 for LoRA, DoRA,
+        # rsLoRA, PiSSA and LoRA+ (ratio 16), two seeds: which variant at which rank (CPU, ~70 min)
     python experiments/rank_sweep.py smollm2-instructions-variants --data-path .../instruction-data.json
         # the same five variants for SmolLM2-135M instruction tuning at r = 8 (CPU, ~25 min)
     python experiments/rank_sweep.py gpt2-sms              # GPT-2 124M ... 1558M on SMS spam (needs the hub weights)
@@ -41,8 +41,8 @@ CASES = {
     ),
     "minilm-sms-variants": (
         "all-MiniLM-L6-v2 on SMS spam (balanced 1045 / 149 / 300): LoRA, DoRA, rsLoRA, PiSSA and LoRA+ by rank",
-        ["--model", "minilm-l6", "--dataset", "sms-spam", "--ranks", "1,4,16", "--epochs", "2", "--batch-size", "16",
-         "--lr", "5e-4", "--max-length", "128"],
+        ["--model", "minilm-l6", "--dataset", "sms-spam", "--ranks", "1,2,4,8,16,32", "--seeds", "123,124",
+         "--epochs", "2", "--batch-size", "16", "--lr", "5e-4", "--max-length", "128"],
         True,
     ),
     "smollm2-instructions-variants": (
