@@ -67,6 +67,8 @@ class TrainConfig:
                            choices=["alpaca", "chat"])  # fmt: skip
     early_stopping: int | None = option(None, "stop once this many epochs bring no better validation score "
                                         "(accuracy, then loss; loss for instructions)", metavar="PATIENCE")  # fmt: skip
+    eval_train: bool = option(False, "classification: score the whole training set at the end too (train_accuracy; "
+                              "a pass as long as an epoch's forwards)")  # fmt: skip
     keep: str = option("last", "the adapter and metrics of the last epoch, or of the best by validation score",
                        choices=["last", "best"])  # fmt: skip
     bf16: bool = option(False, "bfloat16 autocast (GPU)")

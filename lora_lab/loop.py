@@ -42,14 +42,16 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Sequence[dict], task: Task, device: torch.device) -> dict:
+def evaluate(
+    model: nn.Module, batches: Sequence[dict], task: Task, device: torch.device, what: str = "evaluation"
+) -> dict:
     """The mean cross-entropy over `batches` per example or scored token (unweighted: the one reported
     loss) and its standard error; for classification also the accuracy with its binomial standard
-    error, the predictions and the labels."""
+    error, the predictions and the labels. A progress bar named `what` shows on a terminal."""
     was_training = model.training
     model.eval()
     total, squares, count, preds, labels = 0.0, 0.0, 0, [], []
-    for batch in batches:
+    for batch in tqdm(batches, desc=what, leave=False, disable=None):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = task.logits(model, batch)
         losses = task.losses(logits, batch["labels"])[0].double()
@@ -360,7 +362,7 @@ def _why_nothing(cfg: TrainConfig, task: Task, batches: Sequence, size: int) -> 
 
 def _validate(model, val_batches, task: Task, device, cfg: TrainConfig, epoch: int, step: int) -> dict:
     """The epoch's validation, or a TrainingError when there is nothing to score or it diverged."""
-    val = evaluate(model, val_batches, task, device)
+    val = evaluate(model, val_batches, task, device, "validation")
     if val_batches and not val["count"]:
         raise TrainingError(
             f"nothing to score in the validation set: --max-length {cfg.max_length} cuts off every response; "

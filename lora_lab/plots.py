@@ -300,7 +300,7 @@ def plot_spectra(spectra: Sequence[dict], path: str | os.PathLike) -> None:
     rows_of_panels = math.ceil(len(models) / cols)
     fig, axes = plt.subplots(rows_of_panels, cols, figsize=(5.2 * cols, 4.0 * rows_of_panels + 0.6), squeeze=False)
     panels = [ax for row in axes for ax in row]
-    for ax in panels[len(models):]:
+    for ax in panels[len(models) :]:
         ax.set_visible(False)
     for ax, model in zip(panels, models, strict=False):
         rows = [row for row in spectra if row["series"] == model]

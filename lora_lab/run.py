@@ -23,6 +23,7 @@ import math
 import os
 import pickle
 import random
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -137,15 +138,19 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) ->
             write_csv(run / STEPS, fitted.step_log, STEP_COLUMNS)
 
     if resume is None:  # where training starts from, for the before-and-after in metrics.json
-        initial = {k: v for k, v in evaluate(model, val_batches, task, device).items() if k in INITIAL}
+        initial = {
+            k: v
+            for k, v in evaluate(model, val_batches, task, device, "validation before training").items()
+            if k in INITIAL
+        }
         if rank == 0:
             write_text(run / "initial.json", json.dumps(initial))
         torch.manual_seed(cfg.seed)  # dropout masks from here on (a resumed run restores its RNG state)
     else:
         initial = json.loads((run / "initial.json").read_text())
     fitted = fit(model, dataset.train, collate, val_batches, cfg, task, device, on_epoch_end, resume, distributed)
-    val = fitted.last_val or evaluate(model, val_batches, task, device)  # a run resumed after its last epoch
-    test = evaluate(model, D.batches(dataset.test, cfg.batch_size, collate, shuffle=False), task, device)
+    val = fitted.last_val or evaluate(model, val_batches, task, device, "validation")  # resumed after its last epoch
+    test = evaluate(model, D.batches(dataset.test, cfg.batch_size, collate, shuffle=False), task, device, "test")
     metrics = _metrics(cfg, task, model, dataset, fitted, device, processes, initial, val, test)
     if task.classifies:
         metrics.update(_classification_metrics(model, dataset, cfg, task, collate, device, val, test))
@@ -240,11 +245,17 @@ def _classification_metrics(model, dataset, cfg: TrainConfig, task: Task, collat
     class), how many classes the model predicts, and the test set's precision, recall and F1."""
     positive = positive_index(dataset.labels, cfg.positive_label)
     majority = max(range(len(dataset.labels)), key=lambda c: sum(y == c for _, y in dataset.train))
-    train_eval = evaluate(model, D.batches(dataset.train, cfg.batch_size, collate, False), task, device)
+    train_accuracy, seconds = None, None
+    if cfg.eval_train:  # on request only: as long as an epoch's forwards, for one figure
+        started = time.perf_counter()
+        batches = D.batches(dataset.train, cfg.batch_size, collate, False)
+        train_accuracy = evaluate(model, batches, task, device, "training set")["accuracy"]
+        seconds = round(time.perf_counter() - started, 2)
     test_metrics = classification_metrics(test["labels"], test["preds"], dataset.labels, positive)
     return {
         "labels": dataset.labels,
-        "train_accuracy": train_eval["accuracy"],
+        "train_accuracy": train_accuracy,  # with --eval-train
+        "train_eval_seconds": seconds,
         "val_accuracy": val["accuracy"],
         "val_accuracy_se": val["accuracy_se"],
         "val_baseline": sum(y == majority for y in val["labels"]) / max(len(val["labels"]), 1),

@@ -165,6 +165,9 @@ def test_a_run_directory_holds_everything(tiny_runs, tmp_path):
     seconds = [float(r["seconds"]) for r in steps]
     assert seconds == sorted(seconds) and seconds[-1] <= metrics["train_seconds"] + 0.005  # that one to 0.01 s
     assert metrics["epoch_kept"] == 3 and metrics["stopped_early"] is False
+    assert metrics["train_accuracy"] is None  # the pass over the training set runs on request only
+    scored = train(dataclasses.replace(tiny_runs, eval_train=True, epochs=1), tmp_path / "scored")
+    assert 0.5 <= scored["train_accuracy"] <= 1 and scored["train_eval_seconds"] > 0
     with pytest.raises(ValueError, match="holds a run of another config"):
         train(
             TrainConfig(**{**json.loads((tmp_path / "run" / "config.json").read_text()), "rank": 2}), tmp_path / "run"
