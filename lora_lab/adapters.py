@@ -31,6 +31,7 @@ from .named_adapters import (
     adapter_layer,
     adapter_names,
     check_adapter_name,
+    check_held,
     holds,
     refuse_beside_principal,
 )
@@ -133,10 +134,8 @@ def wrappers_by_name(model: nn.Module, name: str | None = None) -> dict[str, Lay
     if not wrappers:
         raise ValueError(f"{type(model).__name__} has no LoRA layers to save: call inject_lora(model, ...) first")
     name = name or active_adapter(model)
-    holding = {n: w for n, w in wrappers.items() if holds(w, name)} if name else {}
-    if not holding:
-        raise ValueError(f"the model holds no adapter named {name!r}; it holds {adapter_names(model)}")
-    return holding
+    check_held(model, name)
+    return {n: w for n, w in wrappers.items() if holds(w, name)}
 
 
 def extra_state(model: nn.Module, extra: Iterable[str]) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .lora import LayerWithLoRA, lora_modules
-from .named_adapters import adapter_names, check_adapter_name, holds, looking_at, set_adapter
+from .named_adapters import check_held, holds, looking_at, set_adapter
 from .targets import replace_module
 
 
@@ -57,9 +57,7 @@ def _wrapper_problems(name: str, wrapper: LayerWithLoRA, owners: dict, allow_qua
 def _check_mergeable(model: nn.Module, what: str, allow_quantized: bool = False, name: str | None = None) -> None:
     """Raise one error naming every wrapper that cannot merge, before anything is changed."""
     if name is not None:
-        check_adapter_name(name)
-        if name not in adapter_names(model):
-            raise ValueError(f"the model holds no adapter named {name!r}; it holds {adapter_names(model) or 'none'}")
+        check_held(model, name)
     problems = _merge_problems(model, allow_quantized, name)
     if problems:
         raise ValueError(

@@ -69,6 +69,14 @@ def adapter_names(model: nn.Module) -> list[str]:
     return sorted({n for _, w in lora_modules(model) for n in _names(w)})
 
 
+def check_held(model: nn.Module, name: str) -> list[str]:
+    """The model's adapter names, if `name` is one of them; else a ValueError naming those it holds."""
+    names = adapter_names(model)
+    if name not in names:
+        raise ValueError(f"the model holds no adapter named {name!r}; it holds {names or 'none'}")
+    return names
+
+
 def active_adapter(model: nn.Module) -> str | None:
     """The name of the adapter `model` runs, or None if it holds none."""
     active = sorted({w.adapter_name for _, w in lora_modules(model) if w.active})
@@ -130,9 +138,7 @@ def add_to_wrapper(wrapper: LayerWithLoRA, name: str, lora: LoRALayer) -> None:
 def set_adapter(model: nn.Module, name: str) -> None:
     """Run adapter `name`: its tensors train, the others wait frozen (as PEFT's `set_adapter`).
     Layers without it run their base; a merged model is unmerged first."""
-    names = adapter_names(model)
-    if name not in names:
-        raise ValueError(f"the model holds no adapter named {name!r}; it holds {names or 'none'}")
+    check_held(model, name)
     for _, wrapper in lora_modules(model):
         wrapper.unmerge()
         use_adapter(wrapper, name)
@@ -146,9 +152,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     was the active one, the first remaining name in sorted order becomes active on every layer (PEFT
     picks it per layer, so where layers hold different adapters its layers can end up running different
     ones)."""
-    names = adapter_names(model)
-    if name not in names:
-        raise ValueError(f"the model holds no adapter named {name!r}; it holds {names or 'none'}")
+    names = check_held(model, name)
     merged = [n for n, w in lora_modules(model) if w.merged and w.adapter_name == name]
     if merged:
         raise ValueError(f"adapter {name!r} is merged into {merged[:4]}: call unmerge_lora(model) first")
