@@ -4,44 +4,64 @@ run directory's config.json holds exactly these values."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from .models import default_model
+from .models import ALIASES, MODELS, default_model
+from .targets import did_you_mean
 from .tasks import CAUSAL_LM, CLASSIFICATION, Task
+from .tracking import TRACKERS
 from .variants import INITS
 
-HOW = ("device", "compile")  # config fields that say how a run computes, not what: a resumed run may change them
+HOW = ("device", "compile", "report_to")  # how a run computes and reports, not what: a resumed run may change them
 
 
-def option(default: Any, help: str, cli: str | None = None, **argparse_kwargs: Any) -> Any:
-    """A config field with its command-line help; `cli` names a flag other than --field-name ("" for
-    none: the command sets the field itself), `argparse_kwargs` go to add_argument (choices, metavar)."""
-    return field(default=default, metadata={"help": help, "cli": cli, "argparse": argparse_kwargs})
+def option(default: Any, help: str, cli: str | None = None, point: bool = False, **argparse_kwargs: Any) -> Any:
+    """A config field with its command-line help. `cli` names a flag other than --field-name (a bool
+    that defaults to True and has its own flag is that flag's negation, as --full); `point` marks the
+    fields a sweep point sets (`lora-lab sweep` takes lists of them instead); `argparse_kwargs` go to
+    add_argument (choices, metavar). The options of `train` and `sweep` are built from these (`options.py`)."""
+    return field(default=default, metadata={"help": help, "cli": cli, "point": point, "argparse": argparse_kwargs})
 
 
 @dataclass
 class TrainConfig:
     """Everything that decides a run. Saved as config.json; resuming needs the same values."""
 
-    model: str = option("", "any name lora-lab report knows, a local Hugging Face directory or a hub id (default: "
-                        "one that installs offline, `models.default_model`)", cli="")  # fmt: skip
-    dataset: str = option("sms-spam", "sms-spam, sentiment, instructions or csv:PATH", metavar="NAME")
-    data_path: str | None = option(None, "a local copy of the dataset (default: packaged or downloaded)")
+    model: str = option("", f"{', '.join(MODELS)} (or {', '.join(ALIASES)}), a local Hugging Face directory or a "
+                        "hub id (default: minilm-l6 for classification, smollm2-135m for instructions: both install "
+                        "offline)", point=True)  # fmt: skip
+    dataset: str = option(
+        "sms-spam",
+        "sms-spam, sentiment, instructions; or labelled texts: "
+        "csv:PATH / jsonl:PATH (CSV, TSV, JSON lines, JSON), hf:NAME (a Hugging Face dataset: "
+        "a save_to_disk folder, data files, a hub name)",
+        metavar="NAME",
+    )
+    data_path: str | None = option(None, "a local copy of the dataset (default: packaged or downloaded); for "
+                                   "instructions any file of entries (JSON, JSON lines: Alpaca's fields, or chats "
+                                   "as messages) or hf:NAME")  # fmt: skip
     text_column: str = option("text", "csv: the text column")
     label_column: str = option("label", "csv: the label column")
     balanced: bool = option(True, "sms-spam: all 5,574 messages, not the book's balanced 747 + 747", cli="--full")
-    rank: int = option(8, "LoRA rank", cli="")
-    alpha: float = option(16.0, "LoRA alpha", cli="")
+    rank: int = option(8, "LoRA rank", point=True)
+    alpha: float | None = option(None, "LoRA alpha (default: 2 x rank)", point=True)
     dropout: float = option(0.0, "dropout on the LoRA input")
-    use_rslora: bool = option(False, "scale by alpha / sqrt(rank) (rsLoRA)", cli="")
-    use_dora: bool = option(False, "DoRA: a learned length per output channel (weight-decomposed LoRA)", cli="")
+    use_rslora: bool = option(False, "scale by alpha / sqrt(rank) (rsLoRA)", cli="--rslora", point=True)
+    use_dora: bool = option(False, "DoRA: a learned length per output channel (weight-decomposed LoRA)", point=True)
     init: str = option("kaiming", "how LoRA starts: kaiming (PEFT's default) or gaussian, B zero; pissa / olora: "
-                       "from W's principal directions, the residual left in the base (linears)", cli="")  # fmt: skip
+                       "from W's principal directions, the residual left in the base (linears)", point=True,
+                       choices=list(INITS))  # fmt: skip
     lr_ratio: float = option(1.0, "LoRA+: B's learning rate this many times A's and the rest's (the paper: 16)",
-                             cli="")  # fmt: skip
-    targets: list[str] | str = option("all-linear", "modules to adapt", cli="")
+                             point=True)  # fmt: skip
+    targets: list[str] | str = option(
+        "all-linear",
+        "modules to adapt: names or dotted suffixes (q_proj v_proj), or all-linear: every linear but the output head",
+        point=True,
+        metavar="NAME",
+    )
     epochs: int = option(3, "passes over the training set")
     batch_size: int = option(8, "rows per batch (per process under DDP)")
     grad_accum: int = option(1, "batches per optimizer step (one step's loss is one mean over all of them)")
@@ -55,7 +75,7 @@ class TrainConfig:
     positive_label: str | None = option(None, "two classes: the class whose precision, recall and F1 are reported "
                                         "(default: the second label in sorted order: 1 of 0/1, spam of ham/spam)",
                                         metavar="LABEL")  # fmt: skip
-    seed: int = option(123, "initialisation, data order and dropout", cli="")
+    seed: int = option(123, "initialisation, data order and dropout", point=True)
     max_length: int | None = option(None, "tokens per example, longer ones cut; none: the model's context")
     pooling: str = option("last-token", "GPTModel classification: the last real token, or the last position "
                           "(padding included: the book's)", choices=["last-token", "last-position"])  # fmt: skip
@@ -80,6 +100,12 @@ class TrainConfig:
     max_steps: int | None = option(None, "stop after this many optimizer steps (a quick check)")
     bucket: bool = option(False, "batch rows of similar length together (less padding, faster epochs; the batches "
                           "differ from the default's)")  # fmt: skip
+    report_to: list[str] | None = option(
+        None,
+        "experiment trackers, any of tensorboard, mlflow, wandb (each an "
+        "optional extra: pip install 'lora-lab[tensorboard]')",
+        metavar="TRACKER",
+    )
     compile: bool = option(False, "torch.compile the model: the first steps compile (counted in the run's seconds), "
                            "faster after, above all on GPU")  # fmt: skip
 
@@ -88,8 +114,9 @@ class TrainConfig:
             self.model = default_model(self.dataset)
         whole = {"rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
         bad = [f"--{k.replace('_', '-')} {v}" for k, v in whole.items() if not isinstance(v, int) or v < 1]
-        if self.init not in INITS:
-            raise ValueError(f"--init {self.init}: use one of {', '.join(INITS)}")
+        if self.alpha is None:  # 2 x rank; of a bad rank, 2: the error names the rank alone
+            self.alpha = 2.0 * self.rank if isinstance(self.rank, int) and self.rank > 0 else 2.0
+        self._check_choices()
         positive = {"lr": self.lr, "alpha": self.alpha, "lr-ratio": self.lr_ratio}
         bad += [f"--{k} {v}" for k, v in positive.items() if not 0 < v < math.inf]
         if self.max_steps is not None and self.max_steps < 1:
@@ -111,6 +138,18 @@ class TrainConfig:
             raise ValueError("--positive-label is for classification; instruction tuning has no classes")
         if self.class_weights is not None:
             self.make_task("hf")  # refuses negative or infinite weights, or weights for instruction tuning
+
+    def _check_choices(self) -> None:
+        """A config file's (or a caller's) value of a field with choices, checked as the command line's is."""
+        for tracker in self.report_to or []:
+            if tracker not in TRACKERS:
+                raise ValueError(f"--report-to {tracker}{did_you_mean(tracker, list(TRACKERS))}: use any of "
+                                 f"{', '.join(TRACKERS)}")  # fmt: skip
+        for f in dataclasses.fields(self):
+            choices, value = f.metadata.get("argparse", {}).get("choices"), getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                close = did_you_mean(str(value), choices)
+                raise ValueError(f"--{f.name.replace('_', '-')} {value}{close}: use one of {', '.join(choices)}")
 
     def task(self) -> str:
         return CAUSAL_LM if self.dataset == "instructions" else CLASSIFICATION

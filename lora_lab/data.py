@@ -1,7 +1,8 @@
 """Datasets for fine-tuning: read, split, tokenize, batch.
 
 Classification data is a list of ``(text, label)`` pairs per split; instruction data is a list
-of Alpaca entries (``instruction``, ``input``, ``output``). Batches are dicts of tensors:
+of Alpaca entries (``instruction``, ``input``, ``output``) or chats (``messages``). A user's files
+(CSV / TSV, JSON lines, JSON, Hugging Face datasets) are read by `records.py`. Batches are dicts of tensors:
 
 - classification: ``input_ids`` (B, T) padded with the tokenizer's pad id, ``attention_mask``
   (B, T), 1 on real tokens, and ``labels`` (B,);
@@ -15,10 +16,7 @@ cached under ``~/.cache/lora_lab`` (sentence polarity, the book's instruction se
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import os
 import random
 import re
@@ -31,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from . import records as R
 from .files import write_bytes
 from .tokenizer import ALPACA_HEADER, Tokenizer, alpaca_prompt, gpt2_text_tokenizer, hf_text_tokenizer  # noqa: F401
 
@@ -44,7 +43,7 @@ POLARITY_SHA256 = {
 }
 INSTRUCTIONS_FILE = "instruction-data.json"  # packaged: the book's set, Apache-2.0 (see its readme there)
 IGNORE_INDEX = -100  # targets the cross-entropy loss skips
-DATASETS = ("sms-spam", "sentiment", "instructions", "csv:PATH")
+DATASETS = ("sms-spam", "sentiment", "instructions", "csv:PATH", "jsonl:PATH", "hf:NAME")
 
 
 @dataclass
@@ -205,81 +204,102 @@ def sentiment(path: str | os.PathLike | None = None, seed: int = 123) -> Classif
     )
 
 
-# ---- any CSV / TSV ----------------------------------------------------------------------------
+# ---- any labelled texts: CSV / TSV, JSON lines, a JSON list, a Hugging Face dataset ----------------
 
 
 _WHOLE = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: "²" is a digit to str.isdigit, not to int()
+FILE_PREFIXES = ("csv:", "jsonl:", "hf:")  # --dataset csv:PATH, jsonl:PATH (either reads any of the files), hf:NAME
 
 
-def label_name(value: str) -> str:
-    """A label as the dataset numbers it: whole numbers by their value ("01", "+1" and "1" are one class)."""
+def label_name(value: object) -> str:
+    """A label as the dataset numbers it: whole numbers by their value ("01", "+1", 1 and "1" are one class)."""
+    value = str(value).strip() if value is not None else ""
     return str(int(value)) if _WHOLE.fullmatch(value) else value
 
 
-def csv_dataset(
-    path: str | os.PathLike, text_column: str = "text", label_column: str = "label", seed: int = 123
+def labelled_dataset(
+    source: str | os.PathLike, text_column: str = "text", label_column: str = "label", seed: int = 123
 ) -> ClassificationData:
-    """A CSV (or .tsv: tab-separated) file with a header naming `text_column` and `label_column`;
-    labels may be names or numbers, and are numbered in sorted order. Stratified 70/10/20."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no such file: {path} (csv:PATH needs a CSV or TSV file with a header row)")
-    delimiter = "\t" if path.suffix.lower() in (".tsv", ".tab") else ","
-    try:
-        text = path.read_bytes().decode("utf-8-sig")  # -sig: Excel's "CSV UTF-8" starts with a BOM
-    except UnicodeDecodeError as err:
-        raise ValueError(
-            f"{path} is not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8 (Excel: 'CSV UTF-8')"
-        ) from None
-    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
-    columns = reader.fieldnames or []
+    """Labelled texts from `source`: a file (CSV / TSV with a header, JSON lines, a JSON list of
+    objects; by its suffix) or "hf:NAME" (a Hugging Face dataset: a `save_to_disk` folder, data files,
+    or a hub name online). Labels may be names or numbers, numbered in sorted order. Split stratified
+    70/10/20, unless a Hugging Face dataset brings its own train, validation and test."""
+    if str(source).startswith("hf:"):
+        parts, where = R.hf_rows(str(source)[3:])
+        rows = R.splits_or_all(parts)
+    else:
+        rows, where = R.read_rows(source), str(source)
+    everything = rows if isinstance(rows, list) else [r for part in rows for r in part]
+    columns = list(dict.fromkeys(k for r in everything[:1000] for k in r))
     missing = [c for c in (text_column, label_column) if c not in columns]
     if missing:
-        raise ValueError(
-            f"{path} has no column(s) {missing}; its columns are {columns}. Name them with "
-            "--text-column and --label-column"
-        )
-    raw = [(row[text_column] or "", label_name((row[label_column] or "").strip())) for row in reader]
-    empty = [number for number, (_, label) in enumerate(raw, start=2) if not label]
+        raise ValueError(f"{where} has no column(s) {missing}; its columns are {columns}. Name them with "
+                         "--text-column and --label-column")  # fmt: skip
+    empty = [i for i, r in enumerate(everything, start=1) if not label_name(r.get(label_column))]
     if empty:
-        raise ValueError(
-            f"{path}: {len(empty)} row(s) have no {label_column!r} (first on line {empty[0]}): label or remove them"
-        )
-    names = sorted(
-        {label for _, label in raw}, key=lambda v: (not _WHOLE.fullmatch(v), int(v) if _WHOLE.fullmatch(v) else 0, v)
-    )
+        raise ValueError(f"{where}: {len(empty)} row(s) have no {label_column!r} (first "
+                         f"{R.row_place(where, empty[0])}): label or remove them")  # fmt: skip
+    names = sorted({label_name(r[label_column]) for r in everything},
+                   key=lambda v: (not _WHOLE.fullmatch(v), int(v) if _WHOLE.fullmatch(v) else 0, v))  # fmt: skip
     if len(names) < 2:
-        raise ValueError(
-            f"{path}: column {label_column!r} holds {len(names)} distinct label(s); classification needs two or more"
-        )
+        raise ValueError(f"{where}: {label_column!r} holds {len(names)} distinct label(s); classification needs "
+                         "two or more")  # fmt: skip
     index = {name: i for i, name in enumerate(names)}
-    rows = [(text, index[label]) for text, label in raw]
-    return _check_splits(ClassificationData(*split_70_10_20(rows, seed), labels=names, source=str(path)))
+
+    def pairs(part: list[dict]) -> list[tuple[str, int]]:
+        return [(str(r[text_column] or ""), index[label_name(r[label_column])]) for r in part]
+
+    splits = split_70_10_20(pairs(rows), seed) if isinstance(rows, list) else [pairs(part) for part in rows]
+    return _check_splits(ClassificationData(*splits, labels=names, source=where))
+
+
+csv_dataset = labelled_dataset  # the name it had when it read CSV alone
 
 
 # ---- instructions (Alpaca format) ------------------------------------------------------------
 
 
 def instructions(path: str | os.PathLike | None = None) -> InstructionData:
-    """The book's 1,100 instruction entries (chapter 7, packaged), or any JSON list of Alpaca entries,
-    split as the book does: 85% train, 10% test, 5% validation, in file order (935 / 110 / 55)."""
-    path = Path(path) if path else PACKAGED / INSTRUCTIONS_FILE
-    try:
-        entries = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no such file: {path} (a JSON list of instruction/input/output entries)") from None
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-    bad = [i for i, e in enumerate(entries) if not isinstance(e, dict) or not {"instruction", "output"} <= set(e)]
-    if not isinstance(entries, list) or bad:
-        raise ValueError(f"{path}: expected a JSON list of {{instruction, input, output}} entries (entry {bad[:3]})")
-    n_train, n_test = int(len(entries) * 0.85), int(len(entries) * 0.1)
-    data = InstructionData(
-        entries[:n_train], entries[n_train + n_test :], entries[n_train : n_train + n_test], source=str(path)
-    )
+    """The book's 1,100 instruction entries (chapter 7, packaged), or a file of entries: a JSON list or
+    JSON lines, or "hf:NAME" (a Hugging Face dataset). An entry is Alpaca's (instruction, input,
+    output) or a chat (`messages`: role and content per turn; the model's chat template renders it and
+    the assistant turns are learned). Split as the book does: 85% train, 10% test, 5% validation, in
+    file order (935 / 110 / 55), unless a Hugging Face dataset brings its own three splits."""
+    path = path or PACKAGED / INSTRUCTIONS_FILE
+    if str(path).startswith("hf:"):
+        parts, where = R.hf_rows(str(path)[3:])
+        rows = R.splits_or_all(parts)
+    else:
+        rows, where = R.read_rows(path), str(path)
+    everything = rows if isinstance(rows, list) else [e for part in rows for e in part]
+    bad = [i for i, e in enumerate(everything) if not _is_entry(e)]
+    if bad:
+        raise ValueError(f"{where}: expected instruction / input / output entries, or chats (messages: a list of "
+                         f"role / content turns with an assistant turn); entries {bad[:3]} are neither")  # fmt: skip
+    if isinstance(rows, list):
+        n_train, n_test = int(len(rows) * 0.85), int(len(rows) * 0.1)
+        rows = rows[:n_train], rows[n_train + n_test :], rows[n_train : n_train + n_test]
+    data = InstructionData(*[[_entry(e) for e in part] for part in rows], source=where)
     if not data.train or not data.val:
-        raise ValueError(f"{path}: {len(entries)} entries leave an empty split; give at least 20")
+        raise ValueError(f"{where}: {len(everything)} entries leave an empty split; give at least 20")
     return data
+
+
+def _is_entry(entry: object) -> bool:
+    if not isinstance(entry, dict):
+        return False
+    turns = entry.get("messages")
+    if turns is None:
+        return entry.get("instruction") is not None and entry.get("output") is not None
+    return (isinstance(turns, list) and all(isinstance(t, dict) and {"role", "content"} <= set(t) for t in turns)
+            and any(t["role"] == "assistant" for t in turns))  # fmt: skip
+
+
+def _entry(entry: dict) -> dict:
+    """An entry as training reads it: a chat's turns, or Alpaca's fields as text (a missing input: "")."""
+    if entry.get("messages") is not None:
+        return {"messages": [{"role": t["role"], "content": str(t["content"])} for t in entry["messages"]]}
+    return {k: str(entry.get(k) or "") for k in ("instruction", "input", "output")}
 
 
 # ---- batches ---------------------------------------------------------------------------------
@@ -310,27 +330,37 @@ def instruction_tokens(entry: dict[str, str], tok: Tokenizer, template: str = "a
     return ids, min(len(prompt), len(ids))
 
 
+def entry_tokens(entry: dict, tok: Tokenizer, template: str = "alpaca") -> tuple[list[int], list[bool]]:
+    """The ids of an entry, truncated to `tok.max_length`, and which of them are to be learned: an
+    Alpaca entry's response and end token, or a chat's assistant turns (`Tokenizer.conversation`)."""
+    if "messages" in entry:
+        ids, learn = tok.conversation(entry["messages"])
+        return ids[: tok.max_length], learn[: tok.max_length]
+    ids, n_prompt = instruction_tokens(entry, tok, template)
+    return ids, [i >= n_prompt for i in range(len(ids))]
+
+
 def causal_lm_batch(
     entries: Sequence[dict[str, str]], tok: Tokenizer, mask_prompt: bool = True, template: str = "alpaca"
 ) -> dict[str, torch.Tensor]:
     """Inputs and next-token targets for instruction tuning. Targets are the inputs shifted by one;
     padding (after the first end token) and, with `mask_prompt`, the prompt are -100, so the loss
     is the response's alone. Padded on the right with `tok.pad_id`."""
-    seqs = [instruction_tokens(e, tok, template) for e in entries]
+    seqs = [entry_tokens(e, tok, template) for e in entries]
     width = max(len(ids) for ids, _ in seqs) - 1
     if width < 1:
         raise ValueError("an entry tokenizes to fewer than two tokens: nothing to predict")
     inputs = torch.full((len(seqs), width), tok.pad_id, dtype=torch.long)
     targets = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for row, (ids, n_prompt) in enumerate(seqs):
+    for row, (ids, learn) in enumerate(seqs):
         seq = torch.tensor(ids)
         n = len(ids) - 1
         inputs[row, :n] = seq[:-1]
         targets[row, :n] = seq[1:]
         mask[row, :n] = 1
-        if mask_prompt:
-            targets[row, : max(n_prompt - 1, 0)] = IGNORE_INDEX  # position i predicts token i + 1
+        if mask_prompt:  # position i predicts token i + 1: learned where token i + 1 is
+            targets[row, :n][~torch.tensor(learn[1:], dtype=torch.bool)] = IGNORE_INDEX
     return {"input_ids": inputs, "attention_mask": mask, "labels": targets}
 
 
@@ -379,13 +409,16 @@ def load_dataset(
     label_column: str = "label",
     balanced: bool = True,
 ) -> ClassificationData | InstructionData:
-    """A dataset by its CLI name: ``sms-spam``, ``sentiment``, ``instructions`` or ``csv:PATH``."""
+    """A dataset by its CLI name: ``sms-spam``, ``sentiment``, ``instructions`` (`path`: a file or
+    hf:NAME of entries), ``csv:PATH`` / ``jsonl:PATH`` (a file of labelled texts) or ``hf:NAME``."""
     if name == "sms-spam":
         return sms_spam(path, balanced=balanced, seed=seed)
     if name == "sentiment":
         return sentiment(path, seed=seed)
     if name == "instructions":
         return instructions(path)
-    if name.startswith("csv:"):
-        return csv_dataset(path or name[4:], text_column, label_column, seed=seed)
+    if name.startswith(("csv:", "jsonl:")):
+        return labelled_dataset(path or name.split(":", 1)[1], text_column, label_column, seed=seed)
+    if name.startswith("hf:"):
+        return labelled_dataset(path or name, text_column, label_column, seed=seed)
     raise ValueError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")

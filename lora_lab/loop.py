@@ -119,6 +119,7 @@ def fit(
     on_epoch_end: Callable[..., None] | None = None,
     resume: dict | None = None,
     distributed: bool = True,
+    on_step: Callable[[dict], None] | None = None,
 ) -> Fitted:
     """Train the parameters of `model` that require grad (LoRA, a head) for `cfg.epochs` over
     `train_rows`, batches drawn in an order fixed by `cfg.seed` and the epoch. A step's loss is one
@@ -126,7 +127,8 @@ def fit(
     checkpoint from an earlier call with the same settings: training goes on after its epoch.
     `cfg.early_stopping` stops after that many epochs without a better validation score
     (`validation_score`); with `cfg.keep` "best" the model ends with the best epoch's trainable
-    tensors. `on_epoch_end(epoch, fitted, optimizer, scheduler)` runs after every epoch."""
+    tensors. `on_epoch_end(epoch, fitted, optimizer, scheduler)` runs after every epoch, `on_step(row)`
+    after every optimizer step with its row of steps.csv."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("nothing to train: no parameter requires grad (inject LoRA or name a head to train)")
@@ -173,6 +175,8 @@ def fit(
                                     "seconds": round(fitted.seconds + time.perf_counter() - started, 3)})  # fmt: skip
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             log.step(fitted.step_log[-1], first // cfg.grad_accum + 1)
+            if on_step is not None:
+                on_step(fitted.step_log[-1])
             if _done(cfg, fitted):
                 break
         skipped = sum(w == 0 for w in weights)  # batches no process had anything to learn from

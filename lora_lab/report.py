@@ -107,8 +107,29 @@ class Series:
     choice: S.Choice | None
 
 
+def model_names(models: Sequence[str]) -> dict[str, str]:
+    """How a summary names each model: a local directory (keyed by its absolute path in the CSV) by
+    its last folder names, as few as tell the sweep's models apart; a registry name or hub id as is."""
+    local = [m for m in dict.fromkeys(models) if Path(m).is_absolute()]
+    names = {m: m for m in models}
+    for depth in range(1, max((len(Path(m).parts) for m in local), default=0) + 1):
+        tails = {m: "/".join(Path(m).parts[-depth:]) for m in local if names[m] == m}
+        for m, tail in tails.items():
+            if sum(t == tail for t in tails.values()) == 1 and tail not in names.values():
+                names[m] = tail
+    return names
+
+
+def as_shown(rows: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    """`rows` with each model as a summary names it (`model_names`)."""
+    names = model_names([r["model"] for r in rows])
+    return [{**r, "model": names[r["model"]]} for r in rows]
+
+
 def compare_ranks(rows: Sequence[dict[str, str]], task: str) -> list[Series]:
-    """Every series of `rows` with its ranks compared (see `summarize`)."""
+    """Every series of `rows` with its ranks compared (see `summarize`); local models named as
+    `model_names` says."""
+    rows = as_shown(rows)
     chosen, reported, higher = metric_for(task)
     columns, varied = series_columns(rows)
     groups: dict[tuple, dict[int, list[dict[str, str]]]] = {}
@@ -298,7 +319,7 @@ def write_summary(out: Path, rows: Sequence[dict[str, str]], task: str) -> None:
     """DIR/summary.md (the recommendation and its reason, the table with intervals, failed points)
     and DIR/sweep.png."""
     table, paragraphs = summarize(rows, task)
-    failed = [r for r in rows if r["status"] != "ok"]
+    failed = [r for r in as_shown(rows) if r["status"] != "ok"]
     chosen, reported, _ = metric_for(task)
     positive = sorted({r.get("positive_class", "") for r in rows if r.get("positive_class")})
     unit = "example" if Task(task).classifies else "response token"

@@ -41,6 +41,7 @@ from .loop import Fitted, evaluate, fit
 from .params import count_parameters, peak_memory_mib, reset_peak_memory
 from .peft_format import export_peft_adapter
 from .tasks import Task, classification_metrics
+from .tracking import Trackers, check_trackers
 
 CONFIG, CHECKPOINT, METRICS, HISTORY, STEPS = "config.json", "checkpoint.pt", "metrics.json", "history.csv", "steps.csv"
 STEP_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "seconds")  # steps.csv, one row an optimizer step
@@ -90,6 +91,9 @@ def prepare(cfg: TrainConfig, device: torch.device | str = "cpu"):
     mark_only_lora_trainable(loaded.model, train=_whole(cfg, loaded))
     if cfg.gradient_checkpointing:
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if num_labels == 0 and cfg.template != "chat" and any("messages" in e for e in dataset.train):
+        raise ValueError(f"{dataset.source} holds chats (messages), which the model's chat template renders: train "
+                         "them with --template chat (generate then prompts the same way)")  # fmt: skip
     if cfg.class_weights is not None and len(cfg.class_weights) != num_labels:
         raise ValueError(f"{len(cfg.class_weights)} class weights for {num_labels} classes {dataset.labels}")
     if cfg.positive_label is not None:
@@ -104,13 +108,16 @@ def _whole(cfg: TrainConfig, loaded) -> list[str]:
     return [loaded.head] if loaded.head and cfg.train_head else []
 
 
-def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) -> dict:
+def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None, sweep: str | Path | None = None) -> dict:
     """Run `cfg` into the directory `out` (made if need be) and return its metrics. A directory
     that holds a checkpoint of the same config resumes; one of another config is refused. Under
     torchrun (or with `distributed` True) every process trains this run together
     (DistributedDataParallel: each takes every n-th batch, so a step's batch is n x batch_size) and
-    rank 0 writes the files; `distributed` False trains in this process alone."""
+    rank 0 writes the files; `distributed` False trains in this process alone. `cfg.report_to`'s
+    trackers get the run (`tracking.py`); `sweep`, the directory of the sweep it is a point of, groups it."""
     run = Path(out)
+    sweep = Path(sweep) if sweep is not None else None
+    check_trackers(cfg.report_to or [])  # a tracker not installed is refused before the model loads
     if run.exists() and not run.is_dir():
         raise ValueError(f"--out {run} is a file; a run writes a directory: give a new or existing directory")
     config_text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
@@ -132,31 +139,41 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None) ->
     collate = task.collate(loaded.tokenizer)
     val_batches = D.batches(dataset.val, cfg.batch_size, collate, shuffle=False)
 
+    trackers = Trackers(cfg.report_to if rank == 0 else (), run, dataclasses.asdict(cfg), sweep)
+
     def on_epoch_end(epoch, fitted, optimizer, scheduler) -> None:
         if rank == 0:
             _save_checkpoint(run, model, epoch, fitted, optimizer, scheduler, processes)
             write_csv(run / STEPS, fitted.step_log, STEP_COLUMNS)
+            trackers.epoch(fitted.history[-1])
 
-    if resume is None:  # where training starts from, for the before-and-after in metrics.json
-        initial = {
-            k: v
-            for k, v in evaluate(model, val_batches, task, device, "validation before training").items()
-            if k in INITIAL
-        }
+    ok = False
+    try:
+        if resume is None:  # where training starts from, for the before-and-after in metrics.json
+            initial = {
+                k: v
+                for k, v in evaluate(model, val_batches, task, device, "validation before training").items()
+                if k in INITIAL
+            }
+            if rank == 0:
+                write_text(run / "initial.json", json.dumps(initial))
+            torch.manual_seed(cfg.seed)  # dropout masks from here on (a resumed run restores its RNG state)
+        else:
+            initial = json.loads((run / "initial.json").read_text())
+        fitted = fit(model, dataset.train, collate, val_batches, cfg, task, device, on_epoch_end, resume, distributed,
+                     on_step=trackers.step)  # fmt: skip
+        val = fitted.last_val or evaluate(model, val_batches, task, device, "validation")  # resumed after its end
+        test = evaluate(model, D.batches(dataset.test, cfg.batch_size, collate, shuffle=False), task, device, "test")
+        metrics = _metrics(cfg, task, model, dataset, fitted, device, processes, initial, val, test)
+        if task.classifies:
+            metrics.update(_classification_metrics(model, dataset, cfg, task, collate, device, val, test))
+        metrics = _finite(metrics)  # JSON has no NaN: a figure that cannot be had is None
         if rank == 0:
-            write_text(run / "initial.json", json.dumps(initial))
-        torch.manual_seed(cfg.seed)  # dropout masks from here on (a resumed run restores its RNG state)
-    else:
-        initial = json.loads((run / "initial.json").read_text())
-    fitted = fit(model, dataset.train, collate, val_batches, cfg, task, device, on_epoch_end, resume, distributed)
-    val = fitted.last_val or evaluate(model, val_batches, task, device, "validation")  # resumed after its last epoch
-    test = evaluate(model, D.batches(dataset.test, cfg.batch_size, collate, shuffle=False), task, device, "test")
-    metrics = _metrics(cfg, task, model, dataset, fitted, device, processes, initial, val, test)
-    if task.classifies:
-        metrics.update(_classification_metrics(model, dataset, cfg, task, collate, device, val, test))
-    metrics = _finite(metrics)  # JSON has no NaN: a figure that cannot be had is None
-    if rank == 0:
-        _write_run(run, cfg, loaded, model, fitted, metrics, initial)
+            _write_run(run, cfg, loaded, model, fitted, metrics, initial)
+            trackers.finish(metrics, fitted.steps)
+        ok = True
+    finally:
+        trackers.close(ok)
     barrier()  # every process returns once the run is on disk
     return metrics
 
@@ -334,6 +351,20 @@ def load_run(run: str | Path, task: str | None = None):
     load_adapter(loaded.model, run / ADAPTER_FILE)
     loaded.model.eval()
     return cfg, loaded, labels
+
+
+def classify(cfg, loaded, texts: Sequence[str], batch_size: int = 32) -> torch.Tensor:
+    """Class probabilities (len(texts), classes) from a classification run, batched as in training:
+    the same padding and pooling. The book's last-position pooling reads whatever the last position
+    holds, which without a fixed length (pad_to) depends on the batch's other texts: there each text
+    goes alone."""
+    task = cfg.make_task(loaded.kind)
+    collate = task.collate(loaded.tokenizer)
+    size = 1 if cfg.pooling == "last-position" and not cfg.pad_to else batch_size
+    groups = [[(text, 0) for text in texts[k : k + size]] for k in range(0, len(texts), size)]
+    with torch.no_grad():
+        bar = tqdm(groups, desc="classify", leave=False, disable=None if len(groups) > 1 else True)
+        return torch.cat([task.logits(loaded.model, collate(g)).float().softmax(-1) for g in bar])
 
 
 def answer(loaded, template: str, instruction: str, context: str = "", max_new_tokens: int = 128) -> str:

@@ -39,7 +39,7 @@ from filelock import FileLock
 from .files import write_csv, write_text
 from .report import write_summary
 
-CSV_NAME, SETTINGS, LOCK = "sweep.csv", "sweep.json", ".sweep.lock"
+CSV_NAME, SETTINGS, LOCK, CONFIG = "sweep.csv", "sweep.json", ".sweep.lock", "config.json"
 SCALINGS = ("standard", "rslora")
 VARIANTS = ("lora", "dora")
 # Key columns added since the first sweeps, with the value their rows ran with: older CSVs read so.
@@ -344,14 +344,36 @@ def check_settings(out: Path, settings: dict, record: bool = False) -> None:
         write_text(path, json.dumps(settings, indent=2) + "\n")
 
 
+def record_options(out: Path, options: dict) -> None:
+    """Write the command's options to DIR/config.json (`lora-lab sweep --config` reads it back), each
+    list joined with the one a previous command into DIR recorded: the file names every point the
+    directory holds. Call under `locked(out)`, once the settings are checked."""
+    path = out / CONFIG
+    before = json.loads(path.read_text()) if path.is_file() else {}
+    merged = {}
+    for key, value in options.items():
+        old = before.get(key)
+        if isinstance(value, list) and isinstance(old, list):
+            value = [*old, *(v for v in value if v not in old)]
+        merged[key] = value
+    write_text(path, json.dumps(merged, indent=2) + "\n")
+
+
 def run_sweep(
-    base, points: Sequence[Point], out: str | Path, shard: tuple[int, int] = (0, 1), ddp: bool = False, log=None
+    base,
+    points: Sequence[Point],
+    out: str | Path,
+    shard: tuple[int, int] = (0, 1),
+    ddp: bool = False,
+    log=None,
+    options: dict | None = None,
 ) -> dict:
     """Train this process's share of `points` (those not finished yet) into `out`; the process that
     finishes the last point writes the summary. With `ddp` (under torchrun) every process trains
     every point together instead (DistributedDataParallel) and rank 0 keeps the books. Returns
     counts: trained, skipped, failed (a TrainingError: diverged, nothing to learn), and whether this
-    process wrote the summary. `log` prints a line (default: through the progress bar)."""
+    process wrote the summary. `log` prints a line (default: through the progress bar). `options`,
+    the command's (a config file's keys), go to DIR/config.json."""
     from tqdm.auto import tqdm
 
     from .distributed import init_distributed
@@ -372,6 +394,8 @@ def run_sweep(
     with locked(out):
         check_settings(out, settings)
         done = {row_key(r) for r in read_rows(out)}
+        if options is not None and writes:
+            record_options(out, options)
     mine = [p for i, p in enumerate(points) if i % count == index]
     todo = [p for p in mine if p.key() not in done]
     if ddp and processes > 1:  # every process trains the same points: rank 0's reading of the CSV decides
@@ -388,7 +412,7 @@ def run_sweep(
         log(f"point {point.model} r={point.rank} alpha={_number(point.alpha)} {point.scaling} {point.targets} "
             f"{point.variant} {point.init} lr-ratio {_number(point.lr_ratio)} seed {point.seed} -> {run}")  # fmt: skip
         try:
-            metrics, error = train(point_config(base, point), run, distributed=ddp), None
+            metrics, error = train(point_config(base, point), run, distributed=ddp, sweep=out), None
         except TrainingError as err:
             metrics, error = None, " ".join(str(err).split())  # the whole reason, on one line
             stats["failed"] += 1

@@ -78,6 +78,7 @@ class Tokenizer:
     continuation: Callable[[str], list[int]] | None = field(default=None, repr=False)  # no special tokens
     whole: Callable[[str], list[int]] | None = field(default=None, repr=False)  # `encode` without cutting
     leading_special: int = 0  # special tokens `encode` puts first (BOS, [CLS]): kept when a prompt is cut
+    turns: Callable[[list[dict[str, str]]], tuple[list[int], list[bool]]] | None = field(default=None, repr=False)
 
     def encode_tail(self, text: str, room: int) -> list[int]:
         """Ids of `text` (with the model's special tokens) cut to at most `room` by keeping its end,
@@ -91,6 +92,13 @@ class Tokenizer:
     def encode_continuation(self, text: str) -> list[int]:
         """Ids of text that follows a prompt (a response): without BOS or other special tokens."""
         return (self.continuation or self.encode)(text)
+
+    def conversation(self, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+        """The ids of a chat as the model's chat template renders it, and which of them are the
+        assistant's turns (each turn's content and the template's end of turn), to be learned."""
+        if self.turns is None:
+            raise ValueError("chat entries (messages) need a model with a chat template; this tokenizer has none")
+        return self.turns(messages)
 
     def prompt(self, entry: dict[str, str], template: str = "alpaca") -> str:
         """The prompt text of an instruction entry: the Alpaca prompt, or the model's chat template."""
@@ -126,6 +134,7 @@ def hf_text_tokenizer(tok: object, max_length: int) -> Tokenizer:
             messages, tokenize=False, add_generation_prompt=generation
         )
     eos = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    turns = functools.partial(_assistant_turns, tok) if chat is not None else None
     # how many special tokens open every encoding ([CLS], BOS): where a text's first token lands
     plain, full = tok("a", add_special_tokens=False)["input_ids"], tok("a", add_special_tokens=True)["input_ids"]
     leading = full.index(plain[0]) if plain and plain[0] in full else 0
@@ -140,4 +149,29 @@ def hf_text_tokenizer(tok: object, max_length: int) -> Tokenizer:
         continuation=lambda text: tok(text, add_special_tokens=False)["input_ids"],
         whole=lambda text: tok(text, add_special_tokens=True, verbose=False)["input_ids"],  # no "too long" warning
         leading_special=leading,
+        turns=turns,
     )
+
+
+def _assistant_turns(tok, messages: list[dict[str, str]]) -> tuple[list[int], list[bool]]:
+    """A chat tokenized as `tok.apply_chat_template(messages, tokenize=True)` tokenizes it, and which
+    tokens fall in an assistant turn: from the end of the prompt the template renders before the turn
+    (with the generation prompt) to the end of the conversation up to and with the turn."""
+
+    def render(part: list[dict[str, str]], generation: bool = False) -> str:
+        return tok.apply_chat_template(part, tokenize=False, add_generation_prompt=generation)
+
+    full, spans = render(messages), []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before, through = render(messages[:i], True), render(messages[: i + 1])
+        if not (through.startswith(before) and full.startswith(through)):
+            raise ValueError(
+                "this chat template renders a conversation's start differently from the whole conversation, so "
+                "its assistant turns cannot be told apart; give Alpaca entries (instruction, input, output)"
+            )
+        spans.append((len(before), len(through)))
+    encoded = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    learn = [any(a <= start < b for a, b in spans) for start, _ in encoded["offset_mapping"]]
+    return list(encoded["input_ids"]), learn

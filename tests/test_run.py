@@ -502,6 +502,41 @@ def test_classify_prints_one_line_per_text_or_json(tiny_runs, tmp_path, capsys):
     assert all(r["label"] in ("0", "1") and abs(sum(r["probabilities"].values()) - 1) < 1e-5 for r in rows)
 
 
+def test_classify_reads_a_file_a_column_or_stdin_and_writes_csv_or_json_lines(tiny_runs, tmp_path, capsys,
+                                                                              monkeypatch):  # fmt: skip
+    import csv
+    import io
+
+    run = str(tmp_path / "run")
+    train(tiny_runs, run)
+    capsys.readouterr()
+    texts = ["abz", "b c d e f g h", "z", "q r s z"]
+    assert main(["classify", "--json", "--batch-size", "1", "--run", run, *texts]) == 0
+    alone = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    (tmp_path / "t.txt").write_text("\n".join(texts) + "\n\n")
+    (tmp_path / "t.csv").write_text("id,body\n" + "".join(f"{i},{t}\n" for i, t in enumerate(texts)))
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    for source in (["--file", str(tmp_path / "t.txt")], ["--file", str(tmp_path / "t.csv"), "--column", "body"],
+                   ["--file", str(tmp_path / "t.jsonl")]):  # fmt: skip
+        assert main(["classify", "--format", "jsonl", "--run", run, *source]) == 0
+        batched = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert [r["text"] for r in batched] == texts and [r["label"] for r in batched] == [r["label"] for r in alone]
+        for a, b in zip(alone, batched, strict=True):  # padded in one batch or alone: the same probabilities
+            assert a["probabilities"] == pytest.approx(b["probabilities"], abs=1e-5)
+    assert main(["classify", "--format", "csv", "--out", str(tmp_path / "out.csv"), "--run", run, *texts]) == 0
+    with open(tmp_path / "out.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["text", "label", "probability", "p_0", "p_1"] and [r["text"] for r in rows] == texts
+    assert all(abs(float(r["p_0"]) + float(r["p_1"]) - 1) < 1e-5 for r in rows)
+    monkeypatch.setattr("sys.stdin", io.StringIO("abz\nz\n"))
+    capsys.readouterr()
+    assert main(["classify", "--run", run]) == 0
+    assert [line.split("\t")[2] for line in capsys.readouterr().out.splitlines()] == ["abz", "z"]
+    assert main(["classify", "--run", run, "--file", str(tmp_path / "t.txt"), "abz"]) == 2
+    assert main(["classify", "--run", run, "--file", str(tmp_path / "t.csv"), "--column", "text"]) == 2
+    assert "row 1 has no column 'text' (it has ['id', 'body'])" in capsys.readouterr().err
+
+
 def test_a_dora_run_trains_and_loads_with_its_magnitudes(tiny_runs, tmp_path):
     """`--use-dora`: the run's adapter holds the magnitudes, and load_run gives the trained model back."""
     from lora_lab.run import load_run

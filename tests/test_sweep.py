@@ -336,7 +336,7 @@ def test_a_failed_point_keeps_its_whole_reason_and_csv_paths_are_absolute(tiny_b
     import lora_lab.sweep as sweep_module
     from lora_lab.loop import TrainingError
 
-    def fail(cfg, out, distributed=False):
+    def fail(cfg, out, distributed=False, sweep=None):
         raise TrainingError("nothing to learn in epoch 1: every batch was skipped (--max-length 2 cuts off every "
                             "response); raise --max-length")  # fmt: skip
 
@@ -455,3 +455,11 @@ def test_the_package_and_a_sweep_with_two_writers_run_without_fcntl_and_resource
     done = subprocess.run([sys.executable, str(script), str(tmp_path / "sweep")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[:3] == ["30", "30", "True"], done.stdout
+
+
+def test_a_summary_names_local_models_by_as_few_folder_names_as_tell_them_apart():
+    from lora_lab.report import model_names
+
+    names = model_names(["/a/b/bert", "/c/d/bert", "/x/y/gpt", "minilm-l6", "/x/y/gpt", "/z/minilm-l6"])
+    assert names == {"/a/b/bert": "b/bert", "/c/d/bert": "d/bert", "/x/y/gpt": "gpt", "minilm-l6": "minilm-l6",
+                     "/z/minilm-l6": "z/minilm-l6"}  # fmt: skip
