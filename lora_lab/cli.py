@@ -15,10 +15,10 @@ from .report import markdown_table
 from .targets import classifier_head_name, did_you_mean
 
 
-def _items(values: Sequence | str | float, unique: bool = True) -> list[str]:
+def _items(values: Sequence | str | float | None, unique: bool = True) -> list[str]:
     """A CLI list given as `8,16,64`, `8 16 64` or a mix, or a config file's list or single value, in
     order: each item once, unless not `unique`."""
-    values = values if isinstance(values, list | tuple) else [values]
+    values = values if isinstance(values, list | tuple) else [] if values is None else [values]
     items = [item for value in values for item in str(value).split(",") if item]
     return list(dict.fromkeys(items)) if unique else items
 
@@ -87,31 +87,54 @@ MEMORY_NOTE = (
 )
 
 
-def _train_config(args, **point: object):
-    """The TrainConfig the options of `train` (and `sweep`, which sets the point's fields) describe."""
+def _train_config(args, sweep: bool = False):
+    """The TrainConfig the options of `train` describe, or of `sweep` (whose points set their own
+    model, rank, alpha, targets ...: those of the options are lists)."""
     import dataclasses
 
     from .config import TrainConfig
     from .data import DATASETS, FILE_PREFIXES
 
-    if not (args.dataset in DATASETS or args.dataset.startswith(FILE_PREFIXES)):
-        close = did_you_mean(args.dataset, DATASETS)
+    if not isinstance(args.dataset, str) or not (args.dataset in DATASETS or args.dataset.startswith(FILE_PREFIXES)):
+        close = did_you_mean(args.dataset, DATASETS) if isinstance(args.dataset, str) else ""
         raise ValueError(f"unknown dataset {args.dataset!r}{close}: use one of {', '.join(DATASETS)}")
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig) if f.name in args}
-    # files by their absolute path: the same command from another folder names other files
+    fields = [f for f in dataclasses.fields(TrainConfig) if f.name in args and not (sweep and f.metadata["point"])]
+    values = {f.name: getattr(args, f.name) for f in fields}
+    # files by their absolute path: the same command (or its config.json) from another folder names other files
     values["dataset"] = _absolute(args.dataset)
-    if args.data_path:
+    if isinstance(args.data_path, str) and args.data_path:
         values["data_path"] = _absolute(args.data_path)
+    if isinstance(values.get("model"), str) and values["model"]:
+        values["model"] = _model_path(values["model"])
+    if getattr(args, "full", False):  # --full: the same as --no-balanced
+        values["balanced"] = False
     weights = _numbers(args.class_weights or [], "--class-weights", float, unique=False)
     if args.class_weights is not None and not weights:
         raise ValueError("--class-weights takes one weight per class, such as 1,3")
     values["class_weights"] = weights or None
     values["report_to"] = _items(args.report_to) if args.report_to else None
     if "targets" in values:
-        targets = _items(values["targets"])
+        targets = _items(values["targets"]) if values["targets"] is not None else []
         values["targets"] = "all-linear" if targets == ["all-linear"] else targets
     values["model"] = values.get("model") or ""  # "": the dataset's default model
-    return TrainConfig(**{**values, **point})
+    return TrainConfig(**values)
+
+
+def _model_path(model: str) -> str:
+    """A local model folder by its absolute path (as the sweep keys it); a registry name or hub id as given."""
+    from .gpt2_weights import is_path_like
+
+    return str(Path(model).expanduser().resolve()) if is_path_like(model) else model
+
+
+def _sets(targets) -> list[list[str]]:
+    """A sweep's target sets: --targets a b --targets c on the command line; in a file a list of sets,
+    or one set (a name, or a list of names, as train takes it)."""
+    if targets is None:
+        return [["all-linear"]]
+    if isinstance(targets, str) or (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+        return [_items(targets)]
+    return [_items(t) for t in targets]
 
 
 def _absolute(spec: str) -> str:
@@ -154,17 +177,21 @@ def _train(args) -> int:
 def _sweep(args) -> int:
     from .report import PLOT, SUMMARY
     from .sweep import CSV_NAME, grid, run_sweep, shard_from_env, target_set
+    from .tracking import check_trackers
 
     models = _items(args.model or [default_model(args.dataset)])
     for name in models:
         model_spec(name)  # an unknown model fails now, not after the first points trained
+    if args.alphas is not None and args.alpha_ratio is not None:  # a file's alphas and a flag's ratio, or both
+        raise ValueError(f"--alphas {args.alphas} and --alpha-ratio {args.alpha_ratio}: give one (a config file's "
+                         "alphas: null lets --alpha-ratio apply)")  # fmt: skip
     points = grid(
         models,
         _ranks(args.ranks),
-        alphas=_numbers(args.alphas, "--alphas", float) if args.alphas else None,
-        alpha_ratio=args.alpha_ratio,
+        alphas=_numbers(args.alphas, "--alphas", float) if args.alphas is not None else None,
+        alpha_ratio=args.alpha_ratio if args.alpha_ratio is not None else 2.0,
         scalings=_items(args.scalings),
-        target_sets=[target_set(_items(t)) for t in args.targets or [["all-linear"]]],
+        target_sets=[target_set(t) for t in _sets(args.targets)],
         seeds=_numbers(args.seeds, "--seeds"),
         variants=_items(args.variants),
         inits=_items(args.inits),
@@ -173,7 +200,8 @@ def _sweep(args) -> int:
     if args.ddp and args.shard:
         raise ValueError("--ddp trains every point on all processes together; it does not take --shard")
     shard = (0, 1) if args.ddp else shard_from_env(args.shard)
-    base = _train_config(args)
+    base = _train_config(args, sweep=True)
+    check_trackers(base.report_to or [])  # before the sweep's directory is made
     stats = run_sweep(base, points, args.out, shard, ddp=args.ddp, options=_sweep_options(args, base, points))
     out = Path(args.out)
     if stats["summary"]:
@@ -197,7 +225,9 @@ def _sweep_options(args, base, points) -> dict:
     grid = {"model": each("model"), "ranks": each("rank"), "scalings": each("scaling"), "variants": each("variant"),
             "inits": each("init"), "lr_ratios": each("lr_ratio"), "seeds": each("seed"), "ddp": args.ddp,
             "targets": [t.split("+") for t in each("targets")]}  # fmt: skip
-    grid.update({"alphas": each("alpha"), "alpha_ratio": None} if args.alphas else {"alpha_ratio": args.alpha_ratio})
+    ratio = args.alpha_ratio if args.alpha_ratio is not None else 2.0
+    given = {"alphas": each("alpha"), "alpha_ratio": None} if args.alphas else {"alphas": None, "alpha_ratio": ratio}
+    grid.update(given)
     fixed = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig) if not f.metadata.get("point")}
     return {**grid, **fixed}
 
@@ -220,14 +250,17 @@ def _inputs(args, what: str) -> list:
 
     if args.file and getattr(args, what):
         raise ValueError(f"give {what} as arguments or in --file, not both")
-    if what == "instructions" and args.file and args.file != "-":
+    if what == "instructions" and args.file and Path(args.file).suffix.lower() in (".jsonl", ".json", ".csv", ".tsv"):
         entries = read_rows(args.file)
-        bad = [i for i, e in enumerate(entries, start=1) if not e.get("instruction")]
+        bad = [i for i, e in enumerate(entries, start=1) if e.get("instruction") in (None, "")]
         if bad:
             raise ValueError(f"{args.file}: entry {bad[0]} has no instruction (entries: instruction, and input "
                              "if it has one)")  # fmt: skip
-        return [{"instruction": str(e["instruction"]), "input": str(e.get("input") or "")} for e in entries]
+        return [{"instruction": str(e["instruction"]), "input": "" if e.get("input") is None else str(e["input"])}
+                for e in entries]  # fmt: skip
     items = getattr(args, what) or read_texts(args.file or "-", getattr(args, "column", None))
+    if what == "instructions":  # one a line; a blank line asks nothing
+        items = [item for item in items if item.strip()]
     if not items:
         raise ValueError(f"no {what}: give them as arguments, in --file FILE, or on standard input")
     return items if what == "texts" else [{"instruction": i, "input": args.input} for i in items]
@@ -264,10 +297,9 @@ def _classify(args) -> int:
                  r["probabilities"].items()}} for r in rows]  # fmt: skip
         _emit(csv_text(flat), len(rows), args.out)
         return 0
-    else:  # one line per text: a tab or a newline inside the text is written as \t, \n
-        lines = [
-            f"{r['label']}\t{r['probability']:.3f}\t{json.dumps(r['text'], ensure_ascii=False)[1:-1]}" for r in rows
-        ]
+    else:  # one line per text: a backslash, tab or line break inside the text is written \\, \t, \n, \r
+        escape = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+        lines = [f"{r['label']}\t{r['probability']:.3f}\t{r['text'].translate(escape)}" for r in rows]
     _emit("".join(line + "\n" for line in lines), len(rows), args.out)
     return 0
 

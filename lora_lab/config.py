@@ -45,7 +45,8 @@ class TrainConfig:
                                    "as messages) or hf:NAME")  # fmt: skip
     text_column: str = option("text", "csv: the text column")
     label_column: str = option("label", "csv: the label column")
-    balanced: bool = option(True, "sms-spam: all 5,574 messages, not the book's balanced 747 + 747", cli="--full")
+    balanced: bool = option(True, "sms-spam: the book's balanced 747 spam + 747 ham (--no-balanced: all 5,574 "
+                            "messages)", cli="--full")  # fmt: skip
     rank: int = option(8, "LoRA rank", point=True)
     alpha: float | None = option(None, "LoRA alpha (default: 2 x rank)", point=True)
     dropout: float = option(0.0, "dropout on the LoRA input")
@@ -110,6 +111,7 @@ class TrainConfig:
                            "faster after, above all on GPU")  # fmt: skip
 
     def __post_init__(self) -> None:
+        self._check_types()
         if not self.model:
             self.model = default_model(self.dataset)
         whole = {"rank": self.rank, "epochs": self.epochs, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -138,6 +140,32 @@ class TrainConfig:
             raise ValueError("--positive-label is for classification; instruction tuning has no classes")
         if self.class_weights is not None:
             self.make_task("hf")  # refuses negative or infinite weights, or weights for instruction tuning
+
+    def _check_types(self) -> None:
+        """Each value of the field's type (a config file's "false" is not False; null only where a field
+        may be none), so nothing runs on a value the user did not mean."""
+        kinds = {"bool": (bool,), "int": (int,), "float": (int, float), "str": (str,)}
+        for f in dataclasses.fields(self):
+            value, wanted = getattr(self, f.name), f.type.split(" | ")
+            ok = (value is None and "None" in wanted) or any(
+                (isinstance(value, kinds[w]) and not (w != "bool" and isinstance(value, bool))) if w in kinds
+                else isinstance(value, list) and all(isinstance(v, kinds[w[5:-1]]) for v in value)
+                for w in wanted if w != "None"
+            )  # fmt: skip
+            if not ok:
+                words = {
+                    "bool": "true or false",
+                    "int": "a whole number",
+                    "float": "a number",
+                    "str": "text",
+                    "None": "none",
+                    "list[str]": "a list of names",
+                    "list[float]": "a list of numbers",
+                }
+                shown = " or ".join(words.get(w, w) for w in wanted)
+                raise ValueError(f"--{f.name.replace('_', '-')} {value!r}: must be {shown}")
+        if not self.targets:
+            raise ValueError("--targets: name the modules to adapt (query value), or all-linear")
 
     def _check_choices(self) -> None:
         """A config file's (or a caller's) value of a field with choices, checked as the command line's is."""

@@ -212,9 +212,21 @@ FILE_PREFIXES = ("csv:", "jsonl:", "hf:")  # --dataset csv:PATH, jsonl:PATH (eit
 
 
 def label_name(value: object) -> str:
-    """A label as the dataset numbers it: whole numbers by their value ("01", "+1", 1 and "1" are one class)."""
+    """A label as the dataset numbers it: whole numbers by their value ("01", "+1", 1, 1.0 and "1" are one
+    class); JSON's true and false as such; a missing label as ""."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     value = str(value).strip() if value is not None else ""
-    return str(int(value)) if _WHOLE.fullmatch(value) else value
+    if _WHOLE.fullmatch(value):
+        return str(int(value))
+    return str(int(float(value))) if re.fullmatch(r"[+-]?[0-9]+\.0*", value) else value
+
+
+def _text(value: object) -> str:
+    """A text field as text: a number as it reads (0 stays "0"), a missing one empty."""
+    return "" if value is None else str(value)
 
 
 def labelled_dataset(
@@ -224,17 +236,17 @@ def labelled_dataset(
     objects; by its suffix) or "hf:NAME" (a Hugging Face dataset: a `save_to_disk` folder, data files,
     or a hub name online). Labels may be names or numbers, numbered in sorted order. Split stratified
     70/10/20, unless a Hugging Face dataset brings its own train, validation and test."""
-    if str(source).startswith("hf:"):
-        parts, where = R.hf_rows(str(source)[3:])
-        rows = R.splits_or_all(parts)
-    else:
-        rows, where = R.read_rows(source), str(source)
+    rows, where = R.read_source(source)
     everything = rows if isinstance(rows, list) else [r for part in rows for r in part]
     columns = list(dict.fromkeys(k for r in everything[:1000] for k in r))
     missing = [c for c in (text_column, label_column) if c not in columns]
     if missing:
         raise ValueError(f"{where} has no column(s) {missing}; its columns are {columns}. Name them with "
                          "--text-column and --label-column")  # fmt: skip
+    lacking = [i for i, r in enumerate(everything, start=1) if text_column not in r]
+    if lacking:
+        raise ValueError(f"{where}: {len(lacking)} row(s) have no {text_column!r} (first "
+                         f"{R.row_place(where, lacking[0])}): give it or remove them")  # fmt: skip
     empty = [i for i, r in enumerate(everything, start=1) if not label_name(r.get(label_column))]
     if empty:
         raise ValueError(f"{where}: {len(empty)} row(s) have no {label_column!r} (first "
@@ -247,7 +259,7 @@ def labelled_dataset(
     index = {name: i for i, name in enumerate(names)}
 
     def pairs(part: list[dict]) -> list[tuple[str, int]]:
-        return [(str(r[text_column] or ""), index[label_name(r[label_column])]) for r in part]
+        return [(_text(r[text_column]), index[label_name(r[label_column])]) for r in part]
 
     splits = split_70_10_20(pairs(rows), seed) if isinstance(rows, list) else [pairs(part) for part in rows]
     return _check_splits(ClassificationData(*splits, labels=names, source=where))
@@ -265,12 +277,7 @@ def instructions(path: str | os.PathLike | None = None) -> InstructionData:
     output) or a chat (`messages`: role and content per turn; the model's chat template renders it and
     the assistant turns are learned). Split as the book does: 85% train, 10% test, 5% validation, in
     file order (935 / 110 / 55), unless a Hugging Face dataset brings its own three splits."""
-    path = path or PACKAGED / INSTRUCTIONS_FILE
-    if str(path).startswith("hf:"):
-        parts, where = R.hf_rows(str(path)[3:])
-        rows = R.splits_or_all(parts)
-    else:
-        rows, where = R.read_rows(path), str(path)
+    rows, where = R.read_source(path or PACKAGED / INSTRUCTIONS_FILE)
     everything = rows if isinstance(rows, list) else [e for part in rows for e in part]
     bad = [i for i, e in enumerate(everything) if not _is_entry(e)]
     if bad:
@@ -286,20 +293,35 @@ def instructions(path: str | os.PathLike | None = None) -> InstructionData:
 
 
 def _is_entry(entry: object) -> bool:
+    """Alpaca's fields, or a chat: turns of a role and a text (a string, or OpenAI's text parts) where
+    an assistant turn answers an earlier one."""
     if not isinstance(entry, dict):
         return False
     turns = entry.get("messages")
     if turns is None:
         return entry.get("instruction") is not None and entry.get("output") is not None
-    return (isinstance(turns, list) and all(isinstance(t, dict) and {"role", "content"} <= set(t) for t in turns)
-            and any(t["role"] == "assistant" for t in turns))  # fmt: skip
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and _content(t.get("content")) is not None
+                                              and isinstance(t.get("role"), str) for t in turns):  # fmt: skip
+        return False
+    roles = [t["role"] for t in turns]
+    return bool(roles) and roles[0] != "assistant" and "assistant" in roles  # an answer needs a question first
+
+
+def _content(value: object) -> str | None:
+    """A turn's text: a string, or the text parts of a list ({"type": "text", "text": ...}); else None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(p, dict) and p.get("type") == "text"
+                                                 and isinstance(p.get("text"), str) for p in value):  # fmt: skip
+        return "".join(p["text"] for p in value)
+    return None
 
 
 def _entry(entry: dict) -> dict:
     """An entry as training reads it: a chat's turns, or Alpaca's fields as text (a missing input: "")."""
     if entry.get("messages") is not None:
-        return {"messages": [{"role": t["role"], "content": str(t["content"])} for t in entry["messages"]]}
-    return {k: str(entry.get(k) or "") for k in ("instruction", "input", "output")}
+        return {"messages": [{"role": t["role"], "content": _content(t["content"])} for t in entry["messages"]]}
+    return {k: _text(entry.get(k)) for k in ("instruction", "input", "output")}
 
 
 # ---- batches ---------------------------------------------------------------------------------

@@ -30,7 +30,8 @@ DESCRIPTION = (
 )
 CONFIG_HELP = (
     "a YAML or JSON file of options (keys as the options' names, with _ for -, e.g. batch_size: 16); "
-    "options given after it override it. A run's or sweep's config.json runs it again"
+    "options given after it override it (every true/false option has its --no- form). Relative paths in it are "
+    "read from where you run the command; a run's or sweep's config.json (absolute paths) runs it again"
 )
 
 
@@ -42,7 +43,7 @@ class HelpFormatter(DefaultHelpFormatter):
         if isinstance(action, ActionConfigFile) or "default:" in text or action.default in (None, argparse.SUPPRESS):
             return text
         if isinstance(action, argparse.BooleanOptionalAction | argparse._StoreTrueAction | argparse._StoreFalseAction):
-            return text
+            return text if not action.default or "--no-" not in action.option_strings[-1] else f"{text} (default)"
         default = action.default
         shown = ",".join(map(str, default)) if isinstance(default, list | tuple) else default
         return f"{text} (default: {shown})"
@@ -73,12 +74,11 @@ def _add_field(parser: ArgumentParser, f: dataclasses.Field, default: typing.Any
     """One TrainConfig field as an option."""
     cli, extra = f.metadata.get("cli"), dict(f.metadata.get("argparse", {}))
     flag, text = cli or "--" + f.name.replace("_", "-"), f.metadata["help"]
-    if f.type == "bool":
-        if cli and default:  # --full sets balanced False
-            action = "store_false"
-        else:
-            action = "store_true" if not default else argparse.BooleanOptionalAction
-        parser.add_argument(flag, dest=f.name, action=action, default=default, help=text)
+    if f.type == "bool":  # --x and --no-x, so a flag can undo a config file's value either way
+        if cli and default:  # --full: the shorthand of --no-balanced, with a key of its own in a file
+            parser.add_argument(cli, dest=cli[2:], action="store_true", help=f"the same as --no-{f.name}")
+            flag = "--" + f.name.replace("_", "-")
+        parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default, help=text)
     elif f.type.startswith("list["):  # items as 1,3 or 1 3; a config file's list as it is
         parser.add_argument(flag, dest=f.name, nargs="+", default=default, help=text, **extra)
     elif "choices" in extra:  # checked by argparse on the command line, by TrainConfig in a file
@@ -106,7 +106,7 @@ def _sweep_grid(sweep: ArgumentParser) -> None:
     sweep.add_argument("--ranks", nargs="+", default=["1,4,16"], metavar="R", help="LoRA ranks, as 1,4,16")
     alpha = sweep.add_mutually_exclusive_group()
     alpha.add_argument("--alphas", nargs="+", metavar="A", help="LoRA alphas to cross with the ranks")
-    alpha.add_argument("--alpha-ratio", type=float, default=2.0, help="alpha = ratio x rank")
+    alpha.add_argument("--alpha-ratio", type=float, help="alpha = ratio x rank (default: 2)")
     sweep.add_argument("--scalings", nargs="+", default=["standard"], metavar="S",
                        help="standard (alpha / r), rslora (alpha / sqrt(r)), or both")  # fmt: skip
     sweep.add_argument("--targets", nargs="+", action=AppendSet, metavar="NAME",
@@ -174,8 +174,9 @@ def _sweep(sub) -> None:
     training_options(sweep, points=False, defaults=SWEEP_DEFAULTS)
     sweep.add_argument("--shard", metavar="I/N", help="train only points i, i+N, i+2N ... (job arrays; torchrun "
                        "sets this from RANK and WORLD_SIZE)")  # fmt: skip
-    sweep.add_argument("--ddp", action="store_true", help="under torchrun: train each point on all processes "
-                       "together (DistributedDataParallel) instead of one point per process")  # fmt: skip
+    sweep.add_argument("--ddp", action=argparse.BooleanOptionalAction, default=False,
+                       help="under torchrun: train each point on all processes together (DistributedDataParallel) "
+                       "instead of one point per process")  # fmt: skip
     sweep.add_argument("--out", default="lora-lab-sweep", help="the sweep directory")
     what = "train one LoRA run per rank (and alpha, scaling, targets, seed, model); CSV, plot, summary"
     sub.add_subcommand("sweep", sweep, help=what)

@@ -87,7 +87,32 @@ def hf_rows(spec: str) -> tuple[dict[str, list[dict]], str]:
                 f"datasets.load_dataset({spec!r}).save_to_disk(DIR), then pass hf:DIR"
             ) from None
     parts = loaded if isinstance(loaded, datasets.DatasetDict) else {"train": loaded}
-    return {name: [dict(row) for row in part] for name, part in parts.items()}, f"hf:{spec}"
+    rows = {name: [_named(dict(row), part.features) for row in part] for name, part in parts.items()}
+    if len(rows) > 1 and not all(name in rows for name in SPLITS):
+        import warnings
+
+        warnings.warn(f"hf:{spec} has the splits {sorted(rows)}, not train, validation and test: all its rows are "
+                      "pooled and split again (its own test rows may land in training)", stacklevel=2)  # fmt: skip
+    return rows, f"hf:{spec}"
+
+
+def _named(row: dict, features) -> dict:
+    """A row with its class labels by name (a ClassLabel column holds their numbers)."""
+    import datasets
+
+    for key, feature in features.items():
+        if isinstance(feature, datasets.ClassLabel) and isinstance(row.get(key), int) and row[key] >= 0:
+            row[key] = feature.int2str(row[key])
+    return row
+
+
+def read_source(source: str | os.PathLike) -> tuple[list[dict] | tuple[list[dict], ...], str]:
+    """The rows of a file, or of "hf:NAME" its own (train, validation, test) when it has all three
+    (else all its rows), and where they came from."""
+    if str(source).startswith("hf:"):
+        parts, where = hf_rows(str(source)[3:])
+        return splits_or_all(parts), where
+    return read_rows(source), str(source)
 
 
 def splits_or_all(parts: dict[str, list[dict]]) -> tuple[list[dict], list[dict], list[dict]] | list[dict]:
@@ -104,7 +129,10 @@ def read_texts(source: str | os.PathLike, column: str | None = None) -> list[str
     import sys
 
     if str(source) == "-":
-        return [line.rstrip("\r\n") for line in sys.stdin if line.strip()]
+        if column:
+            raise ValueError(f"--column {column}: standard input is read as one text per line; give a file with "
+                             "its suffix (--file data.csv) for a column")  # fmt: skip
+        return sys.stdin.read().splitlines()
     path = Path(source)
     suffix = path.suffix.lower()
     if suffix in (*TABLES, *JSON_LINES, ".json"):
@@ -120,4 +148,7 @@ def read_texts(source: str | os.PathLike, column: str | None = None) -> list[str
                          f"{KINDS}")  # fmt: skip
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
-    return [line for line in path.read_text(encoding="utf-8-sig").splitlines() if line.strip()]
+    lines = path.read_text(encoding="utf-8-sig").splitlines()  # line for line: the output lines up with it
+    while lines and not lines[-1].strip():  # but for blank lines at the end
+        lines.pop()
+    return lines

@@ -110,12 +110,16 @@ class Series:
 def model_names(models: Sequence[str]) -> dict[str, str]:
     """How a summary names each model: a local directory (keyed by its absolute path in the CSV) by
     its last folder names, as few as tell the sweep's models apart; a registry name or hub id as is."""
+    from .models import ALIASES, MODELS
+
     local = [m for m in dict.fromkeys(models) if Path(m).is_absolute()]
     names = {m: m for m in models}
-    for depth in range(1, max((len(Path(m).parts) for m in local), default=0) + 1):
-        tails = {m: "/".join(Path(m).parts[-depth:]) for m in local if names[m] == m}
+    parts = {m: Path(m).parts[1:] for m in local}  # without the root: /a/b is a, b
+    taken = {*MODELS, *ALIASES, *(m for m in models if m not in parts)}  # a registry name stays the registry's
+    for depth in range(1, max((len(p) for p in parts.values()), default=0) + 1):
+        tails = {m: "/".join(parts[m][-depth:]) for m in local if names[m] == m}
         for m, tail in tails.items():
-            if sum(t == tail for t in tails.values()) == 1 and tail not in names.values():
+            if list(tails.values()).count(tail) == 1 and tail not in taken and tail not in names.values():
                 names[m] = tail
     return names
 

@@ -350,12 +350,15 @@ def record_options(out: Path, options: dict) -> None:
     directory holds. Call under `locked(out)`, once the settings are checked."""
     path = out / CONFIG
     before = json.loads(path.read_text()) if path.is_file() else {}
-    merged = {}
+    merged = {**before, **options}
     for key, value in options.items():
         old = before.get(key)
         if isinstance(value, list) and isinstance(old, list):
-            value = [*old, *(v for v in value if v not in old)]
-        merged[key] = value
+            merged[key] = [*old, *(v for v in value if v not in old)]
+    if before and before.get("alpha_ratio") != options.get("alpha_ratio"):  # two ratios, or a ratio and alphas:
+        ranks = merged["ranks"]  # every alpha either ran, crossed with every rank
+        alphas = [a for o in (before, options) for a in (o.get("alphas") or [o["alpha_ratio"] * r for r in ranks])]
+        merged.update(alphas=list(dict.fromkeys(alphas)), alpha_ratio=None)
     write_text(path, json.dumps(merged, indent=2) + "\n")
 
 
@@ -429,4 +432,8 @@ def run_sweep(
         if {p.key() for p in points} <= {row_key(r) for r in rows}:
             write_summary(out, rows, base.task())  # every row: a sweep extended by a rank is summarised whole
             stats["summary"] = True
+    if stats["summary"]:
+        from .tracking import finish_sweep
+
+        finish_sweep(out, base.report_to or [])
     return stats

@@ -17,12 +17,14 @@ same MLflow and W&B runs (their ids are kept in RUN/trackers.json)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from .files import write_text
@@ -44,6 +46,31 @@ def check_trackers(names: Sequence[str]) -> None:
         if importlib.util.find_spec(TRACKERS[name]) is None:
             raise ValueError(f"--report-to {name} needs {TRACKERS[name]}: pip install 'lora-lab[{name}]' "
                              f"(or pip install {TRACKERS[name]})")  # fmt: skip
+
+
+def sweep_name(sweep: Path) -> str:
+    """A sweep as trackers group it: its folder's name and a digest of its path, so two sweeps of one
+    name (every `lora-lab-sweep`) stay apart."""
+    import hashlib
+
+    path = str(sweep.resolve())
+    return f"{Path(path).name}-{hashlib.sha1(path.encode()).hexdigest()[:6]}"
+
+
+def finish_sweep(sweep: Path, names: Sequence[str]) -> None:
+    """Mark the sweep's MLflow parent run finished (its last point is done)."""
+    if "mlflow" not in names:
+        return
+    from filelock import FileLock
+    from mlflow.tracking import MlflowClient
+
+    home = sweep.resolve()
+    with FileLock(str(home / ".mlflow.lock")):
+        client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db")
+        experiment = client.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME") or "lora-lab")
+        found = client.search_runs([experiment.experiment_id], f"tags.lora_lab_sweep = '{home}'") if experiment else []
+        for parent in found:
+            client.set_terminated(parent.info.run_id, "FINISHED")
 
 
 def _numbers(values: dict, prefix: str = "") -> dict[str, float]:
@@ -78,6 +105,18 @@ class _TensorBoard:
         self.writer.close()
 
 
+@contextlib.contextmanager
+def _said_plainly(tracker: str) -> Iterator[None]:
+    """A tracker that cannot start (a store it refuses, no login) as one line naming what to change."""
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, ValueError | OSError) and not type(err).__module__.startswith(("mlflow", "wandb")):
+            raise
+        first = str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__
+        raise ValueError(f"{tracker} could not start a run: {first}") from None
+
+
 class _MLflow:
     def __init__(self, run: Path, params: dict, sweep: Path | None, ids: dict) -> None:
         from mlflow.entities import Param
@@ -85,15 +124,21 @@ class _MLflow:
 
         for noisy in ("mlflow.store.db.utils", "alembic"):  # the store's "creating tables" lines
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        from filelock import FileLock
+
         home = (sweep or run).resolve()
-        self.client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db")
-        if ids.get("mlflow"):
-            self.id = ids["mlflow"]
-            self.client.update_run(self.id, status="RUNNING")
-            return
-        experiment = self._experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or "lora-lab")
-        tags = {"mlflow.parentRunId": self._parent(experiment, sweep)} if sweep else {}
-        self.id = self.client.create_run(experiment, run_name=run.name, tags=tags).info.run_id
+        home.mkdir(parents=True, exist_ok=True)
+        # one process at a time: the first makes the store's tables, and a sweep's shards start together
+        with FileLock(str(home / ".mlflow.lock")), _said_plainly("MLflow"):
+            self.client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db")
+            self.client.search_experiments(max_results=1)  # the store made (its tables) here, under the lock
+            if ids.get("mlflow"):
+                self.id = ids["mlflow"]
+                self.client.update_run(self.id, status="RUNNING")
+                return
+            experiment = self._experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or "lora-lab")
+            tags = {"mlflow.parentRunId": self._parent(experiment, sweep)} if sweep else {}
+            self.id = self.client.create_run(experiment, run_name=run.name, tags=tags).info.run_id
         self.client.log_batch(self.id, params=[Param(k, str(v)) for k, v in hyperparameters(params).items()])
         ids["mlflow"] = self.id
 
@@ -102,22 +147,21 @@ class _MLflow:
         return found.experiment_id if found else self.client.create_experiment(name)
 
     def _parent(self, experiment: str, sweep: Path) -> str:
-        """The sweep's parent run: found by its tag, or made (under a lock: shards start together)."""
-        from filelock import FileLock
-
+        """The sweep's parent run: found by its tag, or made (the caller holds the store's lock)."""
         tag = str(sweep.resolve())
-        with FileLock(str(sweep / ".mlflow.lock")):
-            found = self.client.search_runs([experiment], filter_string=f"tags.lora_lab_sweep = '{tag}'")
-            if found:
-                return found[0].info.run_id
-            parent = self.client.create_run(experiment, run_name=sweep.resolve().name, tags={"lora_lab_sweep": tag})
-            return parent.info.run_id
+        found = self.client.search_runs([experiment], filter_string=f"tags.lora_lab_sweep = '{tag}'")
+        if found:
+            self.client.update_run(found[0].info.run_id, status="RUNNING")  # a sweep extended goes on
+            return found[0].info.run_id
+        parent = self.client.create_run(experiment, run_name=sweep.resolve().name, tags={"lora_lab_sweep": tag})
+        return parent.info.run_id
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        self.client.log_batch(self.id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        now = int(time.time() * 1000)  # MLflow's keys: letters, digits, _ - . / and spaces (a class may be "yes!")
+        self.client.log_batch(self.id, metrics=[Metric(re.sub(r"[^\w\-./ ]", "_", k), v, now, step)
+                                                for k, v in metrics.items()])  # fmt: skip
 
     def close(self, final: dict[str, float], ok: bool) -> None:
         self.client.set_terminated(self.id, "FINISHED" if ok else "FAILED")
@@ -130,7 +174,7 @@ class _WandB:
         try:
             self.run = wandb.init(
                 project=os.environ.get("WANDB_PROJECT") or "lora-lab",
-                group=sweep.resolve().name if sweep else None,
+                group=sweep_name(sweep) if sweep else None,
                 job_type="sweep point" if sweep else "train",
                 name=run.name,
                 config=params,
@@ -157,33 +201,46 @@ class Trackers:
 
     def __init__(self, names: Sequence[str] = (), run: Path | None = None, config: dict | None = None,
                  sweep: Path | None = None) -> None:  # fmt: skip
-        self.items, self.last_seconds, self.final = [], None, {}
+        self.items, self.last_seconds, self.final, self.run = [], None, {}, run
         if not names:
             return
         check_trackers(names)
-        ids = json.loads((run / IDS).read_text()) if (run / IDS).is_file() else {}
+        self.ids = json.loads((run / IDS).read_text()) if (run / IDS).is_file() else {}
+        self.logged = (self.ids.get("last_step", 0), self.ids.get("last_epoch", 0))  # before an interruption
         params = dict(config or {})
         kinds = {"tensorboard": _TensorBoard, "mlflow": _MLflow, "wandb": _WandB}
-        self.items = [kinds[name](run, params, sweep, ids) for name in names]
-        if ids:
-            write_text(run / IDS, json.dumps(ids, indent=2) + "\n")
+        try:
+            for name in names:
+                self.items.append(kinds[name](run, params, sweep, self.ids))
+        except BaseException:
+            self.close(False)  # the trackers already started end as failed; their ids are kept for a retry
+            raise
+        self._save_ids()
 
     def step(self, row: dict) -> None:
         """One optimizer step of steps.csv."""
+        if not self.items:
+            return
         before = self.last_seconds if self.last_seconds is not None else (0.0 if row["step"] == 1 else None)
         self.last_seconds = row["seconds"]
         metrics = {"train/loss": row["loss"], "train/lr": row["lr"], "train/grad_norm": row["grad_norm"]}
         seconds = row["seconds"] - before if before is not None else 0.0  # a resumed run's first step: unknown
         if seconds > 0:
             metrics["train/tokens_per_second"] = row["tokens"] / seconds
-        self._log(metrics, row["step"])
+        if row["step"] > self.logged[0]:  # a resumed run's steps since its checkpoint were logged already
+            self._log(metrics, row["step"])
+            self.ids["last_step"] = row["step"]
 
     def epoch(self, row: dict) -> None:
         """One epoch of history.csv: its validation."""
+        if not self.items:
+            return
         metrics = {"epoch": row["epoch"], "train/epoch_loss": row["train_loss"], "val/loss": row["val_loss"]}
         if "val_accuracy" in row:
             metrics["val/accuracy"] = row["val_accuracy"]
-        self._log(metrics, row["step"])
+        if row["epoch"] > self.logged[1]:
+            self._log(metrics, row["step"])
+            self.ids["last_epoch"] = row["epoch"]
 
     def finish(self, metrics: dict, step: int) -> dict[str, float]:
         """The run's final figures (metrics.json's numbers), logged at its last step."""
@@ -195,7 +252,13 @@ class Trackers:
     def close(self, ok: bool) -> None:
         for item in self.items:
             item.close(self.final, ok)
+        if self.items:
+            self._save_ids()
         self.items = []
+
+    def _save_ids(self) -> None:
+        """RUN/trackers.json: the tracked runs' ids and what they hold, for a resumed run to go on."""
+        write_text(self.run / IDS, json.dumps(self.ids, indent=2) + "\n")
 
     def _log(self, metrics: dict, step: int) -> None:
         metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}

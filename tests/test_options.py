@@ -139,3 +139,65 @@ def test_train_and_sweep_take_the_same_options_from_one_definition():
     assert fields <= dests["train"] and (fields - points) <= dests["sweep"]
     assert points == {"model", "rank", "alpha", "use_rslora", "use_dora", "init", "lr_ratio", "targets", "seed"}
     assert Path(parser.prog).name == "lora-lab"
+
+
+def test_a_file_means_what_the_flags_mean(monkeypatch, tmp_path, capsys):
+    """Found by attacking --config: a relative model path, full: true, bools as text, null where none is
+    allowed, a flag undoing a file's bool, and a sweep's targets written as one list."""
+    seen = _capture(monkeypatch)
+    (tmp_path / "bert").mkdir()
+    monkeypatch.chdir(tmp_path)
+    config = tmp_path / "c.yaml"
+    config.write_text("model: bert\nfull: true\nuse_rslora: true\n")
+    assert main(["train", "--config", str(config), "--out", "a"]) == 2
+    assert main(["train", "--config", str(config), "--no-rslora", "--out", "b"]) == 2
+    assert seen[0].model == str(tmp_path / "bert") and seen[0].balanced is False and seen[0].use_rslora is True
+    assert seen[1].use_rslora is False  # a flag after the file undoes its true
+    for text, said in (
+        ("train_head: 'false'\n", "--train-head 'false': must be true or false"),
+        ("schedule: null\n", "--schedule None: must be text"),
+        ("targets: null\n", "--targets"),
+    ):
+        config.write_text(text)
+        try:
+            code = main(["train", "--config", str(config), "--out", "c"])
+        except SystemExit as exit_:
+            code = exit_.code
+        assert code == 2 and len(seen) == 2 and said in capsys.readouterr().err, text
+
+    import lora_lab.sweep
+
+    points = []
+    monkeypatch.setattr(
+        lora_lab.sweep, "run_sweep", lambda base, p, *a, **k: points.append(p) or {"summary": False, "trained": 0}
+    )
+    for text, sets in (("targets: [query, value]\n", {"query+value"}), ("targets: query\n", {"query"}),
+                       ("targets: [[query], [all-linear]]\n", {"query", "all-linear"})):  # fmt: skip
+        config.write_text("model: [minilm-l6]\nranks: [1]\n" + text)
+        assert main(["sweep", "--config", str(config), "--out", "s"]) == 0
+        assert {p.targets for p in points[-1]} == sets, text
+    config.write_text("model: [minilm-l6]\nranks: [1, 2]\nalphas: [3]\n")
+    assert main(["sweep", "--config", str(config), "--alpha-ratio", "4", "--out", "s"]) == 2  # not alphas 3 silently
+
+
+def test_a_sweeps_config_after_mixed_alpha_commands_still_names_every_point(tmp_path):
+    from itertools import product
+
+    from lora_lab.sweep import record_options
+
+    commands = [{"ranks": [1, 2], "alphas": None, "alpha_ratio": 4.0},
+                {"ranks": [2], "alphas": [3.0], "alpha_ratio": None},
+                {"ranks": [1, 2, 4], "alphas": None, "alpha_ratio": 2.0}]  # fmt: skip
+    ran = set()
+    for options in commands:
+        record_options(tmp_path, options)
+        if options["alphas"]:
+            ran |= set(product(options["ranks"], options["alphas"]))
+        else:
+            ran |= {(r, options["alpha_ratio"] * r) for r in options["ranks"]}
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["alpha_ratio"] is None and ran <= set(product(saved["ranks"], saved["alphas"]))
+    record_options(tmp_path / "x", {"ranks": [1], "alphas": None, "alpha_ratio": 2.0})
+    record_options(tmp_path / "x", {"ranks": [4], "alphas": None, "alpha_ratio": 2.0})
+    kept = json.loads((tmp_path / "x" / "config.json").read_text())
+    assert kept["ranks"] == [1, 4] and kept["alpha_ratio"] == 2.0 and kept["alphas"] is None  # one ratio stays one

@@ -214,3 +214,48 @@ def test_instruction_tuning_on_chats_scores_the_assistant_tokens_alone(tmp_path)
     ] == "4 and 5"
     assert [w["response"] for w in written] == [answer(loaded, "chat", e["instruction"], e.get("input", ""), 6)
                                                 for e in entries]  # fmt: skip
+
+
+def test_values_keep_what_they_are(tmp_path):
+    """Found by attacking the loaders: 0 and false as text or answer, 1 / 1.0 / "1.0" as one class, JSON
+    booleans as labels, a row without its text, a ClassLabel's names, a two-split dataset pooled aloud."""
+    rows = [{"text": 0 if i == 0 else f"t {i}", "label": [1, 1.0, "1.0", 0, "0"][i % 5]} for i in range(50)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = D.labelled_dataset(tmp_path / "a.jsonl")
+    split = data.train + data.val + data.test
+    assert data.labels == ["0", "1"] and ("0", 1) in split and sum(y for _, y in split) == 30  # 1, 1.0, "1.0"
+    flags = [{"text": f"t {i}", "label": i % 2 == 0} for i in range(30)]
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in flags))
+    assert D.labelled_dataset(tmp_path / "b.jsonl").labels == ["false", "true"]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [*flags, {"label": True}]))
+    with pytest.raises(ValueError, match=r"1 row\(s\) have no 'text' \(first on line 31\)"):
+        D.labelled_dataset(tmp_path / "c.jsonl")
+    entries = [{"instruction": "Count.", "input": 0, "output": 0}] * 20
+    (tmp_path / "e.json").write_text(json.dumps(entries))
+    assert D.instructions(tmp_path / "e.json").train[0] == {"instruction": "Count.", "input": "0", "output": "0"}
+
+
+def test_class_label_names_and_a_two_split_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["neg", "pos"])})
+    rows = [{"text": f"t {i}", "label": i % 2} for i in range(40)]
+    parts = {"train": datasets.Dataset.from_list(rows[:30], features=features),
+             "test": datasets.Dataset.from_list(rows[30:], features=features)}  # fmt: skip
+    datasets.DatasetDict(parts).save_to_disk(str(tmp_path / "d"))
+    with pytest.warns(UserWarning, match=r"splits \['test', 'train'\], not train, validation and test: .* pooled"):
+        data = D.load_dataset(f"hf:{tmp_path / 'd'}")
+    assert data.labels == ["neg", "pos"] and len(data.train + data.val + data.test) == 40
+
+
+def test_chats_with_odd_turns(tmp_path):
+    hf, tok = _chat_tokenizer(tmp_path)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "Two "}, {"type": "text", "text": "plus two?"}]},
+             {"role": "assistant", "content": "Four."}]  # fmt: skip
+    flat = [{"role": "user", "content": "Two plus two?"}, {"role": "assistant", "content": "Four."}]
+    for bad in ([{"role": "user", "content": None}, flat[1]], [flat[1], *flat]):  # no text; an answer first
+        (tmp_path / "c.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in [flat] * 20 + [bad]))
+        with pytest.raises(ValueError, match=r"entries \[20\] are neither"):
+            D.instructions(tmp_path / "c.jsonl")
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"messages": parts}) + "\n" for _ in range(20)))
+    entry = D.instructions(tmp_path / "p.jsonl").train[0]
+    assert entry == {"messages": flat} and tok.conversation(entry["messages"]) == tok.conversation(flat)

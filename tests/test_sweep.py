@@ -463,3 +463,8 @@ def test_a_summary_names_local_models_by_as_few_folder_names_as_tell_them_apart(
     names = model_names(["/a/b/bert", "/c/d/bert", "/x/y/gpt", "minilm-l6", "/x/y/gpt", "/z/minilm-l6"])
     assert names == {"/a/b/bert": "b/bert", "/c/d/bert": "d/bert", "/x/y/gpt": "gpt", "minilm-l6": "minilm-l6",
                      "/z/minilm-l6": "z/minilm-l6"}  # fmt: skip
+    assert model_names(["/w/gpt2-124m", "/a/b", "/c/a/b"]) == {
+        "/w/gpt2-124m": "w/gpt2-124m",
+        "/a/b": "a/b",
+        "/c/a/b": "c/a/b",
+    }  # gpt2-124m: the registry's

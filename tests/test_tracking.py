@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lora_lab.cli import main
+from lora_lab.tracking import sweep_name
 
 pytest.importorskip("tensorboard")
 pytest.importorskip("mlflow")
@@ -124,13 +125,14 @@ def test_a_sweep_is_one_tracked_run_per_point_grouped_under_the_sweep(tiny_bert_
     found = client.search_runs([client.get_experiment_by_name("lora-lab").experiment_id])
     (parent,) = [r for r in found if "mlflow.parentRunId" not in r.data.tags]
     children = [r for r in found if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
-    assert parent.info.run_name == "my-sweep" and len(found) == 3
+    assert parent.info.run_name == "my-sweep" and len(found) == 3 and parent.info.status == "FINISHED"
     assert sorted(c.data.params["rank"] for c in children) == ["1", "2"]
     assert sorted(c.info.run_name for c in children) == [r.name for r in runs]
 
     for run in runs:
         (start,) = [r.run for r in _wandb_records(run) if r.WhichOneof("record_type") == "run"]
-        assert start.run_group == "my-sweep" and start.display_name == run.name
+        assert start.run_group == sweep_name(out) and start.run_group.startswith("my-sweep-")  # apart from others
+        assert start.display_name == run.name
 
 
 def test_an_unknown_or_missing_tracker_is_refused_before_training(monkeypatch, tiny_bert_dir, letters_data, tmp_path,
@@ -169,9 +171,65 @@ def test_a_resumed_run_goes_on_in_the_same_tracked_runs(tiny_bert_dir, letters_d
     assert main(args) == 0
     (found,) = client.search_runs([client.get_experiment_by_name("lora-lab").experiment_id])
     steps = {int(r["step"]): float(r["loss"]) for r in _csv(run / "steps.csv")}
-    history = {m.step: m.value for m in client.get_metric_history(found.info.run_id, "train/loss")}
+    logged = client.get_metric_history(found.info.run_id, "train/loss")
+    history = {m.step: m.value for m in logged}
+    assert len(logged) == len(steps)  # the steps logged before the interruption are not logged again
     assert found.info.run_id == stopped.info.run_id and found.info.status == "FINISHED"
     assert history == pytest.approx(steps, rel=1e-9) and _tensorboard(run / "tensorboard")["train/loss"] == \
         pytest.approx(steps, rel=1e-6)  # fmt: skip
     files = sorted(run.glob("wandb/offline-run-*/run-*.wandb"))
     assert len(files) == 2 and len({f.name for f in files}) == 1  # two sessions of one W&B run id
+
+
+def test_a_tracker_that_cannot_start_ends_the_others_and_a_retry_reuses_them(tiny_bert_dir, letters_data, tmp_path,
+                                                                              monkeypatch, capsys):  # fmt: skip
+    import wandb
+    from mlflow.tracking import MlflowClient
+
+    run = tmp_path / "run"
+    args = ["train", *_args(tiny_bert_dir, letters_data, "--max-steps", "2"), "--report-to", "mlflow,wandb",
+            "--out", str(run)]  # fmt: skip
+
+    def no_login(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty)")
+
+    monkeypatch.setattr(wandb, "init", no_login)
+    assert main(args) == 2
+    assert "W&B could not start a run (api_key not configured" in capsys.readouterr().err
+    client = MlflowClient(f"sqlite:///{run}/mlflow.db")
+    (failed,) = client.search_runs([client.get_experiment_by_name("lora-lab").experiment_id])
+    assert failed.info.status == "FAILED"
+    monkeypatch.undo()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main(args) == 0
+    (found,) = client.search_runs([client.get_experiment_by_name("lora-lab").experiment_id])
+    assert found.info.run_id == failed.info.run_id and found.info.status == "FINISHED"
+
+
+def test_class_names_mlflow_refuses_as_keys_are_logged_under_safe_keys(tiny_bert_dir, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    rows = [{"text": " ".join("abcz"[(i + k) % 4] for k in range(4)), "label": ["yes!", "no?"][i % 2]}
+            for i in range(60)]  # fmt: skip
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    run = tmp_path / "run"
+    args = ["train", "--model", str(tiny_bert_dir), "--dataset", f"jsonl:{tmp_path / 'd.jsonl'}", "--epochs", "1",
+            "--max-steps", "2", "--device", "cpu", "--report-to", "mlflow", "--out", str(run)]  # fmt: skip
+    assert main(args) == 0
+    client = MlflowClient(f"sqlite:///{run}/mlflow.db")
+    (found,) = client.search_runs([client.get_experiment_by_name("lora-lab").experiment_id])
+    assert found.info.status == "FINISHED" and "final/test/per_class/no_/precision" in found.data.metrics
+
+
+def test_a_sweep_under_torchrun_reports_every_point_to_one_store(tiny_bert_dir, letters_data, tmp_path):
+    """Two processes, a point each, start together on a new MLflow store (its tables made once)."""
+    from mlflow.tracking import MlflowClient
+    from test_sweep import _torchrun
+
+    out = tmp_path / "sweep"
+    done = _torchrun(["sweep", *_args(tiny_bert_dir, letters_data, "--ranks", "1,2", "--max-steps", "2"),
+                      "--report-to", "mlflow", "--out", str(out)])  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{out}/mlflow.db")
+    found = client.search_runs([client.get_experiment_by_name("lora-lab").experiment_id])
+    assert len(found) == 3 and sorted(r.data.params.get("rank", "-") for r in found) == ["-", "1", "2"]
