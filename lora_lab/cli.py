@@ -45,6 +45,8 @@ def _plural(n: int, word: str) -> str:
 
 
 def _report(args) -> int:
+    if args.gpus < 1:
+        raise ValueError(f"--gpus {args.gpus}: give 1 or more")
     models = _items(args.model)
     sets = [_items(t) for t in args.targets or [["all-linear"]]]
     rows = []
@@ -57,6 +59,8 @@ def _report(args) -> int:
                 "all-linear" if targets == ["all-linear"] else targets,
                 model_name=name,
                 use_dora=args.dora,
+                gpus=args.gpus,
+                sharding=args.sharding,
             )
     if args.out:
         from .report import write_report
@@ -197,12 +201,13 @@ def _sweep(args) -> int:
         inits=_items(args.inits),
         lr_ratios=_numbers(args.lr_ratios, "--lr-ratios", float),
     )
-    if args.ddp and args.shard:
-        raise ValueError("--ddp trains every point on all processes together; it does not take --shard")
-    shard = (0, 1) if args.ddp else shard_from_env(args.shard)
     base = _train_config(args, sweep=True)
+    together = args.ddp or base.fsdp  # every point on all processes together: DDP, or the model sharded
+    if together and args.shard:
+        raise ValueError("--ddp / --fsdp train every point on all processes together; they do not take --shard")
+    shard = (0, 1) if together else shard_from_env(args.shard)
     check_trackers(base.report_to or [])  # before the sweep's directory is made
-    stats = run_sweep(base, points, args.out, shard, ddp=args.ddp, options=_sweep_options(args, base, points))
+    stats = run_sweep(base, points, args.out, shard, ddp=together, options=_sweep_options(args, base, points))
     out = Path(args.out)
     if stats["summary"]:
         print((out / SUMMARY).read_text().split("![")[0].rstrip())
@@ -352,6 +357,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             code = 130
     for message in dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, UserWarning)):
         print(f"lora-lab {command}: warning: {message}", file=sys.stderr)
+    if code == 0 and command in ("train", "sweep"):
+        from .distributed import leave
+
+        leave()  # under torchrun: every process done before any exits
     return code
 
 

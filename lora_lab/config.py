@@ -93,6 +93,9 @@ class TrainConfig:
     keep: str = option("last", "the adapter and metrics of the last epoch, or of the best by validation score",
                        choices=["last", "best"])  # fmt: skip
     bf16: bool = option(False, "bfloat16 autocast (GPU)")
+    fsdp: bool = option(False, "under torchrun: shard the model over the processes (FSDP2: each transformer block, "
+                        "then the root; the frozen base and LoRA both sharded, only LoRA and the head gathered to "
+                        "save): bases larger than one GPU")  # fmt: skip
     gradient_checkpointing: bool = option(False, "recompute activations in the backward pass (less memory)")
     quantize: str | None = option(None, "QLoRA: the frozen base in 4-bit NF4 or 8-bit through bitsandbytes (pip "
                                   "install bitsandbytes); LoRA stays in full precision",

@@ -4,7 +4,9 @@ function is the one-process answer, so the rest of the code never asks whether i
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -35,6 +37,16 @@ def barrier() -> None:
         import torch.distributed as dist
 
         dist.barrier()
+
+
+def leave() -> None:
+    """Every process done: leave the group together (a process that ends while another still talks to
+    it can abort the job at exit)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def device_for(name: str) -> torch.device:
@@ -69,3 +81,70 @@ def all_processes(flag: bool, size: int, device: torch.device) -> bool:
     value = torch.tensor([float(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MIN)
     return bool(value.item())
+
+
+# ---- FSDP2: the model sharded over the processes ---------------------------------------------------
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's transformer blocks: the classes Hugging Face names in `_no_split_modules`, else the
+    longest list of modules of one class (GPTModel's `trf_blocks`)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if blocks:
+        return blocks
+    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList | torch.nn.Sequential) and len(m) > 1
+             and len({type(c) for c in m}) == 1]  # fmt: skip
+    return list(max(lists, key=len)) if lists else []
+
+
+def shard_model(model: torch.nn.Module, bf16: bool = False) -> int:
+    """Shard `model` in place over the process group with FSDP2 (`fully_shard`): each transformer block
+    its own unit (gathered for its forward and backward, then freed), then the root. The frozen base
+    and LoRA are both sharded; gradients are reduce-scattered, averaged as DDP averages them. With
+    `bf16`, parameters compute in bfloat16 and gradients reduce in float32. Returns the blocks sharded."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ValueError(f"--fsdp: no transformer blocks found in {type(model).__name__} to shard one by one")
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kwargs = {"mp_policy": policy} if policy is not None else {}
+    for block in blocks:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return len(blocks)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Whether `model` is sharded with FSDP2, its parameters put back as shards (after a forward with no
+    backward, an evaluation, the root's stay gathered: `named_parameters` would not name the shards the
+    optimizer holds)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for unit in units:
+        unit.reshard()
+    return bool(units)
+
+
+@contextlib.contextmanager
+def whole_trainable(model: torch.nn.Module) -> Iterator[None]:
+    """Under FSDP: the trainable tensors (LoRA, a head; small) gathered whole, every process taking
+    part, and on rank 0 put in their shards' place while the block runs (to save the adapter). The
+    frozen base stays sharded: it is never gathered. Without shards, nothing happens."""
+    is_sharded(model)  # the shards in place
+    sharded = [(n, p) for n, p in model.named_parameters() if p.requires_grad and hasattr(p, "full_tensor")]
+    whole = {n: p.full_tensor().detach() for n, p in sharded}
+    swapped = []
+    if whole and world()[0] == 0:
+        for name, tensor in whole.items():
+            owner, _, leaf = name.rpartition(".")
+            module = model.get_submodule(owner)
+            swapped.append((module, leaf, module._parameters[leaf]))
+            module._parameters[leaf] = torch.nn.Parameter(tensor)
+    try:
+        yield
+    finally:
+        for module, leaf, shard in swapped:
+            module._parameters[leaf] = shard

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from . import data as D
 from .config import TrainConfig
-from .distributed import all_processes, sum_over_processes, world
+from .distributed import all_processes, shard_model, sum_over_processes, world
 from .lora import LoRALayer
 from .tasks import Task
 
@@ -119,7 +119,7 @@ def fit(
     on_epoch_end: Callable[..., None] | None = None,
     resume: dict | None = None,
     distributed: bool = True,
-    on_step: Callable[[dict], None] | None = None,
+    on_step: Callable[[dict], None] = lambda row: None,
 ) -> Fitted:
     """Train the parameters of `model` that require grad (LoRA, a head) for `cfg.epochs` over
     `train_rows`, batches drawn in an order fixed by `cfg.seed` and the epoch. A step's loss is one
@@ -129,14 +129,12 @@ def fit(
     (`validation_score`); with `cfg.keep` "best" the model ends with the best epoch's trainable
     tensors. `on_epoch_end(epoch, fitted, optimizer, scheduler)` runs after every epoch, `on_step(row)`
     after every optimizer step with its row of steps.csv."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("nothing to train: no parameter requires grad (inject LoRA or name a head to train)")
     rank, size = world() if distributed else (0, 1)  # `distributed` False: this process alone, group or not
     trained = _wrap(model, cfg, device, size)
+    params = [p for p in model.parameters() if p.requires_grad]  # after _wrap: under FSDP, the shards
     optimizer = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.lr_ratio), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = _scheduler(optimizer, cfg, len(train_rows), size)
-    fitted, start = _restore(resume, optimizer, scheduler)
+    fitted, start = _restore(resume, optimizer, scheduler, model)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
     model.train()
     for epoch in range(start, cfg.epochs):
@@ -175,8 +173,7 @@ def fit(
                                     "seconds": round(fitted.seconds + time.perf_counter() - started, 3)})  # fmt: skip
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             log.step(fitted.step_log[-1], first // cfg.grad_accum + 1)
-            if on_step is not None:
-                on_step(fitted.step_log[-1])
+            on_step(fitted.step_log[-1])
             if _done(cfg, fitted):
                 break
         skipped = sum(w == 0 for w in weights)  # batches no process had anything to learn from
@@ -225,9 +222,11 @@ def _keep(model: nn.Module, cfg: TrainConfig, fitted: Fitted) -> None:
 
 
 def _grad_norm(params: list[nn.Parameter], clip: float) -> float:
-    """The gradients' total 2-norm before clipping (clipped to `clip` when it is set)."""
-    if clip:
-        return float(torch.nn.utils.clip_grad_norm_(params, clip))
+    """The gradients' total 2-norm before clipping (clipped to `clip` when it is set); of FSDP's shards,
+    the norm over all processes."""
+    if clip or any(hasattr(p, "full_tensor") for p in params):
+        norm = torch.nn.utils.clip_grad_norm_(params, clip or math.inf)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
     grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
     return float(torch.stack(grads).norm()) if grads else 0.0
 
@@ -285,12 +284,17 @@ def _scheduler(optimizer, cfg: TrainConfig, rows: int, size: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, cfg.schedule))
 
 
-def _restore(resume: dict | None, optimizer, scheduler) -> tuple[Fitted, int]:
+def _restore(resume: dict | None, optimizer, scheduler, model: nn.Module) -> tuple[Fitted, int]:
     """What a checkpoint holds back in place: optimizer, schedule, RNG; the history so far, and the
-    epoch to start at."""
+    epoch to start at. Under FSDP the optimizer's state was saved whole: each process takes its shard."""
     if resume is None:
         return Fitted([], 0, 0, 0.0, []), 0
-    optimizer.load_state_dict(resume["optimizer"])
+    if resume.get("optimizer_whole"):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, resume["optimizer"], options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(resume["optimizer"])
     scheduler.load_state_dict(resume["scheduler"])
     torch.set_rng_state(resume["rng"])
     if resume.get("cuda_rng") is not None and torch.cuda.is_available():
@@ -325,9 +329,14 @@ def _finish_epoch(model, val_batches, task: Task, device, cfg: TrainConfig, epoc
 
 
 def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device, size: int) -> nn.Module:
-    """The module the loop calls: data parallel over `size` processes, compiled with `cfg.compile`."""
+    """The module the loop calls: data parallel over `size` processes (or sharded, `cfg.fsdp`),
+    compiled with `cfg.compile`."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError("nothing to train: no parameter requires grad (inject LoRA or name a head to train)")
     trained = model
-    if size > 1:  # data parallel: each process takes every size-th batch; gradients are averaged
+    if cfg.fsdp:  # sharded in place: each process takes every size-th batch; gradients averaged as DDP's
+        shard_model(model, cfg.bf16)
+    elif size > 1:  # data parallel: each process takes every size-th batch; gradients are averaged
         from torch.nn.parallel import DistributedDataParallel
 
         trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)

@@ -100,6 +100,25 @@ MODELS: dict[str, ModelSpec] = {
                 tie_word_embeddings=False,
             ),
         ),
+        *(
+            ModelSpec(
+                f"openllama-{size}",
+                f"OpenLLaMA {size.upper()} (openlm-research/open_llama_{size}), Llama 2's {size.upper()} shapes",
+                _hf(
+                    "LlamaConfig",
+                    "LlamaForCausalLM",
+                    hidden_size=hidden,
+                    intermediate_size=inner,
+                    num_hidden_layers=layers,
+                    num_attention_heads=heads,
+                    vocab_size=32000,
+                    max_position_embeddings=2048,
+                    rms_norm_eps=1e-6,
+                    tie_word_embeddings=False,
+                ),  # fmt: skip
+            )
+            for size, hidden, inner, layers, heads in (("7b", 4096, 11008, 32, 32), ("13b", 5120, 13824, 40, 40))
+        ),
         ModelSpec(
             "smollm2-135m",
             "SmolLM2-135M (HuggingFaceTB/SmolLM2-135M-Instruct)",
@@ -236,6 +255,8 @@ HUB_REPOS = {
     "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2",
     "smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
     "openllama-3b": "openlm-research/open_llama_3b",
+    "openllama-7b": "openlm-research/open_llama_7b",
+    "openllama-13b": "openlm-research/open_llama_13b",
 }
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 

@@ -210,15 +210,33 @@ def nf4_bytes(numel: int, blocksize: int = 64, double_quant: bool = True) -> int
 MEMORY_SETTINGS = ("lora_fp32", "lora_bf16", "qlora_nf4", "full_fp32", "full_bf16")
 
 
-def training_memory(model: nn.Module, setting: str, quantizable: set[int] = frozenset()) -> int:
+SHARDINGS = ("ddp", "fsdp")  # a whole copy on every GPU, or each tensor cut in rows over the GPUs (FSDP2)
+
+
+def _shard_numel(param: nn.Parameter, gpus: int, sharding: str) -> int:
+    """The values of `param` one GPU holds: all of them under DDP; under FSDP2 its rows cut in `gpus`
+    equal shards (the last padded), ceil(rows / gpus) rows each."""
+    n = parameter_numel(param)
+    if sharding == "ddp" or gpus == 1 or param.dim() == 0:
+        return n
+    rows = param.shape[0]
+    return -(-rows // gpus) * (n // rows)
+
+
+def training_memory(
+    model: nn.Module, setting: str, quantizable: set[int] = frozenset(), gpus: int = 1, sharding: str = "ddp"
+) -> int:
     """Bytes of weights, gradients and AdamW state for training `model` (LoRA injected, trainable
-    flags set) in `setting` (one of MEMORY_SETTINGS). `quantizable`: the ids of the frozen weights
-    QLoRA stores in NF4 (the linears'); "full_*" settings train every parameter but LoRA's."""
+    flags set) in `setting` (one of MEMORY_SETTINGS), on one of `gpus` GPUs under `sharding` (DDP:
+    each GPU holds it all; FSDP: each holds a shard of every tensor). `quantizable`: the ids of the
+    frozen weights QLoRA stores in NF4 (the linears'); "full_*" settings train every parameter but LoRA's."""
     if setting not in MEMORY_SETTINGS:
         raise ValueError(f"unknown memory setting {setting!r}: use one of {MEMORY_SETTINGS}")
+    if sharding not in SHARDINGS:
+        raise ValueError(f"unknown sharding {sharding!r}: use one of {SHARDINGS}")
     total = 0
     for _, module, param in _named_unique_parameters(model):
-        n = parameter_numel(param)
+        n = _shard_numel(param, gpus, sharding)
         if setting.startswith("full"):
             total += 0 if isinstance(module, LoRALayer) else n * (16 if setting == "full_fp32" else 8)
         elif param.requires_grad:
@@ -230,8 +248,37 @@ def training_memory(model: nn.Module, setting: str, quantizable: set[int] = froz
     return total
 
 
+def gathered_block_bytes(model: nn.Module, setting: str, quantizable: set[int] = frozenset()) -> int:
+    """Under FSDP, what one GPU holds whole for a moment besides its shards: the largest transformer
+    block's weights, gathered for its forward and backward (in the setting's storage: fp32, bf16 or
+    NF4 for the frozen base; LoRA in fp32), then freed."""
+    from .distributed import transformer_blocks
+
+    sizes = [training_memory_weights(block, setting, quantizable) for block in transformer_blocks(model)]
+    return max(sizes, default=0)
+
+
+def training_memory_weights(module: nn.Module, setting: str, quantizable: set[int] = frozenset()) -> int:
+    """The bytes of `module`'s weights alone in `setting` (no gradients or optimizer state)."""
+    total = 0
+    for _, _module, param in _named_unique_parameters(module):
+        n = parameter_numel(param)
+        if param.requires_grad or setting == "full_fp32" or setting == "lora_fp32":
+            total += 4 * n
+        elif setting == "qlora_nf4" and id(param) in quantizable:
+            total += nf4_bytes(n)
+        else:
+            total += 2 * n
+    return total
+
+
 # Decimals that rank_report rounds its floats to: the trainable percentage to 6, MiB to 1.
-REPORT_DECIMALS = {"trainable_percent": 6, **{f"{s}_mib": 1 for s in MEMORY_SETTINGS}}
+REPORT_DECIMALS = {
+    "trainable_percent": 6,
+    **{f"{s}_mib": 1 for s in MEMORY_SETTINGS},
+    **{f"{s}_per_gpu_mib": 1 for s in MEMORY_SETTINGS},
+    "fsdp_block_mib": 1,
+}
 
 
 def rank_report(
@@ -240,13 +287,17 @@ def rank_report(
     targets: Targets = "all-linear",
     model_name: str = "",
     use_dora: bool = False,
+    gpus: int = 1,
+    sharding: str = "ddp",
 ) -> list[dict[str, float | int | str]]:
     """For each rank (each once, in the order given): LoRA on `targets` of a model fresh from
     `build()`, everything else frozen but a classification head (`classifier`, `score`, ...), which
     trains whole as PEFT's modules_to_save do: what that leaves to train, and the training memory
     (weights, gradients, AdamW; no activations) over an fp32, bf16 or NF4 base next to full
     fine-tuning. Counts are exact; percentages and MiB are rounded as `REPORT_DECIMALS` says. Build on
-    the meta device to count models of any size. `use_dora`: DoRA's magnitude vectors counted too."""
+    the meta device to count models of any size. `use_dora`: DoRA's magnitude vectors counted too.
+    With `gpus` > 1: each setting's memory on one GPU under `sharding` ("ddp" or "fsdp"), and under
+    FSDP the largest block gathered whole for a moment (`fsdp_block_mib`, in bf16)."""
     from .targets import find_targets
 
     rows = []
@@ -271,6 +322,12 @@ def rank_report(
         )
         for setting in MEMORY_SETTINGS:
             row[f"{setting}_mib"] = training_memory(model, setting, quantizable) / 2**20
+        if gpus > 1:  # one GPU's share, beside the one-device columns
+            row.update(gpus=gpus, sharding=sharding)
+            for setting in MEMORY_SETTINGS:
+                row[f"{setting}_per_gpu_mib"] = training_memory(model, setting, quantizable, gpus, sharding) / 2**20
+            if sharding == "fsdp":
+                row["fsdp_block_mib"] = gathered_block_bytes(model, "lora_bf16", quantizable) / 2**20
         rows.append({k: round(v, REPORT_DECIMALS[k]) if k in REPORT_DECIMALS else v for k, v in row.items()})
     return rows
 

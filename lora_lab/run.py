@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from . import data as D
 from .adapters import ADAPTER_FILE, save_adapter
 from .config import HOW, TrainConfig
-from .distributed import barrier, device_for, init_distributed
+from .distributed import barrier, device_for, init_distributed, is_sharded, whole_trainable, world
 from .files import atomic_path, write_csv, write_text
 from .inject import inject_lora, mark_only_lora_trainable
 from .loop import Fitted, evaluate, fit
@@ -48,11 +48,31 @@ STEP_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "seconds")
 
 
 def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """The trainable tensors, whole (FSDP's shards gathered: every process must call this)."""
+    return {
+        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad
+    }
 
 
 def _save_checkpoint(run: Path, model, epoch: int, fitted: Fitted, optimizer, scheduler, processes: int) -> None:
+    """The epoch's checkpoint, written by rank 0; every process calls it (under FSDP they gather the
+    trainable tensors and the optimizer's state together: LoRA's, never the base)."""
+    whole = is_sharded(model)  # first: the shards back in place
+    trainable = _trainable_state(model)
+    if whole:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        optimizer_state = get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    else:
+        optimizer_state = optimizer.state_dict()
+    if world()[0] != 0:
+        return
     state = {
+        "optimizer_whole": whole,
         "processes": processes,
         "epoch": epoch,
         "step": fitted.steps,
@@ -61,8 +81,8 @@ def _save_checkpoint(run: Path, model, epoch: int, fitted: Fitted, optimizer, sc
         "history": fitted.history,
         "step_log": fitted.step_log,
         "best": fitted.best,
-        "trainable": _trainable_state(model),
-        "optimizer": optimizer.state_dict(),
+        "trainable": trainable,
+        "optimizer": optimizer_state,
         "scheduler": scheduler.state_dict(),
         "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -123,6 +143,7 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None, sw
     config_text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
     if distributed is None:
         distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
+    _check_fsdp(cfg, distributed)
     rank, processes = init_distributed(cfg.device) if distributed else (0, 1)
     finished, resume = _what_is_there(run, config_text, processes)
     if finished is not None:
@@ -142,8 +163,8 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None, sw
     trackers = Trackers(cfg.report_to if rank == 0 else (), run, dataclasses.asdict(cfg), sweep)
 
     def on_epoch_end(epoch, fitted, optimizer, scheduler) -> None:
+        _save_checkpoint(run, model, epoch, fitted, optimizer, scheduler, processes)
         if rank == 0:
-            _save_checkpoint(run, model, epoch, fitted, optimizer, scheduler, processes)
             write_csv(run / STEPS, fitted.step_log, STEP_COLUMNS)
             trackers.epoch(fitted.history[-1])
 
@@ -168,14 +189,29 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None, sw
         if task.classifies:
             metrics.update(_classification_metrics(model, dataset, cfg, task, collate, device, val, test))
         metrics = _finite(metrics)  # JSON has no NaN: a figure that cannot be had is None
-        if rank == 0:
-            _write_run(run, cfg, loaded, model, fitted, metrics, initial)
-            trackers.finish(metrics, fitted.steps)
+        with whole_trainable(model):  # under FSDP: LoRA and the head gathered to write them, the base never
+            if rank == 0:
+                _write_run(run, cfg, loaded, model, fitted, metrics, initial)
+                trackers.finish(metrics, fitted.steps)
         ok = True
     finally:
         trackers.close(ok)
     barrier()  # every process returns once the run is on disk
     return metrics
+
+
+def _check_fsdp(cfg: TrainConfig, distributed: bool) -> None:
+    """--fsdp shards over torchrun's processes; what it does not take yet is refused by name."""
+    if not cfg.fsdp:
+        return
+    if not distributed:
+        raise ValueError("--fsdp shards the model over torchrun's processes: run it under torchrun "
+                         "(torchrun --nproc_per_node N -m lora_lab.cli train ... --fsdp)")  # fmt: skip
+    later = {"--quantize": cfg.quantize, "--use-dora": cfg.use_dora, "--keep best": cfg.keep == "best",
+             "--compile": cfg.compile, f"--init {cfg.init}": cfg.init in ("pissa", "olora")}  # fmt: skip
+    given = [name for name, on in later.items() if on]
+    if given:
+        raise ValueError(f"--fsdp does not take {', '.join(given)} yet; train without it (DDP: --fsdp off)")
 
 
 INITIAL = ("loss", "loss_se", "accuracy")  # what initial.json keeps of the validation before training

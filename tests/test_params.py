@@ -272,3 +272,30 @@ def test_qlora_memory_is_that_of_a_really_quantized_model():
     assert estimate == memory_estimate(real).total
     base = count_parameters(tiny_gpt(emb_dim=64, n_heads=4)).total
     assert training_memory(model, "full_fp32") == 16 * base and training_memory(model, "full_bf16") == 8 * base
+
+
+def test_per_gpu_memory_under_ddp_and_fsdp_is_the_closed_form():
+    """DDP: one GPU holds what one device does. FSDP2: every tensor cut in rows over the GPUs (the last
+    shard padded): ceil(rows / gpus) rows of each, in the setting's bytes per value."""
+    from conftest import tiny_gpt
+
+    from lora_lab.params import rank_report, training_memory
+    from lora_lab.targets import find_targets
+
+    model = tiny_gpt(0)
+    inject_lora(model, "all-linear", 4, 8.0)
+    mark_only_lora_trainable(model)
+    for gpus in (2, 3):
+        assert training_memory(model, "lora_fp32", gpus=gpus, sharding="ddp") == training_memory(model, "lora_fp32")
+        want = 0
+        for p in {id(p): p for p in model.parameters()}.values():
+            rows = p.shape[0]
+            shard = -(-rows // gpus) * (p.numel() // rows)
+            want += shard * (16 if p.requires_grad else 2)
+        assert training_memory(model, "lora_bf16", gpus=gpus, sharding="fsdp") == want
+    row = rank_report(lambda: build_model("openllama-7b", "meta"), [8], gpus=8, sharding="fsdp")[0]
+    # Llama 2 7B's shapes, all seven linears at r=8: 32 x (4 x 8 x (4096 + 4096) + 3 x 8 x (4096 + 11008))
+    assert row["trainable_params"] == 32 * (4 * 8 * 8192 + 3 * 8 * 15104) == 19_988_480
+    assert row["lora_bf16_per_gpu_mib"] < row["lora_bf16_mib"] / 7.9 and row["fsdp_block_mib"] > 0
+    linears = find_targets(build_model("openllama-7b", "meta"), "all-linear")
+    assert len(linears) == 32 * 7
