@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -203,6 +204,12 @@ def _sweep(args) -> int:
     )
     base = _train_config(args, sweep=True)
     together = args.ddp or base.fsdp  # every point on all processes together: DDP, or the model sharded
+    if base.fsdp:  # a point --fsdp does not take is refused before the first point trains
+        from .run import check_fsdp
+        from .sweep import point_config
+
+        for point in points:
+            check_fsdp(point_config(base, point), distributed=int(os.environ.get("WORLD_SIZE", 1)) > 1)
     if together and args.shard:
         raise ValueError("--ddp / --fsdp train every point on all processes together; they do not take --shard")
     shard = (0, 1) if together else shard_from_env(args.shard)

@@ -248,28 +248,26 @@ def training_memory(
     return total
 
 
-def gathered_block_bytes(model: nn.Module, setting: str, quantizable: set[int] = frozenset()) -> int:
-    """Under FSDP, what one GPU holds whole for a moment besides its shards: the largest transformer
-    block's weights, gathered for its forward and backward (in the setting's storage: fp32, bf16 or
-    NF4 for the frozen base; LoRA in fp32), then freed."""
+def fsdp_gathered_bytes(model: nn.Module, setting: str = "lora_fp32", quantizable: set[int] = frozenset()) -> int:
+    """Under FSDP, what one GPU holds whole for a while besides its shards: the root's own weights
+    (embeddings, the output head, the final norm: gathered for the whole forward and backward) and two
+    transformer blocks (the one computing and the next, fetched ahead), in the setting's storage."""
     from .distributed import transformer_blocks
 
-    sizes = [training_memory_weights(block, setting, quantizable) for block in transformer_blocks(model)]
-    return max(sizes, default=0)
+    blocks = transformer_blocks(model)
+    inside = {id(p) for block in blocks for p in block.parameters()}
+    root = sum(_weight_bytes(p, setting, quantizable) for _, _, p in _named_unique_parameters(model)
+               if id(p) not in inside)  # fmt: skip
+    sizes = [sum(_weight_bytes(p, setting, quantizable) for _, _, p in _named_unique_parameters(b)) for b in blocks]
+    return root + 2 * max(sizes, default=0)
 
 
-def training_memory_weights(module: nn.Module, setting: str, quantizable: set[int] = frozenset()) -> int:
-    """The bytes of `module`'s weights alone in `setting` (no gradients or optimizer state)."""
-    total = 0
-    for _, _module, param in _named_unique_parameters(module):
-        n = parameter_numel(param)
-        if param.requires_grad or setting == "full_fp32" or setting == "lora_fp32":
-            total += 4 * n
-        elif setting == "qlora_nf4" and id(param) in quantizable:
-            total += nf4_bytes(n)
-        else:
-            total += 2 * n
-    return total
+def _weight_bytes(param: nn.Parameter, setting: str, quantizable: set[int]) -> int:
+    """A weight's bytes in `setting`, without its gradient or optimizer state."""
+    n = parameter_numel(param)
+    if param.requires_grad or setting in ("full_fp32", "lora_fp32"):
+        return 4 * n
+    return nf4_bytes(n) if setting == "qlora_nf4" and id(param) in quantizable else 2 * n
 
 
 # Decimals that rank_report rounds its floats to: the trainable percentage to 6, MiB to 1.
@@ -277,7 +275,7 @@ REPORT_DECIMALS = {
     "trainable_percent": 6,
     **{f"{s}_mib": 1 for s in MEMORY_SETTINGS},
     **{f"{s}_per_gpu_mib": 1 for s in MEMORY_SETTINGS},
-    "fsdp_block_mib": 1,
+    "fsdp_gathered_mib": 1,
 }
 
 
@@ -297,7 +295,8 @@ def rank_report(
     fine-tuning. Counts are exact; percentages and MiB are rounded as `REPORT_DECIMALS` says. Build on
     the meta device to count models of any size. `use_dora`: DoRA's magnitude vectors counted too.
     With `gpus` > 1: each setting's memory on one GPU under `sharding` ("ddp" or "fsdp"), and under
-    FSDP the largest block gathered whole for a moment (`fsdp_block_mib`, in bf16)."""
+    FSDP what is gathered whole for a while on top (`fsdp_gathered_mib`: the root and two blocks, fp32,
+    as a --fsdp run loads its base today)."""
     from .targets import find_targets
 
     rows = []
@@ -326,8 +325,8 @@ def rank_report(
             row.update(gpus=gpus, sharding=sharding)
             for setting in MEMORY_SETTINGS:
                 row[f"{setting}_per_gpu_mib"] = training_memory(model, setting, quantizable, gpus, sharding) / 2**20
-            if sharding == "fsdp":
-                row["fsdp_block_mib"] = gathered_block_bytes(model, "lora_bf16", quantizable) / 2**20
+            if sharding == "fsdp":  # what a --fsdp run holds whole for a while: the root and two blocks, in fp32
+                row["fsdp_gathered_mib"] = fsdp_gathered_bytes(model, "lora_fp32", quantizable) / 2**20
         rows.append({k: round(v, REPORT_DECIMALS[k]) if k in REPORT_DECIMALS else v for k, v in row.items()})
     return rows
 

@@ -98,6 +98,15 @@ def prepare(cfg: TrainConfig, device: torch.device | str = "cpu"):
 
     dataset = D.load_dataset(cfg.dataset, cfg.data_path, cfg.seed, cfg.text_column, cfg.label_column, cfg.balanced)
     num_labels = len(dataset.labels) if isinstance(dataset, D.ClassificationData) else 0
+    if num_labels == 0 and cfg.template != "chat" and any("messages" in e for e in dataset.train):
+        raise ValueError(f"{dataset.source} holds chats (messages), which the model's chat template renders: train "
+                         "them with --template chat (generate then prompts the same way)")  # fmt: skip
+    if cfg.class_weights is not None and len(cfg.class_weights) != num_labels:
+        raise ValueError(f"{len(cfg.class_weights)} class weights for {num_labels} classes {dataset.labels}")
+    if cfg.positive_label is not None:
+        if num_labels != 2:
+            raise ValueError(f"--positive-label is for two classes; this dataset has {num_labels}: {dataset.labels}")
+        positive_index(dataset.labels, cfg.positive_label)
     torch.manual_seed(cfg.seed)  # the new head's initial weights
     loaded = load_pretrained(
         cfg.model, cfg.task(), num_labels=num_labels, max_length=cfg.max_length, quantize=cfg.quantize,
@@ -111,15 +120,6 @@ def prepare(cfg: TrainConfig, device: torch.device | str = "cpu"):
     mark_only_lora_trainable(loaded.model, train=_whole(cfg, loaded))
     if cfg.gradient_checkpointing:
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if num_labels == 0 and cfg.template != "chat" and any("messages" in e for e in dataset.train):
-        raise ValueError(f"{dataset.source} holds chats (messages), which the model's chat template renders: train "
-                         "them with --template chat (generate then prompts the same way)")  # fmt: skip
-    if cfg.class_weights is not None and len(cfg.class_weights) != num_labels:
-        raise ValueError(f"{len(cfg.class_weights)} class weights for {num_labels} classes {dataset.labels}")
-    if cfg.positive_label is not None:
-        if num_labels != 2:
-            raise ValueError(f"--positive-label is for two classes; this dataset has {num_labels}: {dataset.labels}")
-        positive_index(dataset.labels, cfg.positive_label)
     return dataset, loaded
 
 
@@ -143,7 +143,7 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None, sw
     config_text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
     if distributed is None:
         distributed = int(os.environ.get("WORLD_SIZE", 1)) > 1
-    _check_fsdp(cfg, distributed)
+    check_fsdp(cfg, distributed)
     rank, processes = init_distributed(cfg.device) if distributed else (0, 1)
     finished, resume = _what_is_there(run, config_text, processes)
     if finished is not None:
@@ -200,10 +200,13 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None, sw
     return metrics
 
 
-def _check_fsdp(cfg: TrainConfig, distributed: bool) -> None:
-    """--fsdp shards over torchrun's processes; what it does not take yet is refused by name."""
+def check_fsdp(cfg: TrainConfig, distributed: bool = True) -> None:
+    """--fsdp shards over two or more of torchrun's processes; what it does not take yet is refused by name."""
     if not cfg.fsdp:
         return
+    if "LOCAL_RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) < 2:
+        raise ValueError("--fsdp shards the model over 2 or more processes; this torchrun started 1 "
+                         "(--nproc_per_node 2 or more, or train without --fsdp)")  # fmt: skip
     if not distributed:
         raise ValueError("--fsdp shards the model over torchrun's processes: run it under torchrun "
                          "(torchrun --nproc_per_node N -m lora_lab.cli train ... --fsdp)")  # fmt: skip

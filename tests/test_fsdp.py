@@ -211,16 +211,30 @@ def test_a_sweep_with_fsdp_trains_each_point_sharded_over_every_process(tiny_lla
     out = tmp_path / "sweep"
     args = ["--model", str(tiny_llama_dir), "--dataset", f"csv:{letters_data}", "--epochs", "1", "--batch-size", "4",
             "--lr", "1e-2", "--max-length", "16", "--max-steps", "3", "--device", "cpu", "--fsdp"]  # fmt: skip
-    done = _torchrun(["sweep", *args, "--ranks", "1,2", "--out", str(out)])
+    done = _torchrun(["sweep", *args, "--ranks", "2", "--out", str(out)])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     from lora_lab.sweep import read_rows
 
     rows = read_rows(out)
-    assert [int(r["rank"]) for r in rows] == [1, 2] and (out / "summary.md").is_file()
+    assert [int(r["rank"]) for r in rows] == [2] and (out / "summary.md").is_file()
     alone = _torchrun(["train", *args, "--rank", "2", "--alpha", "4", "--out", str(tmp_path / "alone")])
     assert alone.returncode == 0, alone.stderr[-3000:]
-    point, _ = read_safetensors(out / rows[1]["run"] / "adapter.safetensors", "")
+    point, _ = read_safetensors(out / rows[0]["run"] / "adapter.safetensors", "")
     single, _ = read_safetensors(tmp_path / "alone" / "adapter.safetensors", "")
     for name in single:
         torch.testing.assert_close(point[name], single[name], rtol=0, atol=0)
     assert json.loads((out / "sweep.json").read_text())["processes_per_point"] == 2
+
+
+def test_fsdp_refuses_one_process_and_a_sweeps_points_it_cannot_take_before_any_trains(
+    tiny_bert_dir, letters_data, tmp_path, monkeypatch, capsys
+):
+    common = ["--model", str(tiny_bert_dir), "--dataset", f"csv:{letters_data}", "--fsdp", "--device", "cpu"]
+    monkeypatch.setenv("LOCAL_RANK", "0")  # torchrun --nproc_per_node 1
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["train", *common, "--out", str(tmp_path / "r")]) == 2
+    assert "--fsdp shards the model over 2 or more processes; this torchrun started 1" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun: the sweep checks every point before the first
+    out = tmp_path / "sweep"
+    assert main(["sweep", *common, "--ranks", "1", "--inits", "kaiming,pissa", "--out", str(out)]) == 2
+    assert "--fsdp does not take --init pissa yet" in capsys.readouterr().err and not out.exists()

