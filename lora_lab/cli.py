@@ -145,10 +145,12 @@ def _sets(targets) -> list[list[str]]:
 def _absolute(spec: str) -> str:
     """A file or folder by its absolute path, its prefix kept (csv:, jsonl:, hf:); a name as given
     (sms-spam, a hub dataset's hf:NAME)."""
-    prefix, _, path = spec.partition(":") if spec.startswith(("csv:", "jsonl:", "hf:")) else ("", "", spec)
+    from .data import DATASETS, FILE_PREFIXES
+
+    prefix, _, path = spec.partition(":") if spec.startswith(FILE_PREFIXES) else ("", "", spec)
     if prefix == "hf" and not Path(path).expanduser().exists():
         return spec  # a hub name
-    if not prefix and spec in ("sms-spam", "sentiment", "instructions"):
+    if not prefix and spec in DATASETS:
         return spec
     return f"{prefix}:{Path(path).expanduser().resolve()}" if prefix else str(Path(path).expanduser().resolve())
 

@@ -12,7 +12,7 @@ from typing import Any
 from .models import ALIASES, MODELS, default_model
 from .targets import did_you_mean
 from .tasks import CAUSAL_LM, CLASSIFICATION, Task
-from .tracking import TRACKERS
+from .tracking import check_tracker_names
 from .variants import INITS
 
 HOW = ("device", "compile", "report_to")  # how a run computes and reports, not what: a resumed run may change them
@@ -172,10 +172,7 @@ class TrainConfig:
 
     def _check_choices(self) -> None:
         """A config file's (or a caller's) value of a field with choices, checked as the command line's is."""
-        for tracker in self.report_to or []:
-            if tracker not in TRACKERS:
-                raise ValueError(f"--report-to {tracker}{did_you_mean(tracker, list(TRACKERS))}: use any of "
-                                 f"{', '.join(TRACKERS)}")  # fmt: skip
+        check_tracker_names(self.report_to or [])
         for f in dataclasses.fields(self):
             choices, value = f.metadata.get("argparse", {}).get("choices"), getattr(self, f.name)
             if choices and value is not None and value not in choices:

@@ -33,16 +33,29 @@ TRACKERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"} 
 IDS = "trackers.json"  # in the run directory: the MLflow and W&B run ids, so a resumed run goes on in them
 
 
-def check_trackers(names: Sequence[str]) -> None:
-    """Refuse an unknown tracker, or one whose package is missing, before anything trains."""
-    import importlib.util
-
+def check_tracker_names(names: Sequence[str]) -> None:
+    """Refuse a tracker lora_lab does not know, with the name it may have meant."""
     from .targets import did_you_mean
 
     for name in names:
         if name not in TRACKERS:
-            close = did_you_mean(name, list(TRACKERS))
-            raise ValueError(f"--report-to {name}{close}: use any of {', '.join(TRACKERS)}")
+            raise ValueError(f"--report-to {name}{did_you_mean(name, list(TRACKERS))}: use any of "
+                             f"{', '.join(TRACKERS)}")  # fmt: skip
+
+
+def _mlflow_client(home: Path):
+    """MLflow's client on MLFLOW_TRACKING_URI, else on the local store sqlite:///HOME/mlflow.db."""
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db")
+
+
+def check_trackers(names: Sequence[str]) -> None:
+    """Refuse an unknown tracker, or one whose package is missing, before anything trains."""
+    import importlib.util
+
+    check_tracker_names(names)
+    for name in names:
         if importlib.util.find_spec(TRACKERS[name]) is None:
             raise ValueError(f"--report-to {name} needs {TRACKERS[name]}: pip install 'lora-lab[{name}]' "
                              f"(or pip install {TRACKERS[name]})")  # fmt: skip
@@ -62,11 +75,10 @@ def finish_sweep(sweep: Path, names: Sequence[str]) -> None:
     if "mlflow" not in names:
         return
     from filelock import FileLock
-    from mlflow.tracking import MlflowClient
 
     home = sweep.resolve()
     with FileLock(str(home / ".mlflow.lock")):
-        client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db")
+        client = _mlflow_client(home)
         experiment = client.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME") or "lora-lab")
         found = client.search_runs([experiment.experiment_id], f"tags.lora_lab_sweep = '{home}'") if experiment else []
         for parent in found:
@@ -120,7 +132,6 @@ def _said_plainly(tracker: str) -> Iterator[None]:
 class _MLflow:
     def __init__(self, run: Path, params: dict, sweep: Path | None, ids: dict) -> None:
         from mlflow.entities import Param
-        from mlflow.tracking import MlflowClient
 
         for noisy in ("mlflow.store.db.utils", "alembic"):  # the store's "creating tables" lines
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -130,7 +141,7 @@ class _MLflow:
         home.mkdir(parents=True, exist_ok=True)
         # one process at a time: the first makes the store's tables, and a sweep's shards start together
         with FileLock(str(home / ".mlflow.lock")), _said_plainly("MLflow"):
-            self.client = MlflowClient(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home}/mlflow.db")
+            self.client = _mlflow_client(home)
             self.client.search_experiments(max_results=1)  # the store made (its tables) here, under the lock
             if ids.get("mlflow"):
                 self.id = ids["mlflow"]
