@@ -9,6 +9,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+from torch import nn
 
 
 def world() -> tuple[int, int]:
@@ -22,11 +23,14 @@ def world() -> tuple[int, int]:
 
 def init_distributed(device: str = "auto") -> tuple[int, int]:
     """Under torchrun (WORLD_SIZE > 1): join the process group once, NCCL when the processes train on
-    GPUs, gloo on CPUs. Returns (rank, world size)."""
+    GPUs, gloo on CPUs; on GPUs each process makes its own the current device (NCCL's collectives and
+    FSDP's shards go to the current device). Returns (rank, world size)."""
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         on_gpu = torch.cuda.is_available() and not str(device).startswith("cpu")
+        if on_gpu:
+            torch.cuda.set_device(device_for(device))
         dist.init_process_group("nccl" if on_gpu else "gloo")
     return world()
 
@@ -86,19 +90,19 @@ def all_processes(flag: bool, size: int, device: torch.device) -> bool:
 # ---- FSDP2: the model sharded over the processes ---------------------------------------------------
 
 
-def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The model's transformer blocks: the classes Hugging Face names in `_no_split_modules`, else the
     longest list of modules of one class (GPTModel's `trf_blocks`)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
     blocks = [m for m in model.modules() if type(m).__name__ in names]
     if blocks:
         return blocks
-    lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList | torch.nn.Sequential) and len(m) > 1
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList | torch.nn.Sequential) and len(m) > 1
              and len({type(c) for c in m}) == 1]  # fmt: skip
     return list(max(lists, key=len)) if lists else []
 
 
-def shard_model(model: torch.nn.Module, bf16: bool = False) -> int:
+def shard_model(model: nn.Module, bf16: bool = False) -> int:
     """Shard `model` in place over the process group with FSDP2 (`fully_shard`): each transformer block
     its own unit (gathered for its forward and backward, then freed), then the root. The frozen base
     and LoRA are both sharded; gradients are reduce-scattered, averaged as DDP averages them. With
@@ -116,7 +120,7 @@ def shard_model(model: torch.nn.Module, bf16: bool = False) -> int:
     return len(blocks)
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
+def is_sharded(model: nn.Module) -> bool:
     """Whether `model` is sharded with FSDP2, its parameters put back as shards (after a forward with no
     backward, an evaluation, the root's stay gathered: `named_parameters` would not name the shards the
     optimizer holds)."""
@@ -128,8 +132,30 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return bool(units)
 
 
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the trainable tensors, whole, on the CPU (under FSDP the shards gathered: every process
+    calls this, and each gets them all)."""
+    is_sharded(model)  # the shards in place
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
+            for n, p in model.named_parameters() if p.requires_grad}  # fmt: skip
+
+
+@torch.no_grad()
+def load_trainable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """`trainable_state`'s tensors back into the model: under FSDP each process copies its own rows."""
+    is_sharded(model)
+    params = dict(model.named_parameters())
+    for name, tensor in state.items():
+        param = params[name]
+        if hasattr(param, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            tensor = distribute_tensor(tensor.to(param.device), param.device_mesh, param.placements)
+        param.copy_(tensor)
+
+
 @contextlib.contextmanager
-def whole_trainable(model: torch.nn.Module) -> Iterator[None]:
+def whole_trainable(model: nn.Module) -> Iterator[None]:
     """Under FSDP: the trainable tensors (LoRA, a head; small) gathered whole, every process taking
     part, and on rank 0 put in their shards' place while the block runs (to save the adapter). The
     frozen base stays sharded: it is never gathered. Without shards, nothing happens."""

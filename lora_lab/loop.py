@@ -21,8 +21,9 @@ from tqdm.auto import tqdm
 
 from . import data as D
 from .config import TrainConfig
-from .distributed import all_processes, shard_model, sum_over_processes, world
+from .distributed import all_processes, load_trainable, shard_model, sum_over_processes, trainable_state, world
 from .lora import LoRALayer
+from .quantize import keep_training_layout
 from .tasks import Task
 
 
@@ -200,8 +201,8 @@ def _note_best(model: nn.Module, cfg: TrainConfig, task: Task, fitted: Fitted, e
         return  # no validation set: nothing to compare epochs by
     score = validation_score(task, fitted.last_val)
     if fitted.best is None or score > tuple(fitted.best["score"]):
-        state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-        fitted.best = {"epoch": epoch + 1, "score": list(score), "state": state if cfg.keep == "best" else None}
+        state = trainable_state(model) if cfg.keep == "best" else None  # whole (under FSDP, gathered)
+        fitted.best = {"epoch": epoch + 1, "score": list(score), "state": state}
     elif cfg.early_stopping and epoch + 1 - fitted.best["epoch"] >= cfg.early_stopping and epoch + 1 < cfg.epochs:
         fitted.stopped_early = True
         if world()[0] == 0:
@@ -214,10 +215,7 @@ def _keep(model: nn.Module, cfg: TrainConfig, fitted: Fitted) -> None:
     best = fitted.best
     if best is None or best.get("state") is None or not fitted.history or best["epoch"] == fitted.history[-1]["epoch"]:
         return
-    with torch.no_grad():
-        params = dict(model.named_parameters())
-        for name, tensor in best["state"].items():
-            params[name].copy_(tensor)
+    load_trainable(model, best["state"])
     fitted.last_val = None  # the last epoch's validation is not the kept one's
 
 
@@ -333,6 +331,7 @@ def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device, size: int) -
     compiled with `cfg.compile`."""
     if not any(p.requires_grad for p in model.parameters()):
         raise ValueError("nothing to train: no parameter requires grad (inject LoRA or name a head to train)")
+    keep_training_layout(model)  # a bitsandbytes 4-bit base keeps the layout it trains in through evaluations
     trained = model
     if cfg.fsdp:  # sharded in place: each process takes every size-th batch; gradients averaged as DDP's
         shard_model(model, cfg.bf16)

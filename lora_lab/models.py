@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .gguf import as_checkpoint
 from .gpt2 import GPT2_ALIASES, GPT2_CONFIGS, HUB_IDS, GPTModel
 from .gpt2_weights import hub_files, hub_snapshot, is_path_like
 from .quantize import QUANTIZE, bnb_config, keep_training_layout, quantize_linears
@@ -349,6 +350,8 @@ def _load_hf(name_or_path: str, classifies: bool, num_labels: int, max_length: i
     from .targets import classifier_head_name, output_head_name
 
     directory, gguf = hf_weights_location(name_or_path)
+    if gguf:  # read once per process, then from a checkpoint of it
+        directory, gguf = as_checkpoint(directory, gguf)
     tok = _hf_tokenizer(directory, gguf, max_length)
     auto = transformers.AutoModelForSequenceClassification if classifies else transformers.AutoModelForCausalLM
     labels = {"num_labels": num_labels, "pad_token_id": tok.pad_id} if classifies else {}

@@ -144,7 +144,7 @@ def _report(sub) -> None:
                         "(the *_per_gpu_mib columns)")  # fmt: skip
     report.add_argument("--sharding", choices=["ddp", "fsdp"], default="fsdp",
                         help="with --gpus: ddp, a whole copy on each GPU, or fsdp, each tensor sharded over them "
-                        "(fsdp_gathered_mib: the root and two blocks gathered whole for a while, fp32)")  # fmt: skip
+                        "(*_gathered_mib: the root and two blocks gathered whole for a while)")  # fmt: skip
     report.add_argument("--out", help="also write DIR/param_report.csv, .md and .png (a plot against the rank)")
     report.add_argument("--format", choices=["table", "csv"], default="table", help="markdown table or CSV")
     sub.add_subcommand("report", report, help="trainable parameters and memory of LoRA at several ranks")

@@ -213,6 +213,13 @@ MEMORY_SETTINGS = ("lora_fp32", "lora_bf16", "qlora_nf4", "full_fp32", "full_bf1
 SHARDINGS = ("ddp", "fsdp")  # a whole copy on every GPU, or each tensor cut in rows over the GPUs (FSDP2)
 
 
+def _nf4_shard_bytes(numel: int, gpus: int) -> int:
+    """One GPU's bytes of an NF4 weight under FSDP2: its 4-bit codes (a uint8 tensor of ceil(numel / 2)
+    rows) cut in `gpus` row shards, its quantization state (absmax, code books: not parameters) whole."""
+    codes = -(-numel // 2)
+    return nf4_bytes(numel) - codes + -(-codes // gpus)
+
+
 def _shard_numel(param: nn.Parameter, gpus: int, sharding: str) -> int:
     """The values of `param` one GPU holds: all of them under DDP; under FSDP2 its rows cut in `gpus`
     equal shards (the last padded), ceil(rows / gpus) rows each."""
@@ -242,16 +249,21 @@ def training_memory(
         elif param.requires_grad:
             total += 16 * n  # fp32 weight, gradient and two AdamW moments
         elif setting == "qlora_nf4" and id(param) in quantizable:
-            total += nf4_bytes(n)
+            sharded = sharding == "fsdp" and gpus > 1
+            total += _nf4_shard_bytes(parameter_numel(param), gpus) if sharded else nf4_bytes(n)
         else:
             total += n * (4 if setting == "lora_fp32" else 2)
     return total
 
 
+FSDP_SETTINGS = ("lora_fp32", "qlora_nf4")  # what a --fsdp run holds: an fp32 base, or NF4 with --bf16
+
+
 def fsdp_gathered_bytes(model: nn.Module, setting: str = "lora_fp32", quantizable: set[int] = frozenset()) -> int:
     """Under FSDP, what one GPU holds whole for a while besides its shards: the root's own weights
     (embeddings, the output head, the final norm: gathered for the whole forward and backward) and two
-    transformer blocks (the one computing and the next, fetched ahead), in the setting's storage."""
+    transformer blocks (the one computing and the next, fetched ahead), in the setting's storage (an
+    NF4 weight's 4-bit codes; its quantization state is whole on every GPU already)."""
     from .distributed import transformer_blocks
 
     blocks = transformer_blocks(model)
@@ -263,11 +275,12 @@ def fsdp_gathered_bytes(model: nn.Module, setting: str = "lora_fp32", quantizabl
 
 
 def _weight_bytes(param: nn.Parameter, setting: str, quantizable: set[int]) -> int:
-    """A weight's bytes in `setting`, without its gradient or optimizer state."""
+    """A weight's bytes as FSDP gathers it in `setting`: trainable tensors and an fp32 base 4 bytes a
+    value, NF4 weights their 4-bit codes, the rest of a bf16 or QLoRA base 2 bytes."""
     n = parameter_numel(param)
     if param.requires_grad or setting in ("full_fp32", "lora_fp32"):
         return 4 * n
-    return nf4_bytes(n) if setting == "qlora_nf4" and id(param) in quantizable else 2 * n
+    return -(-n // 2) if setting == "qlora_nf4" and id(param) in quantizable else 2 * n
 
 
 # Decimals that rank_report rounds its floats to: the trainable percentage to 6, MiB to 1.
@@ -275,7 +288,7 @@ REPORT_DECIMALS = {
     "trainable_percent": 6,
     **{f"{s}_mib": 1 for s in MEMORY_SETTINGS},
     **{f"{s}_per_gpu_mib": 1 for s in MEMORY_SETTINGS},
-    "fsdp_gathered_mib": 1,
+    **{f"{s}_gathered_mib": 1 for s in FSDP_SETTINGS},
 }
 
 
@@ -295,8 +308,8 @@ def rank_report(
     fine-tuning. Counts are exact; percentages and MiB are rounded as `REPORT_DECIMALS` says. Build on
     the meta device to count models of any size. `use_dora`: DoRA's magnitude vectors counted too.
     With `gpus` > 1: each setting's memory on one GPU under `sharding` ("ddp" or "fsdp"), and under
-    FSDP what is gathered whole for a while on top (`fsdp_gathered_mib`: the root and two blocks, fp32,
-    as a --fsdp run loads its base today)."""
+    FSDP what is gathered whole for a while on top (`*_gathered_mib`: the root and two blocks) in the
+    two settings a --fsdp run takes: the fp32 base it loads, and QLoRA (`--quantize nf4 --bf16`)."""
     from .targets import find_targets
 
     rows = []
@@ -325,8 +338,9 @@ def rank_report(
             row.update(gpus=gpus, sharding=sharding)
             for setting in MEMORY_SETTINGS:
                 row[f"{setting}_per_gpu_mib"] = training_memory(model, setting, quantizable, gpus, sharding) / 2**20
-            if sharding == "fsdp":  # what a --fsdp run holds whole for a while: the root and two blocks, in fp32
-                row["fsdp_gathered_mib"] = fsdp_gathered_bytes(model, "lora_fp32", quantizable) / 2**20
+            if sharding == "fsdp":  # what a --fsdp run holds whole for a while: the root and two blocks
+                for setting in FSDP_SETTINGS:
+                    row[f"{setting}_gathered_mib"] = fsdp_gathered_bytes(model, setting, quantizable) / 2**20
         rows.append({k: round(v, REPORT_DECIMALS[k]) if k in REPORT_DECIMALS else v for k, v in row.items()})
     return rows
 

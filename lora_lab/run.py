@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from . import data as D
 from .adapters import ADAPTER_FILE, save_adapter
 from .config import HOW, TrainConfig
-from .distributed import barrier, device_for, init_distributed, is_sharded, whole_trainable, world
+from .distributed import barrier, device_for, init_distributed, is_sharded, trainable_state, whole_trainable, world
 from .files import atomic_path, write_csv, write_text
 from .inject import inject_lora, mark_only_lora_trainable
 from .loop import Fitted, evaluate, fit
@@ -47,20 +47,11 @@ CONFIG, CHECKPOINT, METRICS, HISTORY, STEPS = "config.json", "checkpoint.pt", "m
 STEP_COLUMNS = ("step", "epoch", "loss", "lr", "grad_norm", "tokens", "seconds")  # steps.csv, one row an optimizer step
 
 
-def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors, whole (FSDP's shards gathered: every process must call this)."""
-    return {
-        n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu().clone()
-        for n, p in model.named_parameters()
-        if p.requires_grad
-    }
-
-
 def _save_checkpoint(run: Path, model, epoch: int, fitted: Fitted, optimizer, scheduler, processes: int) -> None:
     """The epoch's checkpoint, written by rank 0; every process calls it (under FSDP they gather the
     trainable tensors and the optimizer's state together: LoRA's, never the base)."""
     whole = is_sharded(model)  # first: the shards back in place
-    trainable = _trainable_state(model)
+    trainable = trainable_state(model)
     if whole:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -210,11 +201,10 @@ def check_fsdp(cfg: TrainConfig, distributed: bool = True) -> None:
     if not distributed:
         raise ValueError("--fsdp shards the model over torchrun's processes: run it under torchrun "
                          "(torchrun --nproc_per_node N -m lora_lab.cli train ... --fsdp)")  # fmt: skip
-    later = {"--quantize": cfg.quantize, "--use-dora": cfg.use_dora, "--keep best": cfg.keep == "best",
-             "--compile": cfg.compile, f"--init {cfg.init}": cfg.init in ("pissa", "olora")}  # fmt: skip
-    given = [name for name, on in later.items() if on]
-    if given:
-        raise ValueError(f"--fsdp does not take {', '.join(given)} yet; train without it (DDP: --fsdp off)")
+    if cfg.quantize == "int8":  # its row scales live beside the weight, which a shard would cut from them
+        raise ValueError("--fsdp shards a 4-bit base, not an 8-bit one: use --quantize nf4 with it")
+    if cfg.compile:
+        raise ValueError("--fsdp does not take --compile yet; train without one of them (DDP: --fsdp off)")
 
 
 INITIAL = ("loss", "loss_se", "accuracy")  # what initial.json keeps of the validation before training

@@ -55,7 +55,7 @@ def test_the_package_exports_the_train_function_and_every_module_imports():
 
 # The floors of the README's Layout section, from the ground up: a module imports only from floors below it.
 FLOORS = [["files", "records"],
-          ["fused", "tokenizer", "plots", "stats", "quantize", "distributed", "gpt2", "variants", "updates"],
+          ["fused", "tokenizer", "plots", "stats", "quantize", "distributed", "gpt2", "variants", "updates", "gguf"],
           ["gpt2_weights", "lora"], ["layers"], ["targets"], ["named_adapters"], ["inject"], ["merge"], ["adapters"],
           ["peft_format", "params", "data", "tracking"], ["tasks"], ["models"], ["config"], ["loop"], ["run"],
           ["report"], ["sweep"], ["analyze"], ["options"], ["cli"]]  # fmt: skip

