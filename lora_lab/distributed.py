@@ -102,18 +102,28 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     return list(max(lists, key=len)) if lists else []
 
 
-def shard_model(model: nn.Module, bf16: bool = False) -> int:
+def shard_model(model: nn.Module, bf16: bool = False, device: torch.device | str = "cpu") -> int:
     """Shard `model` in place over the process group with FSDP2 (`fully_shard`): each transformer block
     its own unit (gathered for its forward and backward, then freed), then the root. The frozen base
-    and LoRA are both sharded; gradients are reduce-scattered, averaged as DDP averages them. With
-    `bf16`, parameters compute in bfloat16 and gradients reduce in float32. Returns the blocks sharded."""
+    and LoRA are both sharded; gradients are reduce-scattered, averaged as DDP averages them. The shards
+    live on `device` (this process's): a model loaded on the CPU goes there a block at a time, never
+    whole. With `bf16`, parameters compute in bfloat16 (the frozen base is stored so: the values the
+    cast would give) and gradients reduce in float32; trainable tensors stay fp32. A bitsandbytes
+    4-bit weight shards as its uint8 codes (never cast); its absmax stays whole on the layer. Returns
+    the number of blocks sharded."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     blocks = transformer_blocks(model)
     if not blocks:
         raise ValueError(f"--fsdp: no transformer blocks found in {type(model).__name__} to shard one by one")
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    kwargs = {"mp_policy": policy} if policy is not None else {}
+    kwargs: dict = {"mesh": init_device_mesh(torch.device(device).type, (world()[1],))}
+    if policy is not None:
+        kwargs["mp_policy"] = policy
+        for param in model.parameters():  # the frozen base kept in the bf16 it computes in: half the bytes
+            if not param.requires_grad and param.dtype == torch.float32:
+                param.data = param.data.to(torch.bfloat16)
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(model, **kwargs)

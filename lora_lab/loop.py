@@ -21,7 +21,15 @@ from tqdm.auto import tqdm
 
 from . import data as D
 from .config import TrainConfig
-from .distributed import all_processes, load_trainable, shard_model, sum_over_processes, trainable_state, world
+from .distributed import (
+    all_processes,
+    is_sharded,
+    load_trainable,
+    shard_model,
+    sum_over_processes,
+    trainable_state,
+    world,
+)
 from .lora import LoRALayer
 from .quantize import keep_training_layout
 from .tasks import Task
@@ -334,7 +342,8 @@ def _wrap(model: nn.Module, cfg: TrainConfig, device: torch.device, size: int) -
     keep_training_layout(model)  # a bitsandbytes 4-bit base keeps the layout it trains in through evaluations
     trained = model
     if cfg.fsdp:  # sharded in place: each process takes every size-th batch; gradients averaged as DDP's
-        shard_model(model, cfg.bf16)
+        if not is_sharded(model):  # (`train` shards before its first evaluation)
+            shard_model(model, cfg.bf16, device)
     elif size > 1:  # data parallel: each process takes every size-th batch; gradients are averaged
         from torch.nn.parallel import DistributedDataParallel
 

@@ -256,7 +256,7 @@ def training_memory(
     return total
 
 
-FSDP_SETTINGS = ("lora_fp32", "qlora_nf4")  # what a --fsdp run holds: an fp32 base, or NF4 with --bf16
+FSDP_SETTINGS = ("lora_fp32", "lora_bf16", "qlora_nf4")  # a --fsdp run's base: fp32, bf16 (--bf16), NF4
 
 
 def fsdp_gathered_bytes(model: nn.Module, setting: str = "lora_fp32", quantizable: set[int] = frozenset()) -> int:
@@ -275,10 +275,10 @@ def fsdp_gathered_bytes(model: nn.Module, setting: str = "lora_fp32", quantizabl
 
 
 def _weight_bytes(param: nn.Parameter, setting: str, quantizable: set[int]) -> int:
-    """A weight's bytes as FSDP gathers it in `setting`: trainable tensors and an fp32 base 4 bytes a
-    value, NF4 weights their 4-bit codes, the rest of a bf16 or QLoRA base 2 bytes."""
+    """A weight's bytes as FSDP gathers it in `setting`: 4 a value in fp32; NF4 weights their 4-bit
+    codes; the rest 2 in bf16 (trainable fp32 tensors are cast to bf16 before they are gathered)."""
     n = parameter_numel(param)
-    if param.requires_grad or setting in ("full_fp32", "lora_fp32"):
+    if setting in ("full_fp32", "lora_fp32"):
         return 4 * n
     return -(-n // 2) if setting == "qlora_nf4" and id(param) in quantizable else 2 * n
 
@@ -309,7 +309,7 @@ def rank_report(
     the meta device to count models of any size. `use_dora`: DoRA's magnitude vectors counted too.
     With `gpus` > 1: each setting's memory on one GPU under `sharding` ("ddp" or "fsdp"), and under
     FSDP what is gathered whole for a while on top (`*_gathered_mib`: the root and two blocks) in the
-    two settings a --fsdp run takes: the fp32 base it loads, and QLoRA (`--quantize nf4 --bf16`)."""
+    settings a --fsdp run takes: the fp32 base it loads, bf16 (`--bf16`), QLoRA (`--quantize nf4 --bf16`)."""
     from .targets import find_targets
 
     rows = []

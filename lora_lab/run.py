@@ -34,7 +34,16 @@ from tqdm.auto import tqdm
 from . import data as D
 from .adapters import ADAPTER_FILE, save_adapter
 from .config import HOW, TrainConfig
-from .distributed import barrier, device_for, init_distributed, is_sharded, trainable_state, whole_trainable, world
+from .distributed import (
+    barrier,
+    device_for,
+    init_distributed,
+    is_sharded,
+    shard_model,
+    trainable_state,
+    whole_trainable,
+    world,
+)
 from .files import atomic_path, write_csv, write_text
 from .inject import inject_lora, mark_only_lora_trainable
 from .loop import Fitted, evaluate, fit
@@ -142,10 +151,14 @@ def train(cfg: TrainConfig, out: str | Path, distributed: bool | None = None, sw
     random.seed(cfg.seed)
     device = device_for(cfg.device)
     reset_peak_memory(device)
-    dataset, loaded = prepare(cfg, device)
+    # --fsdp: the base loads on the CPU and goes to this process's device a block at a time as it is
+    # sharded, never whole there (a 4-bit base is quantized on its device, whole)
+    dataset, loaded = prepare(cfg, "cpu" if cfg.fsdp and not cfg.quantize else device)
     model, task = loaded.model, cfg.make_task(loaded.kind)
     if resume is not None:
         _load_trainable(model, resume, run)
+    if cfg.fsdp:  # before the first evaluation, which then computes as training does
+        shard_model(model, cfg.bf16, device)
     if rank == 0:
         write_text(run / CONFIG, config_text)
     collate = task.collate(loaded.tokenizer)

@@ -120,14 +120,16 @@ def collate(batch):
     ids = torch.stack(list(batch))
     return {"input_ids": ids[:, :-1], "attention_mask": torch.ones_like(ids[:, :-1]), "labels": ids[:, 1:]}
 cfg = TrainConfig(dataset="instructions", model="x", epochs=2, batch_size=2 if sharded else 2, grad_accum=1 if sharded
-                  else 2, lr=1e-2, warmup=0.0, fsdp=sharded)
+                  else 2, lr=1e-2, warmup=0.0, fsdp=sharded, bf16=quantize == "bf16")
 task = Task(CAUSAL_LM, "gpt")
 fit(model, rows, collate, [collate(rows[:4])], cfg, task, torch.device("cpu"), distributed=sharded)
 rank = dist.get_rank() if sharded else 0
 if sharded:
     base = model.trf_blocks[0].att.W_query.base.weight
     assert isinstance(base, DTensor) and base.to_local().shape[0] * 2 == base.shape[0], "the base is not sharded"
-    assert base.dtype == (torch.uint8 if quantize == "nf4" else torch.float32)  # the 4-bit codes, never cast
+    # the 4-bit codes, never cast; with --bf16 the frozen base stored in the bf16 it computes in
+    assert base.dtype == {"nf4": torch.uint8, "bf16": torch.bfloat16}.get(quantize, torch.float32)
+    assert model.trf_blocks[0].att.W_query.lora.A.dtype == torch.float32
     gathered = []
     real = DTensor.full_tensor
     def spy(self, *a, **k):
@@ -147,11 +149,12 @@ else:
 """
 
 
-@pytest.mark.parametrize("quantize", ["none", "nf4"])
+@pytest.mark.parametrize("quantize", ["none", "nf4", "bf16"])
 def test_fsdp_on_gptmodel_equals_one_process_and_gathers_only_lora_to_save(quantize, tmp_path):
     """Our GPTModel through the loop itself: sharded over two processes (the base halved on each: with
-    QLoRA its 4-bit codes), the adapter equals one process's; saving gathers trainable tensors alone (a
-    spy on DTensor.full_tensor)."""
+    QLoRA its 4-bit codes), the adapter equals one process's (with --bf16, FSDP's bf16 parameters against
+    one process's autocast: to bf16's rounding, a sanity bound); saving gathers trainable tensors alone (a spy on
+    DTensor.full_tensor)."""
     if quantize == "nf4":
         pytest.importorskip("bitsandbytes")
     script = tmp_path / "gpt_fsdp.py"
@@ -166,7 +169,10 @@ def test_fsdp_on_gptmodel_equals_one_process_and_gathers_only_lora_to_save(quant
     single, _ = read_safetensors(tmp_path / "one.safetensors", "")
     assert fsdp.keys() == single.keys() and len(single) == 24
     for name in single:
-        torch.testing.assert_close(fsdp[name], single[name], rtol=0, atol=1e-6)
+        if quantize == "bf16":  # bf16's rounding, taken in other places, moves B by up to 7% here
+            assert (fsdp[name] - single[name]).norm() < 0.15 * single[name].norm(), name
+        else:
+            torch.testing.assert_close(fsdp[name], single[name], rtol=0, atol=1e-6)
 
 
 def test_fsdp_without_torchrun_or_with_what_it_does_not_take_yet_is_refused(tiny_bert_dir, letters_data, tmp_path,

@@ -313,8 +313,10 @@ def test_per_gpu_memory_under_ddp_and_fsdp_is_the_closed_form():
     # blocks (4 x 4096^2 attention + 3 x 4096 x 11008 MLP + 2 norms, LoRA's r=8 tensors), all in fp32
     block = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096 + 4 * 8 * 8192 + 3 * 8 * 15104
     assert row["lora_fp32_gathered_mib"] == round(4 * (2 * 32000 * 4096 + 4096 + 2 * block) / 2**20, 1)
-    # QLoRA: the linears' 4-bit codes half a byte a value, the rest bf16, LoRA fp32 (the root's head not quantized)
-    block = (4 * 4096 * 4096 + 3 * 4096 * 11008) // 2 + 2 * 2 * 4096 + 4 * (4 * 8 * 8192 + 3 * 8 * 15104)
+    # --bf16: all gathered in bf16, LoRA cast too; QLoRA: the linears' 4-bit codes half a byte a value instead (the
+    # root's head is not quantized)
+    assert row["lora_bf16_gathered_mib"] == round(2 * (2 * 32000 * 4096 + 4096 + 2 * block) / 2**20, 1)
+    block = (4 * 4096 * 4096 + 3 * 4096 * 11008) // 2 + 2 * 2 * 4096 + 2 * (4 * 8 * 8192 + 3 * 8 * 15104)
     assert row["qlora_nf4_gathered_mib"] == round((2 * (2 * 32000 * 4096 + 4096) + 2 * block) / 2**20, 1)
     linears = find_targets(build_model("openllama-7b", "meta"), "all-linear")
     assert len(linears) == 32 * 7
