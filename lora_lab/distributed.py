@@ -29,7 +29,7 @@ def init_distributed(device: str = "auto") -> tuple[int, int]:
 
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         on_gpu = torch.cuda.is_available() and not str(device).startswith("cpu")
-        if on_gpu:
+        if on_gpu and device_for(device).index is not None:  # torchrun's LOCAL_RANK (else the one GPU it sees)
             torch.cuda.set_device(device_for(device))
         dist.init_process_group("nccl" if on_gpu else "gloo")
     return world()

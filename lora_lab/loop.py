@@ -187,7 +187,7 @@ def fit(
                 break
         skipped = sum(w == 0 for w in weights)  # batches no process had anything to learn from
         _finish_epoch(model, val_batches, task, device, cfg, epoch, fitted, sums, started, batches, size, skipped)
-        _note_best(model, cfg, task, fitted, epoch)
+        _note_best(model, cfg, task, fitted, epoch, size, device)
         if on_epoch_end is not None:
             on_epoch_end(epoch, fitted, optimizer, scheduler)
         if fitted.stopped_early:
@@ -202,13 +202,14 @@ def validation_score(task: Task, val: dict) -> tuple[float, ...]:
     return (val["accuracy"], -val["loss"]) if task.classifies else (-val["loss"],)
 
 
-def _note_best(model: nn.Module, cfg: TrainConfig, task: Task, fitted: Fitted, epoch: int) -> None:
+def _note_best(model: nn.Module, cfg: TrainConfig, task: Task, fitted: Fitted, epoch: int, size: int, device) -> None:
     """Remember the best epoch (its trainable tensors too, with --keep best); with --early-stopping,
-    stop once that many epochs have not beaten it."""
+    stop once that many epochs have not beaten it. Processes decide together (each validated alone, and
+    GPU kernels need not agree to the last bit): an epoch is better when it is better on every one."""
     if fitted.last_val is None or not fitted.last_val.get("count"):
         return  # no validation set: nothing to compare epochs by
     score = validation_score(task, fitted.last_val)
-    if fitted.best is None or score > tuple(fitted.best["score"]):
+    if all_processes(fitted.best is None or score > tuple(fitted.best["score"]), size, device):
         state = trainable_state(model) if cfg.keep == "best" else None  # whole (under FSDP, gathered)
         fitted.best = {"epoch": epoch + 1, "score": list(score), "state": state}
     elif cfg.early_stopping and epoch + 1 - fitted.best["epoch"] >= cfg.early_stopping and epoch + 1 < cfg.epochs:

@@ -76,11 +76,14 @@ class MemoryEstimate:
         return self.weights + self.gradients + self.optimizer
 
 
-def parameter_numel(param: nn.Parameter) -> int:
+def parameter_numel(param: nn.Parameter, module: nn.Module | None = None) -> int:
     """Number of parameters a tensor stands for; a bitsandbytes 4-bit weight packs two per byte,
-    so its storage holds fewer elements than the layer has weights."""
-    quant_state = getattr(param, "quant_state", None)
-    if type(param).__name__ == "Params4bit" and quant_state is not None:
+    so its storage holds fewer elements than the layer has weights. Sharded by FSDP, such a weight
+    is a DTensor of its codes, and its layer (`module`) keeps the quantization state."""
+    quant_state = getattr(param, "quant_state", None) if type(param).__name__ == "Params4bit" else None
+    if quant_state is None and module is not None and getattr(module, "weight", None) is param:
+        quant_state = getattr(module, "quant_state", None)  # a bitsandbytes Linear4bit's, else None
+    if quant_state is not None and hasattr(quant_state, "shape"):
         return int(quant_state.shape.numel())
     return param.numel()
 
@@ -98,8 +101,8 @@ def _named_unique_parameters(model: nn.Module):
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Total and trainable parameters of `model`, tied tensors counted once."""
     total = trainable = 0
-    for _, _, param in _named_unique_parameters(model):
-        n = parameter_numel(param)
+    for _, module, param in _named_unique_parameters(model):
+        n = parameter_numel(param, module)
         total += n
         trainable += n if param.requires_grad else 0
     return ParameterCount(total, trainable)
@@ -146,7 +149,7 @@ def parameter_report(model: nn.Module) -> list[ReportRow]:
     modules = dict(model.named_modules())
     sums = {g: [0, 0, 0] for g in GROUPS}
     for module_name, module, param in _named_unique_parameters(model):
-        n = parameter_numel(param)
+        n = parameter_numel(param, module)
         row = sums[_group(module_name, module, modules, head)]
         row[0] += n
         row[1] += n if param.requires_grad else 0

@@ -110,7 +110,7 @@ def prepare(cfg: TrainConfig, device: torch.device | str = "cpu"):
     torch.manual_seed(cfg.seed)  # the new head's initial weights
     loaded = load_pretrained(
         cfg.model, cfg.task(), num_labels=num_labels, max_length=cfg.max_length, quantize=cfg.quantize,
-        device=device, compute_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+        device=device, compute_dtype=_compute_dtype(cfg),
     )  # fmt: skip
     torch.manual_seed(cfg.seed)  # LoRA's initial A
     targets = cfg.targets if cfg.targets == "all-linear" or isinstance(cfg.targets, str) else list(cfg.targets)
@@ -121,6 +121,11 @@ def prepare(cfg: TrainConfig, device: torch.device | str = "cpu"):
     if cfg.gradient_checkpointing:
         loaded.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return dataset, loaded
+
+
+def _compute_dtype(cfg: TrainConfig) -> torch.dtype:
+    """What a QLoRA base computes in, and keeps what it does not quantize in (its run loads so again)."""
+    return torch.bfloat16 if cfg.bf16 else torch.float32
 
 
 def _whole(cfg: TrainConfig, loaded) -> list[str]:
@@ -389,7 +394,7 @@ def load_run(run: str | Path, task: str | None = None):
     labels = metrics.get("labels") or (["0", "1"] if kind.classifies else [])
     torch.manual_seed(cfg.seed)  # as `prepare` did: a head that was not saved (frozen) comes back the same
     loaded = load_pretrained(cfg.model, cfg.task(), num_labels=len(labels), max_length=cfg.max_length,
-                             quantize=cfg.quantize)  # fmt: skip
+                             quantize=cfg.quantize, compute_dtype=_compute_dtype(cfg))  # fmt: skip
     load_adapter(loaded.model, run / ADAPTER_FILE)
     loaded.model.eval()
     return cfg, loaded, labels

@@ -10,6 +10,18 @@ import torch
 from torch import nn
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _gguf_cache(tmp_path_factory):
+    """The suite's GGUF checkpoints (lora_lab.gguf) in one folder of its own, not the user's cache."""
+    before = os.environ.get("LORA_LAB_CACHE")
+    os.environ["LORA_LAB_CACHE"] = str(tmp_path_factory.mktemp("lora_lab_cache"))
+    yield
+    if before is None:
+        del os.environ["LORA_LAB_CACHE"]
+    else:
+        os.environ["LORA_LAB_CACHE"] = before
+
+
 class TinyBlock(nn.Module):
     """Attention-like and feed-forward linears, named as in the book's GPT."""
 

