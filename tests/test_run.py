@@ -302,7 +302,7 @@ def test_smollm2_instruction_tuning_lowers_the_loss():
     entries = D.instructions(shared_file("instruction/instruction-data.json")).train[:16]
     collate = lambda r: D.causal_lm_batch(r, loaded.tokenizer)  # noqa: E731
     subset = D.batches(entries, 8, collate, shuffle=False)
-    cfg = TrainConfig(dataset="instructions", epochs=3, batch_size=8, lr=2e-3, warmup=0.0)
+    cfg = TrainConfig(dataset="instructions", epochs=2, batch_size=8, lr=3e-3, warmup=0.0)
     before = evaluate(loaded.model, subset, cfg.make_task("hf"), CPU)["loss"]
     fit(loaded.model, entries, collate, subset, cfg, cfg.make_task("hf"), CPU)
     after = evaluate(loaded.model, subset, cfg.make_task("hf"), CPU)["loss"]
