@@ -350,7 +350,7 @@ def _load_hf(name_or_path: str, classifies: bool, num_labels: int, max_length: i
     from .targets import classifier_head_name, output_head_name
 
     directory, gguf = hf_weights_location(name_or_path)
-    if gguf:  # read once per process, then from a checkpoint of it
+    if gguf:  # converted once into a cached checkpoint, then read from it
         directory, gguf = as_checkpoint(directory, gguf)
     tok = _hf_tokenizer(directory, gguf, max_length)
     auto = transformers.AutoModelForSequenceClassification if classifies else transformers.AutoModelForCausalLM
