@@ -196,7 +196,7 @@ def _sweep(args) -> int:
         models,
         _ranks(args.ranks),
         alphas=_numbers(args.alphas, "--alphas", float) if args.alphas is not None else None,
-        alpha_ratio=args.alpha_ratio if args.alpha_ratio is not None else 2.0,
+        alpha_ratio=_alpha_ratio(args),
         scalings=_items(args.scalings),
         target_sets=[target_set(t) for t in _sets(args.targets)],
         seeds=_numbers(args.seeds, "--seeds"),
@@ -226,6 +226,11 @@ def _sweep(args) -> int:
     return 0
 
 
+def _alpha_ratio(args) -> float:
+    """--alpha-ratio, 2 when neither it nor --alphas is given (alpha = 2 x rank)."""
+    return args.alpha_ratio if args.alpha_ratio is not None else 2.0
+
+
 def _sweep_options(args, base, points) -> dict:
     """The sweep's options as a config file holds them: the grid's lists as the points have them (a
     model as given, ranks as numbers), the training options as the base config has them."""
@@ -239,7 +244,7 @@ def _sweep_options(args, base, points) -> dict:
     grid = {"model": each("model"), "ranks": each("rank"), "scalings": each("scaling"), "variants": each("variant"),
             "inits": each("init"), "lr_ratios": each("lr_ratio"), "seeds": each("seed"), "ddp": args.ddp,
             "targets": [t.split("+") for t in each("targets")]}  # fmt: skip
-    ratio = args.alpha_ratio if args.alpha_ratio is not None else 2.0
+    ratio = _alpha_ratio(args)
     given = {"alphas": each("alpha"), "alpha_ratio": None} if args.alphas else {"alphas": None, "alpha_ratio": ratio}
     grid.update(given)
     fixed = {f.name: getattr(base, f.name) for f in dataclasses.fields(TrainConfig) if not f.metadata.get("point")}

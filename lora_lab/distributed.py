@@ -169,9 +169,7 @@ def whole_trainable(model: nn.Module) -> Iterator[None]:
     """Under FSDP: the trainable tensors (LoRA, a head; small) gathered whole, every process taking
     part, and on rank 0 put in their shards' place while the block runs (to save the adapter). The
     frozen base stays sharded: it is never gathered. Without shards, nothing happens."""
-    is_sharded(model)  # the shards in place
-    sharded = [(n, p) for n, p in model.named_parameters() if p.requires_grad and hasattr(p, "full_tensor")]
-    whole = {n: p.full_tensor().detach() for n, p in sharded}
+    whole = trainable_state(model) if is_sharded(model) else {}  # under FSDP every parameter is a shard
     swapped = []
     if whole and world()[0] == 0:
         for name, tensor in whole.items():

@@ -16,6 +16,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, DefaultHelpFormatter
 
 from .config import TrainConfig
 from .models import ALIASES, MODELS
+from .params import SHARDINGS
 from .variants import INITS
 
 DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -142,7 +143,7 @@ def _report(sub) -> None:
                         "channel) too")  # fmt: skip
     report.add_argument("--gpus", type=int, default=1, help="also each setting's memory on one of this many GPUs "
                         "(the *_per_gpu_mib columns)")  # fmt: skip
-    report.add_argument("--sharding", choices=["ddp", "fsdp"], default="fsdp",
+    report.add_argument("--sharding", choices=SHARDINGS, default="fsdp",
                         help="with --gpus: ddp, a whole copy on each GPU, or fsdp, each tensor sharded over them "
                         "(*_gathered_mib: the root and two blocks gathered whole for a while)")  # fmt: skip
     report.add_argument("--out", help="also write DIR/param_report.csv, .md and .png (a plot against the rank)")

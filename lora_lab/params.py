@@ -218,7 +218,8 @@ SHARDINGS = ("ddp", "fsdp")  # a whole copy on every GPU, or each tensor cut in 
 
 def _nf4_shard_bytes(numel: int, gpus: int) -> int:
     """One GPU's bytes of an NF4 weight under FSDP2: its 4-bit codes (a uint8 tensor of ceil(numel / 2)
-    rows) cut in `gpus` row shards, its quantization state (absmax, code books: not parameters) whole."""
+    rows) cut in `gpus` row shards, its quantization state (absmax, code books: not parameters) whole.
+    One GPU holds `nf4_bytes`."""
     codes = -(-numel // 2)
     return nf4_bytes(numel) - codes + -(-codes // gpus)
 
@@ -252,8 +253,7 @@ def training_memory(
         elif param.requires_grad:
             total += 16 * n  # fp32 weight, gradient and two AdamW moments
         elif setting == "qlora_nf4" and id(param) in quantizable:
-            sharded = sharding == "fsdp" and gpus > 1
-            total += _nf4_shard_bytes(parameter_numel(param), gpus) if sharded else nf4_bytes(n)
+            total += _nf4_shard_bytes(parameter_numel(param), gpus if sharding == "fsdp" else 1)
         else:
             total += n * (4 if setting == "lora_fp32" else 2)
     return total
